@@ -1,0 +1,31 @@
+"""Named errors. Each message says what is wrong, where, and what was expected."""
+
+from __future__ import annotations
+
+
+class HeadPolicyError(Exception):
+    """Base class of every error headpolicy raises on purpose."""
+
+
+class PolicyError(HeadPolicyError, ValueError):
+    """A policy file or object is malformed: wrong schema, bad field, bad value."""
+
+
+class PolicyMismatchError(PolicyError):
+    """A well-formed policy that belongs to another model (shape or fingerprint)."""
+
+
+class UnsupportedModelError(HeadPolicyError, ValueError):
+    """The model's architecture has no adapter."""
+
+
+class ModelSourceError(HeadPolicyError, ValueError):
+    """A model source (alias, directory, .gguf path) cannot be resolved or loaded."""
+
+
+class BudgetError(HeadPolicyError, ValueError):
+    """A budget or accuracy target that no policy can meet."""
+
+
+class AlreadyAppliedError(HeadPolicyError, RuntimeError):
+    """`apply` was called on a model that already carries a policy."""

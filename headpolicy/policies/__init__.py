@@ -1,0 +1,1 @@
+"""Policies: the HeadPolicy schema, selection from scores, bundled policy files."""

@@ -1,0 +1,482 @@
+"""HeadPolicy: which KV heads keep the full cache, as a versioned, validated YAML file.
+
+A policy file looks like this (abridged)::
+
+    schema: headpolicy/v1
+    model: {name: SmolLM2-135M-Instruct, architecture: LlamaForCausalLM, num_layers: 30,
+            num_attention_heads: 9, num_kv_heads: 3, head_dim: 64, fingerprint: sha256:...}
+    defaults: {sink: 64, window: 256}
+    layers:
+    - layer: 0
+      heads:
+      - {kind: retrieval, score: 0.91}
+      - {kind: streaming, score: 0.02}
+      - {kind: streaming, sink: 16, window: 512}
+    provenance: {tool: headpolicy, version: 0.1.0, method: retrieval, settings: {...}, seed: 0}
+    results: {...}
+
+Loading is strict: anything unexpected raises a `PolicyError` that names the key
+(and layer/head) that is wrong and what was expected. Saving is atomic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from headpolicy.errors import PolicyError, PolicyMismatchError
+
+SCHEMA = "headpolicy/v1"
+RETRIEVAL: Literal["retrieval"] = "retrieval"
+STREAMING: Literal["streaming"] = "streaming"
+KINDS = (RETRIEVAL, STREAMING)
+Kind = Literal["retrieval", "streaming"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a policy was made for. `fingerprint` hashes config and weights (see models.fingerprint)."""
+
+    name: str
+    architecture: str
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    fingerprint: str
+
+    @property
+    def group_size(self) -> int:
+        return self.num_attention_heads // self.num_kv_heads
+
+    def shape_str(self) -> str:
+        return f"{self.num_layers} layers x {self.num_kv_heads} KV heads (head_dim {self.head_dim})"
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One KV head. `sink`/`window` of None mean the policy's defaults."""
+
+    kind: Kind
+    sink: int | None = None
+    window: int | None = None
+    score: float | None = None
+
+    @property
+    def is_retrieval(self) -> bool:
+        return self.kind == RETRIEVAL
+
+
+@dataclass(frozen=True)
+class Provenance:
+    tool: str = "headpolicy"
+    version: str = ""
+    method: str = "hand"
+    settings: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    created: str | None = None
+
+
+@dataclass(frozen=True)
+class HeadPolicy:
+    """A per-KV-head retrieval/streaming decision for one model.
+
+    `layers[l][h]` is the HeadSpec of KV head h of layer l (original head order).
+    """
+
+    model: ModelInfo
+    layers: tuple[tuple[HeadSpec, ...], ...]
+    sink: int = 64
+    window: int = 256
+    provenance: Provenance = field(default_factory=Provenance)
+    results: dict[str, Any] = field(default_factory=dict)
+    schema: str = SCHEMA
+
+    def __post_init__(self) -> None:
+        _validate_policy(self)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_kinds(
+        cls,
+        model: ModelInfo,
+        retrieval: Sequence[Sequence[bool]],
+        *,
+        sink: int = 64,
+        window: int = 256,
+        scores: Sequence[Sequence[float]] | None = None,
+        provenance: Provenance | None = None,
+        results: Mapping[str, Any] | None = None,
+    ) -> HeadPolicy:
+        """Build a policy from a [layers][kv_heads] boolean table (True = retrieval)."""
+        layers = []
+        for li, row in enumerate(retrieval):
+            heads = []
+            for hi, keep in enumerate(row):
+                score = None if scores is None else float(scores[li][hi])
+                heads.append(HeadSpec(RETRIEVAL if bool(keep) else STREAMING, score=score))
+            layers.append(tuple(heads))
+        return cls(
+            model=model,
+            layers=tuple(layers),
+            sink=sink,
+            window=window,
+            provenance=provenance or Provenance(),
+            results=dict(results or {}),
+        )
+
+    def replace(self, **changes: Any) -> HeadPolicy:
+        return dataclasses.replace(self, **changes)
+
+    # ---- queries ------------------------------------------------------------------------
+    def retrieval_table(self) -> list[list[bool]]:
+        """[layers][kv_heads] booleans, True for retrieval heads."""
+        return [[h.is_retrieval for h in row] for row in self.layers]
+
+    def head_window(self, layer: int, head: int) -> tuple[int, int]:
+        """(sink, window) of a streaming head, defaults resolved."""
+        spec = self.layers[layer][head]
+        return (
+            self.sink if spec.sink is None else spec.sink,
+            self.window if spec.window is None else spec.window,
+        )
+
+    @property
+    def num_heads(self) -> int:
+        return self.model.num_layers * self.model.num_kv_heads
+
+    @property
+    def num_retrieval(self) -> int:
+        return sum(h.is_retrieval for row in self.layers for h in row)
+
+    @property
+    def retrieval_fraction(self) -> float:
+        return self.num_retrieval / self.num_heads
+
+    def kv_tokens(self, context: int) -> int:
+        """Cached tokens summed over all KV heads at `context` tokens (per sequence, K or V)."""
+        total = 0
+        for li, row in enumerate(self.layers):
+            for hi, spec in enumerate(row):
+                if spec.is_retrieval:
+                    total += context
+                else:
+                    sink, window = self.head_window(li, hi)
+                    total += min(context, sink + window)
+        return total
+
+    def kv_bytes(self, context: int, *, batch: int = 1, dtype_bytes: int = 4) -> int:
+        """Bytes of the split KV cache (keys and values) at `context` tokens."""
+        return 2 * batch * self.model.head_dim * dtype_bytes * self.kv_tokens(context)
+
+    def full_kv_bytes(self, context: int, *, batch: int = 1, dtype_bytes: int = 4) -> int:
+        return 2 * batch * self.model.head_dim * dtype_bytes * context * self.num_heads
+
+    def kv_fraction(self, context: int) -> float:
+        """Split-cache size relative to the full cache at `context` tokens."""
+        return self.kv_tokens(context) / (context * self.num_heads)
+
+    def check_model(self, model: ModelInfo, *, check_fingerprint: bool = True) -> None:
+        """Raise PolicyMismatchError unless this policy was made for `model`."""
+        mine, theirs = self.model, model
+        shape = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")
+        if any(getattr(mine, k) != getattr(theirs, k) for k in shape):
+            raise PolicyMismatchError(
+                f"policy is for {mine.shape_str()} with {mine.num_attention_heads} query heads "
+                f"({mine.name}), model has {theirs.shape_str()} with {theirs.num_attention_heads} "
+                f"query heads ({theirs.name})"
+            )
+        if check_fingerprint and mine.fingerprint != theirs.fingerprint:
+            raise PolicyMismatchError(
+                f"policy fingerprint {mine.fingerprint} ({mine.name}) does not match the model's "
+                f"{theirs.fingerprint} ({theirs.name}): the policy was compiled for other weights. "
+                "Recompile it, or pass check_fingerprint=False if you know the heads are the same."
+            )
+
+    # ---- serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        layers = []
+        for li, row in enumerate(self.layers):
+            heads = []
+            for spec in row:
+                h: dict[str, Any] = {"kind": spec.kind}
+                if spec.sink is not None:
+                    h["sink"] = spec.sink
+                if spec.window is not None:
+                    h["window"] = spec.window
+                if spec.score is not None:
+                    h["score"] = round(float(spec.score), 6)
+                heads.append(_Flow(h))
+            layers.append({"layer": li, "heads": heads})
+        return {
+            "schema": self.schema,
+            "model": _Flow(dataclasses.asdict(self.model)),
+            "defaults": _Flow({"sink": self.sink, "window": self.window}),
+            "layers": layers,
+            "provenance": dataclasses.asdict(self.provenance),
+            "results": dict(self.results),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> HeadPolicy:
+        return _parse_policy(data)
+
+    def to_yaml(self) -> str:
+        header = (
+            f"# headpolicy policy for {self.model.name}: {self.num_retrieval}/{self.num_heads} KV heads "
+            f"keep the full cache, the rest keep sink {self.sink} + window {self.window}.\n"
+        )
+        return header + yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, width=100)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> HeadPolicy:
+        if not isinstance(text, str):
+            raise PolicyError(f"policy text must be str, got {type(text).__name__}")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise PolicyError(f"policy is not valid YAML: {_one_line(e)}") from None
+        except RecursionError:
+            raise PolicyError("policy YAML is nested too deeply") from None
+        return _parse_policy(data)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a temporary file in the same folder, then rename over `path`."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = self.to_yaml()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HeadPolicy:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PolicyError(f"policy file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise PolicyError(f"cannot read policy file {path}: {_one_line(e)}") from None
+        try:
+            return cls.from_yaml(text)
+        except PolicyError as e:
+            raise type(e)(f"{path}: {e}") from None
+
+
+# ---- YAML formatting ------------------------------------------------------------------------
+class _Flow(dict):
+    """A mapping written on one line."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Flow, lambda d, data: d.represent_mapping("tag:yaml.org,2002:map", data, flow_style=True))
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+# ---- validation -----------------------------------------------------------------------------
+_TOP_KEYS = {"schema", "model", "defaults", "layers", "provenance", "results"}
+_MODEL_KEYS = {f.name for f in dataclasses.fields(ModelInfo)}
+_HEAD_KEYS = {"kind", "sink", "window", "score"}
+_PROV_KEYS = {f.name for f in dataclasses.fields(Provenance)}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _need_mapping(x: Any, where: str) -> Mapping:
+    if not isinstance(x, Mapping):
+        raise PolicyError(f"{where}: expected a mapping, got {type(x).__name__}")
+    bad = [k for k in x if not isinstance(k, str)]
+    if bad:
+        raise PolicyError(f"{where}: keys must be strings, got {bad[0]!r}")
+    return x
+
+
+def _no_unknown(x: Mapping, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(x) - allowed)
+    if unknown:
+        raise PolicyError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
+
+
+def _need_int(x: Any, where: str, *, minimum: int) -> int:
+    if not _is_int(x):
+        raise PolicyError(f"{where}: expected an integer >= {minimum}, got {x!r}")
+    if x < minimum:
+        raise PolicyError(f"{where}: expected an integer >= {minimum}, got {x}")
+    return x
+
+
+def _need_str(x: Any, where: str) -> str:
+    if not isinstance(x, str) or not x:
+        raise PolicyError(f"{where}: expected a non-empty string, got {x!r}")
+    return x
+
+
+def _check_plain(x: Any, where: str, depth: int = 0) -> None:
+    """Settings/results must be plain YAML data (so they round-trip)."""
+    if depth > 32:
+        raise PolicyError(f"{where}: nested too deeply")
+    if x is None or isinstance(x, str | bool | int):
+        return
+    if isinstance(x, float):
+        return
+    if isinstance(x, Mapping):
+        for k, v in x.items():
+            if not isinstance(k, str | int):
+                raise PolicyError(f"{where}: keys must be strings, got {k!r}")
+            _check_plain(v, f"{where}.{k}", depth + 1)
+        return
+    if isinstance(x, list | tuple):
+        for i, v in enumerate(x):
+            _check_plain(v, f"{where}[{i}]", depth + 1)
+        return
+    raise PolicyError(f"{where}: unsupported value of type {type(x).__name__}")
+
+
+def _parse_head(x: Any, where: str) -> HeadSpec:
+    x = _need_mapping(x, where)
+    _no_unknown(x, _HEAD_KEYS, where)
+    if "kind" not in x:
+        raise PolicyError(f"{where}: missing 'kind' (one of {', '.join(KINDS)})")
+    kind = x["kind"]
+    if kind not in KINDS:
+        raise PolicyError(f"{where}.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    sink = None if x.get("sink") is None else _need_int(x["sink"], f"{where}.sink", minimum=0)
+    window = None if x.get("window") is None else _need_int(x["window"], f"{where}.window", minimum=1)
+    score = x.get("score")
+    if score is not None:
+        if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+            raise PolicyError(f"{where}.score: expected a finite number, got {score!r}")
+        score = float(score)
+    return HeadSpec(kind=kind, sink=sink, window=window, score=score)
+
+
+def _parse_policy(data: Any) -> HeadPolicy:
+    data = _need_mapping(data, "policy")
+    _no_unknown(data, _TOP_KEYS, "policy")
+    for key in ("schema", "model", "layers"):
+        if key not in data:
+            raise PolicyError(f"policy: missing required key '{key}'")
+    if data["schema"] != SCHEMA:
+        raise PolicyError(f"schema: unsupported schema {data['schema']!r}; this headpolicy reads {SCHEMA!r}")
+
+    m = _need_mapping(data["model"], "model")
+    _no_unknown(m, _MODEL_KEYS, "model")
+    missing = sorted(_MODEL_KEYS - set(m))
+    if missing:
+        raise PolicyError(f"model: missing required key '{missing[0]}'")
+    model = ModelInfo(
+        name=_need_str(m["name"], "model.name"),
+        architecture=_need_str(m["architecture"], "model.architecture"),
+        num_layers=_need_int(m["num_layers"], "model.num_layers", minimum=1),
+        num_attention_heads=_need_int(m["num_attention_heads"], "model.num_attention_heads", minimum=1),
+        num_kv_heads=_need_int(m["num_kv_heads"], "model.num_kv_heads", minimum=1),
+        head_dim=_need_int(m["head_dim"], "model.head_dim", minimum=1),
+        fingerprint=_need_str(m["fingerprint"], "model.fingerprint"),
+    )
+
+    d = _need_mapping(data.get("defaults") or {}, "defaults")
+    _no_unknown(d, {"sink", "window"}, "defaults")
+    sink = _need_int(d.get("sink", 64), "defaults.sink", minimum=0)
+    window = _need_int(d.get("window", 256), "defaults.window", minimum=1)
+
+    rows = data["layers"]
+    if not isinstance(rows, list):
+        raise PolicyError(f"layers: expected a list of {model.num_layers} layers, got {type(rows).__name__}")
+    layers = []
+    for li, row in enumerate(rows):
+        where = f"layers[{li}]"
+        row = _need_mapping(row, where)
+        _no_unknown(row, {"layer", "heads"}, where)
+        if row.get("layer", li) != li:
+            raise PolicyError(f"{where}.layer: expected {li} (layers are listed in order), got {row['layer']!r}")
+        heads = row.get("heads")
+        if not isinstance(heads, list):
+            raise PolicyError(f"{where}.heads: expected a list of {model.num_kv_heads} heads, got {heads!r}")
+        layers.append(tuple(_parse_head(h, f"layer {li} head {hi}") for hi, h in enumerate(heads)))
+
+    p = _need_mapping(data.get("provenance") or {}, "provenance")
+    _no_unknown(p, _PROV_KEYS, "provenance")
+    settings = _need_mapping(p.get("settings") or {}, "provenance.settings")
+    _check_plain(settings, "provenance.settings")
+    seed = p.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise PolicyError(f"provenance.seed: expected an integer or null, got {seed!r}")
+    created = p.get("created")
+    provenance = Provenance(
+        tool=_need_str(p.get("tool", "headpolicy"), "provenance.tool"),
+        version=str(p.get("version", "")),
+        method=_need_str(p.get("method", "hand"), "provenance.method"),
+        settings=dict(settings),
+        seed=seed,
+        created=None if created is None else str(created),
+    )
+    results = _need_mapping(data.get("results") or {}, "results")
+    _check_plain(results, "results")
+
+    return HeadPolicy(
+        model=model,
+        layers=tuple(layers),
+        sink=sink,
+        window=window,
+        provenance=provenance,
+        results=dict(results),
+        schema=data["schema"],
+    )
+
+
+def _validate_policy(p: HeadPolicy) -> None:
+    """Invariants that hold however a policy was built (also for policies made in code)."""
+    m = p.model
+    if m.num_attention_heads % m.num_kv_heads:
+        raise PolicyError(
+            f"model: num_attention_heads ({m.num_attention_heads}) is not a multiple of "
+            f"num_kv_heads ({m.num_kv_heads})"
+        )
+    if len(p.layers) != m.num_layers:
+        raise PolicyError(f"layers: expected {m.num_layers} layers (model.num_layers), got {len(p.layers)}")
+    for li, row in enumerate(p.layers):
+        if len(row) != m.num_kv_heads:
+            raise PolicyError(
+                f"layers[{li}].heads: expected {m.num_kv_heads} heads (model.num_kv_heads), got {len(row)}"
+            )
+        for hi, spec in enumerate(row):
+            if spec.kind not in KINDS:
+                raise PolicyError(f"layer {li} head {hi}: kind must be one of {KINDS}, got {spec.kind!r}")
+            if spec.is_retrieval and (spec.sink is not None or spec.window is not None):
+                raise PolicyError(
+                    f"layer {li} head {hi}: a retrieval head keeps every token; sink/window apply "
+                    "only to streaming heads"
+                )
+            if spec.kind == STREAMING:
+                s, w = p.head_window(li, hi)
+                if not (_is_int(s) and s >= 0 and _is_int(w) and w >= 1):
+                    raise PolicyError(f"layer {li} head {hi}: need sink >= 0 and window >= 1, got {s}, {w}")
+    if not (_is_int(p.sink) and p.sink >= 0):
+        raise PolicyError(f"defaults.sink: expected an integer >= 0, got {p.sink!r}")
+    if not (_is_int(p.window) and p.window >= 1):
+        raise PolicyError(f"defaults.window: expected an integer >= 1, got {p.window!r}")

@@ -1,0 +1,1 @@
+"""Runtime: apply a policy to a model; split KV cache; attention ops."""

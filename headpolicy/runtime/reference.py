@@ -1,0 +1,118 @@
+"""Plain PyTorch reference for headpolicy attention: dense scores and an explicit mask.
+
+Every fast path (chunked streaming attention, split-cache decode, Triton kernels,
+exported graphs, ONNX) is tested against `reference_attention`.
+
+Positions are *ranks*: the index of a token among the real (non-padding) tokens of
+its own sequence, -1 for padding. With left padding, rank = slot - pad_count, so a
+padded sequence is treated exactly like the same sequence without padding.
+
+For a KV head h, query rank i may attend key rank j iff
+
+    j >= 0  and  i >= 0  and  j <= i                      (real, causal)
+    and ( retrieval[h]  or  j < sink[h]  or  i - j < window[h] )
+
+so a streaming head sees the first `sink` tokens plus the last `window` tokens
+(itself included) and a retrieval head sees everything.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def token_ranks(key_valid: torch.Tensor | None, batch: int, length: int, device=None) -> torch.Tensor:
+    """Ranks of each slot among the real tokens of its row; -1 for padding.
+
+    key_valid: [B, T] (bool or 0/1) or None (no padding). Returns int64 [B, T].
+    """
+    if key_valid is None:
+        return torch.arange(length, device=device).expand(batch, length)
+    valid = key_valid.to(torch.bool)
+    ranks = valid.long().cumsum(-1) - 1
+    return torch.where(valid, ranks, torch.full_like(ranks, -1))
+
+
+# Mask pieces: tiny functions over broadcastable rank tensors, combined with `&` / `|`.
+def real(q_rank: torch.Tensor, k_rank: torch.Tensor) -> torch.Tensor:
+    return (q_rank >= 0) & (k_rank >= 0)
+
+
+def causal(q_rank: torch.Tensor, k_rank: torch.Tensor) -> torch.Tensor:
+    return k_rank <= q_rank
+
+
+def sink_or_window(sink: torch.Tensor, window: torch.Tensor):
+    """The streaming rule; `sink`/`window` broadcast against the rank tensors."""
+
+    def mask(q_rank: torch.Tensor, k_rank: torch.Tensor) -> torch.Tensor:
+        return (k_rank < sink) | (q_rank - k_rank < window)
+
+    mask.__name__ = "sink_or_window"
+    return mask
+
+
+def headpolicy_mask(
+    q_rank: torch.Tensor,
+    k_rank: torch.Tensor,
+    retrieval: torch.Tensor,
+    sink: torch.Tensor,
+    window: torch.Tensor,
+) -> torch.Tensor:
+    """Boolean mask [B, Hkv, S, T] of the headpolicy rule.
+
+    q_rank: [B, S], k_rank: [B, T], retrieval/sink/window: [Hkv] (bool / int).
+    """
+    qr = q_rank[:, None, :, None]
+    kr = k_rank[:, None, None, :]
+    per_head = lambda x: x.to(qr.device)[None, :, None, None]
+    keep_all = per_head(retrieval.bool())
+    local = sink_or_window(per_head(sink), per_head(window))(qr, kr)
+    return real(qr, kr) & causal(qr, kr) & (keep_all | local)
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Dense softmax attention with an explicit boolean mask; fully masked rows give zeros.
+
+    q: [B, Hq, S, D]; k, v: [B, Hkv, T, D]; mask: [B, Hkv or 1, S, T] bool.
+    Query head h uses KV head h // (Hq // Hkv). Computes in float32, returns q.dtype.
+    """
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    qf = q.float().view(B, Hkv, group, S, D)
+    scores = torch.einsum("bhgsd,bhtd->bhgst", qf, k.float()) * scale  # [B, Hkv, G, S, T]
+    m = mask[:, :, None]
+    scores = scores.masked_fill(~m, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key -> 0
+    out = torch.einsum("bhgst,bhtd->bhgsd", probs, v.float())
+    return out.reshape(B, Hq, S, D).to(q.dtype)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    retrieval: torch.Tensor,
+    sink: torch.Tensor,
+    window: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Headpolicy attention for queries that are the last S of T slots.
+
+    q: [B, Hq, S, D]; k, v: [B, Hkv, T, D]; key_valid: [B, T] or None;
+    retrieval: [Hkv] bool; sink, window: [Hkv] int. Returns [B, Hq, S, D].
+    """
+    B, _, S, _ = q.shape
+    T = k.shape[2]
+    k_rank = token_ranks(key_valid, B, T, device=q.device)
+    q_rank = k_rank[:, T - S :]
+    mask = headpolicy_mask(q_rank, k_rank, retrieval, sink, window)
+    return masked_attention(q, k, v, mask, scale)

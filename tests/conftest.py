@@ -1,0 +1,36 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from headpolicy import HeadPolicy, describe_model
+
+
+def tiny_llama(
+    *, layers=2, heads=6, kv_heads=2, head_dim=16, hidden=48, vocab=97, seed=0, dtype=torch.float32
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama small enough for exact tests on CPU."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def policy_for(model, retrieval, *, sink=4, window=8, **kw) -> HeadPolicy:
+    return HeadPolicy.from_kinds(describe_model(model), retrieval, sink=sink, window=window, **kw)
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
