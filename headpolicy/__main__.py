@@ -1,0 +1,5 @@
+import sys
+
+from headpolicy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""`headpolicy` command line. Each area registers its subcommands in its own `commands.py`.
+
+Exit codes: 0 success; 2 bad input (a HeadPolicyError: the one-line reason is printed);
+1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+
+from headpolicy.errors import HeadPolicyError
+
+# Modules that define subcommands with @command. Add yours here.
+COMMAND_MODULES = [
+    "headpolicy.runtime.commands",
+]
+
+_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str):
+    """Register `run(args) -> int` as subcommand `name`; `run.configure(parser)` adds its options."""
+
+    def deco(run):
+        _COMMANDS[name] = (getattr(run, "configure", lambda p: None), run, help)
+        return run
+
+    return deco
+
+
+def build_parser() -> argparse.ArgumentParser:
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod)
+    parser = argparse.ArgumentParser(prog="headpolicy", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (configure, run, help_text) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        configure(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except HeadPolicyError as e:
+        print(f"headpolicy {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"headpolicy {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
