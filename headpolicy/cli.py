@@ -19,14 +19,14 @@ COMMAND_MODULES = [
     "headpolicy.runtime.commands",
 ]
 
-_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+_COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int], str]] = {}
 
 
-def command(name: str, help: str):
-    """Register `run(args) -> int` as subcommand `name`; `run.configure(parser)` adds its options."""
+def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] | None = None):
+    """Register `run(args) -> int` as subcommand `name`; `configure(parser)` adds its options."""
 
     def deco(run):
-        _COMMANDS[name] = (getattr(run, "configure", lambda p: None), run, help)
+        _COMMANDS[name] = (configure or (lambda p: None), run, help)
         return run
 
     return deco

@@ -454,8 +454,7 @@ def _validate_policy(p: HeadPolicy) -> None:
     m = p.model
     if m.num_attention_heads % m.num_kv_heads:
         raise PolicyError(
-            f"model: num_attention_heads ({m.num_attention_heads}) is not a multiple of "
-            f"num_kv_heads ({m.num_kv_heads})"
+            f"model: num_attention_heads ({m.num_attention_heads}) is not a multiple of num_kv_heads ({m.num_kv_heads})"
         )
     if len(p.layers) != m.num_layers:
         raise PolicyError(f"layers: expected {m.num_layers} layers (model.num_layers), got {len(p.layers)}")

@@ -93,9 +93,7 @@ def streaming_attention(
         qr = q_rank[:, a:b, None]  # [B, s, 1]
         mask = (kr >= 0) & (kr <= qr) & ((kr < sink) | (qr - kr < window))
         outs.append(
-            F.scaled_dot_product_attention(
-                q[:, :, a:b], k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=True
-            )
+            F.scaled_dot_product_attention(q[:, :, a:b], k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=True)
         )
     return torch.cat(outs, dim=2).nan_to_num(0.0)
 

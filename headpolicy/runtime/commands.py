@@ -17,7 +17,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fingerprint-check", action="store_true", help="apply a policy made for other weights")
 
 
-@command("generate", help="greedy-generate with a policy applied and report the KV cache size")
+@command("generate", help="greedy-generate with a policy applied and report the KV cache size", configure=_configure)
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -33,13 +33,14 @@ def run_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
-            **enc, max_new_tokens=args.max_new_tokens, do_sample=False, past_key_values=cache, pad_token_id=tok.pad_token_id
+            **enc,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            past_key_values=cache,
+            pad_token_id=tok.pad_token_id,
         )
     dt = time.perf_counter() - t0
     print(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     if cache is not None:
         print(f"[kv cache: {cache.kv_bytes() / 2**20:.2f} MiB, {dt:.1f}s]", file=sys.stderr)
     return 0
-
-
-run_generate.configure = _configure

@@ -56,9 +56,7 @@ def plan_layers(policy: HeadPolicy) -> list[LayerPlan]:
     group_size = policy.model.group_size
     for li, row in enumerate(policy.layers):
         retrieval = [h for h, spec in enumerate(row) if spec.is_retrieval]
-        streaming = sorted(
-            (policy.head_window(li, h) + (h,) for h, spec in enumerate(row) if not spec.is_retrieval)
-        )
+        streaming = sorted((policy.head_window(li, h) + (h,) for h, spec in enumerate(row) if not spec.is_retrieval))
         groups: list[StreamGroup] = []
         pos = len(retrieval)
         for sink, window, _ in streaming:
