@@ -13,10 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
 
-from headpolicy.runtime.reference import token_ranks
+from headpolicy.runtime.reference import reference_attention, token_ranks
 
 ATTN_NAME = "headpolicy"
+REFERENCE_ATTN_NAME = "headpolicy_reference"
 CHUNK = 256  # streaming queries per block: keys per block stay ~ sink + window + CHUNK
 
 
@@ -66,9 +68,9 @@ def streaming_attention(
     sink: int,
     window: int,
     scale: float,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """Sink + window attention, one block of queries at a time.
+    """Sink + window attention, one block of `chunk` (default CHUNK) queries at a time.
 
     q: [B, Hq, S, D], q_rank: [B, S].
     fixed: segments (k [B, H, N, D], v, rank [B, N]) that every block sees whole: the sink
@@ -78,6 +80,7 @@ def streaming_attention(
     Rank -1 marks empty/padding entries. Returns [B, Hq, S, D].
     """
     S = q.shape[2]
+    chunk = chunk or CHUNK
     lk, lv, lr = local
     offset = lk.shape[2] - S
     fk = torch.cat([f[0] for f in fixed], dim=2) if fixed else lk[:, :, :0]
@@ -154,4 +157,51 @@ def headpolicy_attention(module, query, key, value, attention_mask, scaling=None
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTN_NAME, headpolicy_attention)
+def plan_tables(plan, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-KV-head (retrieval, sink, window) tensors [Hkv] of a LayerPlan, in permuted order."""
+    H = plan.num_kv_heads
+    retrieval = torch.zeros(H, dtype=torch.bool, device=device)
+    retrieval[: plan.num_retrieval] = True
+    sink = torch.zeros(H, dtype=torch.long, device=device)
+    window = torch.ones(H, dtype=torch.long, device=device)
+    for g in plan.groups:
+        sink[g.start : g.stop], window[g.start : g.stop] = g.sink, g.window
+    return retrieval, sink, window
+
+
+def headpolicy_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Dense masked reference (reference.py) behind the same interface; needs K/V holding every token."""
+    if hasattr(key, "attend"):
+        raise ValueError("the reference attention needs full K/V: use a DynamicCache, not a SplitKVCache")
+    B, T = key.shape[0], key.shape[2]
+    retrieval, sink, window = plan_tables(module.headpolicy_plan, query.device)
+    out = reference_attention(
+        query,
+        key,
+        value,
+        retrieval=retrieval,
+        sink=sink,
+        window=window,
+        key_valid=check_key_mask(attention_mask, B, T),
+        scale=scaling,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def padding_mask(*, batch_size, kv_length, kv_offset=0, attention_mask=None, **kwargs) -> torch.Tensor | None:
+    """Mask builder for transformers: hand the attention function the 2D padding mask [B, kv_length].
+
+    Causality and the sink/window rule are applied inside the attention ops, from token ranks;
+    a 4D [B, 1, S, T] mask would cost O(S*T) memory for nothing.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, kv_offset : kv_offset + kv_length].bool()
+    if mask.shape != (batch_size, kv_length):
+        raise ValueError(f"padding mask of shape {tuple(attention_mask.shape)} does not cover {kv_length} keys")
+    return mask
+
+
+for _name, _fn in ((ATTN_NAME, headpolicy_attention), (REFERENCE_ATTN_NAME, headpolicy_reference_attention)):
+    AttentionInterface.register(_name, _fn)
+    AttentionMaskInterface.register(_name, padding_mask)
