@@ -139,7 +139,12 @@ def load_model(
 # ---- adapters ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Adapter:
-    """Where an architecture keeps attention. Subclass for fused projections (Phi-3) etc."""
+    """Where an architecture keeps attention. Subclass for fused projections (Phi-3) etc.
+
+    Head permutation is exact for these architectures because everything between the
+    projections and the attention function acts on each head alike: RoPE and Qwen3's
+    q_norm/k_norm work on the head_dim axis with weights shared across heads.
+    """
 
     model_types: tuple[str, ...]
 
@@ -161,21 +166,77 @@ class Adapter:
     def projections(self, attn: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
         return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
 
+    def qkvo_weights(self, attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Wq [Hq*D, hidden], Wk [Hkv*D, hidden], Wv [Hkv*D, hidden], Wo [hidden, Hq*D]) as views."""
+        return tuple(lin.weight for lin in self.projections(attn))  # type: ignore[return-value]
+
+    def native_window(self, model: nn.Module) -> int | None:
+        """The model's own sliding attention window if any layer uses one (None: full attention)."""
+        c = self.text_config(model)
+        window = getattr(c, "sliding_window", None)
+        layer_types = getattr(c, "layer_types", None)
+        if layer_types is not None and "sliding_attention" not in layer_types:
+            return None
+        if window is None or window >= getattr(c, "max_position_embeddings", float("inf")):
+            return None  # a window no context can exceed changes nothing
+        return int(window)
+
     @torch.no_grad()
     def permute_kv_heads(self, attn: nn.Module, perm: list[int], group: int, head_dim: int) -> None:
         """Reorder KV heads (and their query groups) so new head i is old head perm[i]."""
         q, k, v, o = self.projections(attn)
         kv_rows = _head_rows(perm, head_dim)
-        q_rows = _head_rows([p * group + g for p in perm for g in range(group)], head_dim)
+        q_rows = _query_rows(perm, group, head_dim)
         for lin, rows in ((q, q_rows), (k, kv_rows), (v, kv_rows)):
-            lin.weight.copy_(lin.weight[rows.to(lin.weight.device)])
-            if lin.bias is not None:
-                lin.bias.copy_(lin.bias[rows.to(lin.bias.device)])
+            _permute_rows(lin, rows)
+        o.weight.copy_(o.weight[:, q_rows.to(o.weight.device)])
+
+
+@dataclass(frozen=True)
+class FusedQKVAdapter(Adapter):
+    """Phi-3: one `qkv_proj` whose output rows are [q (Hq*D) | k (Hkv*D) | v (Hkv*D)]."""
+
+    def projections(self, attn: nn.Module):
+        raise NotImplementedError(
+            f"{type(attn).__name__} fuses q/k/v into one qkv_proj; use adapter.qkvo_weights(attn) "
+            "(views of the fused weight) instead of adapter.projections"
+        )
+
+    def _split(self, attn: nn.Module) -> tuple[int, int]:
+        """(Hq*D, Hkv*D): row counts of the q block and of each of the k and v blocks."""
+        n_q = attn.config.num_attention_heads * attn.head_dim
+        n_kv = attn.num_key_value_heads * attn.head_dim
+        assert attn.qkv_proj.out_features == n_q + 2 * n_kv, "qkv_proj rows are not [q | k | v]"
+        return n_q, n_kv
+
+    def qkvo_weights(self, attn: nn.Module):
+        n_q, n_kv = self._split(attn)
+        w = attn.qkv_proj.weight
+        return w[:n_q], w[n_q : n_q + n_kv], w[n_q + n_kv :], attn.o_proj.weight
+
+    @torch.no_grad()
+    def permute_kv_heads(self, attn: nn.Module, perm: list[int], group: int, head_dim: int) -> None:
+        n_q, n_kv = self._split(attn)
+        kv_rows = _head_rows(perm, head_dim)
+        q_rows = _query_rows(perm, group, head_dim)
+        _permute_rows(attn.qkv_proj, torch.cat([q_rows, n_q + kv_rows, n_q + n_kv + kv_rows]))
+        o = attn.o_proj
         o.weight.copy_(o.weight[:, q_rows.to(o.weight.device)])
 
 
 def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
     return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+def _query_rows(kv_perm: list[int], group: int, head_dim: int) -> torch.Tensor:
+    """Rows of the query heads of each KV head in `kv_perm`, group by group (GQA: h // group)."""
+    return _head_rows([p * group + g for p in kv_perm for g in range(group)], head_dim)
+
+
+def _permute_rows(lin: nn.Linear, rows: torch.Tensor) -> None:
+    lin.weight.copy_(lin.weight[rows.to(lin.weight.device)])
+    if lin.bias is not None:
+        lin.bias.copy_(lin.bias[rows.to(lin.bias.device)])
 
 
 _ADAPTERS: dict[str, Adapter] = {}
@@ -187,7 +248,9 @@ def register_adapter(adapter: Adapter) -> Adapter:
     return adapter
 
 
-LLAMA_FAMILY = register_adapter(Adapter(("llama", "mistral", "qwen2")))
+# Separate q/k/v/o projections; MHA (num_key_value_heads == num_attention_heads) is group size 1.
+LLAMA_FAMILY = register_adapter(Adapter(("llama", "mistral", "qwen2", "qwen3")))
+PHI3 = register_adapter(FusedQKVAdapter(("phi3",)))
 
 
 def supported_architectures() -> list[str]:
@@ -195,14 +258,24 @@ def supported_architectures() -> list[str]:
 
 
 def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for `model`, or UnsupportedModelError naming the architecture."""
     cfg = model.config
     model_type = getattr(cfg, "model_type", type(model).__name__)
     adapter = _ADAPTERS.get(model_type)
+    arch = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
     if adapter is None:
-        arch = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
         raise UnsupportedModelError(
             f"architecture {arch} (model_type '{model_type}') is not supported; "
             f"supported model types: {', '.join(supported_architectures())}"
+        )
+    window = adapter.native_window(model)
+    if window is not None:
+        # The headpolicy attention treats retrieval heads as full attention, so a model that
+        # already limits itself to a window would silently change past `window` tokens.
+        raise UnsupportedModelError(
+            f"{arch} (model_type '{model_type}') uses its own sliding attention window of {window} tokens, "
+            "which the headpolicy runtime does not reproduce; set config.sliding_window = None before "
+            f"loading (the same model up to {window} tokens of context) or use a checkpoint without one"
         )
     return adapter
 
@@ -229,7 +302,7 @@ def fingerprint(model: nn.Module) -> str:
     h.update(repr(shape).encode())
     tensors = [model.get_input_embeddings().weight]
     for attn in adapter.attention_modules(model):
-        tensors += [lin.weight for lin in adapter.projections(attn)]
+        tensors += list(adapter.qkvo_weights(attn))
     for t in tensors:
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // _SAMPLE)
