@@ -29,3 +29,19 @@ class BudgetError(HeadPolicyError, ValueError):
 
 class AlreadyAppliedError(HeadPolicyError, RuntimeError):
     """`apply` was called on a model that already carries a policy."""
+
+
+class CodegenError(HeadPolicyError, RuntimeError):
+    """Generating, loading or compiling a headpolicy Triton kernel failed."""
+
+
+class CodegenDisabledError(CodegenError):
+    """Kernel generation is switched off (HEADPOLICY_DISABLE_CODEGEN=1 or codegen.set_enabled(False))."""
+
+
+class KernelCompileError(CodegenError):
+    """A generated kernel could not be written, imported or compiled (or Triton is missing)."""
+
+
+class ExportError(HeadPolicyError, RuntimeError):
+    """A graph cannot be captured, rewritten or exported (missing pass provider, no attention found...)."""

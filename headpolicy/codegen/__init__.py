@@ -1,1 +1,79 @@
+"""Triton kernels generated per policy, behind two `torch.library` custom ops.
 
+README
+======
+
+What is here
+------------
+- spec.py       PrefillSpec / DecodeSpec: every constant a kernel is specialised on
+                (head_dim, group size, per-KV-head table, dtype, block sizes, warps, stages)
+                and a filename-safe name built from all of them plus the template hash.
+- templates.py  the Triton sources with `$placeholders`.
+- emitter.py    render a spec, write it to the on-disk cache
+                ($HEADPOLICY_KERNEL_CACHE, else ~/.cache/headpolicy/kernels), import it once
+                per process. HEADPOLICY_DISABLE_CODEGEN=1 or `set_enabled(False)` makes that
+                raise CodegenDisabledError; a missing Triton raises KernelCompileError.
+- kernels.py    launchers (shape/stride checks, split-K choice, launch).
+- reference.py  the PyTorch references of the two ops (dense, built on runtime/reference.py).
+- ops.py        the custom ops `torch.ops.headpolicy.prefill_attention` and
+                `torch.ops.headpolicy.decode_attention`, with fake implementations.
+
+Importing this package imports torch only; Triton is imported when a kernel is first loaded.
+
+Which implementation runs
+-------------------------
+backend "auto" (default): CUDA tensors run the generated kernels, anything else the PyTorch
+reference. "triton" forces the kernels (CPU tensors need TRITON_INTERPRET=1), "reference"
+forces PyTorch. Choose with `set_backend(name)`, `with backend(name):` or
+HEADPOLICY_KERNEL_BACKEND. The choice happens inside the op at run time, so eager code,
+torch.export graphs and torch.compile (the op is opaque to it) all follow it.
+
+How the runtime dispatches to them (one layer, plan = LayerPlan, heads in permuted order)
+----------------------------------------------------------------------------------------
+Prefill of a fresh sequence (no cache yet, or a plain K/V holding every token), left padding:
+
+    from headpolicy.codegen import ops              # registers torch.ops.headpolicy.*
+    retrieval, sink, window = plan_tables(plan)     # runtime/attention.py
+    pad = None if key_mask is None else (~key_mask).sum(-1)            # [B] left-pad counts
+    out = torch.ops.headpolicy.prefill_attention(
+        q, k, v, pad, retrieval.tolist(), sink.tolist(), window.tolist(), scale)  # [B, Hq, S, D]
+
+(the queries are the last S of the T slots, so S < T also works when k/v hold every token).
+Then commit the new tokens to the split cache as today.
+
+Decode (S == 1) over a SplitKVCache layer: commit the new token first (a ring slot it
+overwrites holds rank q_rank - window, which the query may not attend anyway), then
+
+    out = torch.ops.headpolicy.decode_attention(
+        q, q_rank[:, 0],                             # q [B, Hq, 1, D], q_rank [B]
+        layer.keys, layer.values, k_rank,            # retrieval part [B, R, T, D]; k_rank [B, T] or None
+        [s.sink.k for s in layer.streams], [s.sink.v for s in layer.streams],
+        [s.sink.rank for s in layer.streams],
+        [s.ring.k for s in layer.streams], [s.ring.v for s in layer.streams],
+        [s.ring.rank for s in layer.streams],
+        [g.sink for g in plan.groups], [g.window for g in plan.groups], scale)   # [B, Hq, 1, D]
+
+Chunked prefill on top of a split cache (S > 1 with a cache) keeps the PyTorch path.
+"""
+
+from headpolicy.codegen.emitter import cache_dir, codegen_enabled, kernel_path, load_kernels, render, set_enabled
+from headpolicy.codegen.ops import backend, decode_attention, get_backend, prefill_attention, set_backend
+from headpolicy.codegen.spec import DecodeSpec, HeadRun, PrefillSpec, head_runs
+
+__all__ = [
+    "DecodeSpec",
+    "HeadRun",
+    "PrefillSpec",
+    "backend",
+    "cache_dir",
+    "codegen_enabled",
+    "decode_attention",
+    "get_backend",
+    "head_runs",
+    "kernel_path",
+    "load_kernels",
+    "prefill_attention",
+    "render",
+    "set_backend",
+    "set_enabled",
+]

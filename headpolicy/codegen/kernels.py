@@ -1,0 +1,231 @@
+"""Launchers for the generated kernels: check shapes and strides, pick a spec, launch.
+
+These run the Triton kernels directly (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+The runtime should call the custom ops in ops.py instead, which choose between these and the
+PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from headpolicy.codegen.emitter import load_kernels
+from headpolicy.codegen.spec import DecodeSpec, PrefillSpec, dtype_tag, head_runs, next_pow2
+
+LOG2E = math.log2(math.e)
+MAX_SPLITS = 128
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    dev = tensors[0].device
+    for t in tensors:
+        if t.device != dev:
+            raise ValueError(f"all tensors must be on one device, got {t.device} and {dev}")
+    if dev.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"headpolicy Triton kernels need CUDA tensors (got {dev}); on CPU set TRITON_INTERPRET=1 "
+            "before importing triton, or use the reference backend"
+        )
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _nonempty(t: torch.Tensor) -> torch.Tensor:
+    """A zero-size tensor's pointer may be null; hand the kernel a real (never read) element instead."""
+    return t if t.numel() else t.new_zeros((1,) * t.dim())
+
+
+def default_blocks(head_dim: int, device: torch.device) -> dict:
+    """Block sizes and launch settings; the interpreter gets the smallest tiles tl.dot allows."""
+    if device.type != "cuda":
+        return dict(block_m=16, block_n=16, num_warps=1, num_stages=1)
+    if head_dim <= 64:
+        return dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
+    return dict(block_m=64, block_n=64, num_warps=8, num_stages=2)
+
+
+def prefill_spec(q: torch.Tensor, k: torch.Tensor, retrieval, sink, window, **blocks) -> PrefillSpec:
+    cfg = default_blocks(q.shape[-1], q.device) | {k_: v_ for k_, v_ in blocks.items() if v_ is not None}
+    return PrefillSpec(
+        head_dim=q.shape[-1],
+        group_size=q.shape[1] // k.shape[1],
+        runs=head_runs(retrieval, sink, window),
+        dtype=dtype_tag(q.dtype),
+        **cfg,
+    )
+
+
+def prefill_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pad: torch.Tensor | None,
+    retrieval,
+    sink,
+    window,
+    scale: float,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    trace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Generated prefill kernel. q: [B, Hq, S, D]; k, v: [B, Hkv, T, D] (queries = last S slots);
+    pad: [B] left-padding counts or None; retrieval/sink/window: per-KV-head table [Hkv].
+
+    trace (tests only): int32 [B * Hq, cdiv(S, block_m), cdiv(T, block_n)] zeros; counts key-block loads.
+    Returns [B, Hq, S, D] in q.dtype.
+    """
+    B, Hq, S, D = q.shape
+    _, Hkv, T, _ = k.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"prefill: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree")
+    if Hq % Hkv or S > T:
+        raise ValueError(f"prefill: need Hq % Hkv == 0 and S <= T, got Hq={Hq} Hkv={Hkv} S={S} T={T}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"prefill: q/k/v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_device(q, k, v)
+    spec = prefill_spec(q, k, retrieval, sink, window, block_m=block_m, block_n=block_n)
+    if spec.num_kv_heads != Hkv:
+        raise ValueError(f"prefill: the head table has {spec.num_kv_heads} KV heads, k has {Hkv}")
+    out = torch.empty_like(q)
+    if B * Hq * S == 0:
+        return out
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    pad32 = (torch.zeros(B, device=q.device) if pad is None else pad).to(device=q.device, dtype=torch.int32)
+    grid = (triton_cdiv(S, spec.block_m), B * Hq)
+    if trace is not None:
+        want = (B * Hq, grid[0], triton_cdiv(T, spec.block_n))
+        if tuple(trace.shape) != want or trace.dtype != torch.int32:
+            raise ValueError(f"prefill: trace must be int32 {want}, got {trace.dtype} {tuple(trace.shape)}")
+    mod = load_kernels(spec)
+    mod.prefill_kernel[grid](
+        q, k, v, out, pad32, trace if trace is not None else pad32,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        S, T, Hq, scale * LOG2E,
+        TRACE=trace is not None, num_warps=mod.NUM_WARPS, num_stages=mod.NUM_STAGES,
+    )  # fmt: skip
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _num_splits(n_blocks: int, programs: int, device: torch.device) -> int:
+    """Split-K factor: enough programs to fill the GPU, at least 4 key blocks per split."""
+    if device.type != "cuda" or n_blocks <= 4:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton_cdiv(2 * sms, max(1, programs))
+    return max(1, min(want, triton_cdiv(n_blocks, 4), MAX_SPLITS))
+
+
+def decode_triton(
+    q: torch.Tensor,
+    q_rank: torch.Tensor,
+    k_full: torch.Tensor,
+    v_full: torch.Tensor,
+    full_rank: torch.Tensor | None,
+    sink_k: list[torch.Tensor],
+    sink_v: list[torch.Tensor],
+    sink_rank: list[torch.Tensor],
+    ring_k: list[torch.Tensor],
+    ring_v: list[torch.Tensor],
+    ring_rank: list[torch.Tensor],
+    group_sink: list[int],
+    group_window: list[int],
+    scale: float,
+    *,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Generated decode kernels over the split cache (argument meanings: ops.decode_attention).
+
+    num_splits forces the split-K factor of every part (capped by its key blocks). Returns [B, Hq, 1, D].
+    """
+    B, Hq, S, D = q.shape
+    if S != 1:
+        raise ValueError(f"decode: expects one query per row, got q {tuple(q.shape)}")
+    n_groups = len(group_sink)
+    lists = (sink_k, sink_v, sink_rank, ring_k, ring_v, ring_rank, group_window)
+    if any(len(x) != n_groups for x in lists):
+        raise ValueError(f"decode: per-group lists must all have {n_groups} entries, got {[len(x) for x in lists]}")
+    R = k_full.shape[1]
+    kv_heads = R + sum(t.shape[1] for t in sink_k)
+    if kv_heads == 0 or Hq % kv_heads:
+        raise ValueError(f"decode: {Hq} query heads do not divide over {kv_heads} KV heads")
+    for name, t in [("k_full", k_full), ("v_full", v_full), *[("sink_k", t) for t in sink_k],
+                    *[("ring_k", t) for t in ring_k], *[("ring_v", t) for t in ring_v]]:  # fmt: skip
+        if t.dim() != 4 or t.shape[0] != B or t.shape[3] != D or t.dtype != q.dtype:
+            raise ValueError(f"decode: {name} must be [B={B}, H, N, D={D}] {q.dtype}, got {tuple(t.shape)} {t.dtype}")
+    _check_device(q, q_rank, k_full, v_full, *sink_k, *ring_k)
+    G = Hq // kv_heads
+    cfg = default_blocks(D, q.device)
+    spec = DecodeSpec(
+        head_dim=D,
+        group_size=G,
+        num_retrieval=R,
+        groups=tuple((t.shape[1], int(s), int(w)) for t, s, w in zip(sink_k, group_sink, group_window, strict=True)),
+        dtype=dtype_tag(q.dtype),
+        block_n=block_n or cfg["block_n"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    mod = load_kernels(spec)
+    bn = spec.block_n
+    q3 = _last_contiguous(q[:, :, 0])  # [B, Hq, D]
+    q_rank = q_rank.reshape(B).to(device=q.device, dtype=torch.int64)
+
+    # parts: (A k, v, rank | None, B k, v, rank | None, first KV head, heads, run)
+    parts = []
+    if R:
+        parts.append((k_full, v_full, full_rank, None, None, None, 0))
+    pos = R
+    for i in range(n_groups):
+        parts.append((sink_k[i], sink_v[i], sink_rank[i], ring_k[i], ring_v[i], ring_rank[i], pos))
+        pos += sink_k[i].shape[1]
+    plans = []
+    for (ka, va, ra, kb, vb, rb, h0), run in zip(parts, spec.runs, strict=True):
+        heads = ka.shape[1]
+        na, nb = ka.shape[2], (kb.shape[2] if kb is not None else 0)
+        n_blocks = triton_cdiv(na, bn) + triton_cdiv(nb, bn)
+        splits = num_splits if num_splits is not None else _num_splits(n_blocks, B * heads, q.device)
+        per = max(1, triton_cdiv(n_blocks, max(1, splits)))
+        plans.append((ka, va, ra, kb, vb, rb, h0, heads, na, nb, per, max(1, triton_cdiv(n_blocks, per)), run))
+    max_splits = max(p[11] for p in plans)
+    o_part = torch.empty(B * Hq, max_splits, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.full((B * Hq, max_splits), float("-inf"), dtype=torch.float32, device=q.device)
+    for ka, va, ra, kb, vb, rb, h0, heads, na, nb, per, splits, run in plans:
+        if heads == 0:
+            continue
+        ka, va = _nonempty(_last_contiguous(ka)), _nonempty(_last_contiguous(va))
+        ra_t = _nonempty(_last_contiguous(ra)) if ra is not None else q_rank
+        has_b = kb is not None and nb > 0
+        if has_b:
+            kb, vb, rb = _last_contiguous(kb), _last_contiguous(vb), _last_contiguous(rb)
+        else:
+            kb, vb, rb = ka, va, ra_t
+        mod.decode_split_kernel[(B * heads, splits)](
+            q3, q_rank, ka, va, ra_t, kb, vb, rb, o_part, lse_part,
+            q3.stride(0), q3.stride(1),
+            *ka.stride()[:3], *va.stride()[:3], ra_t.stride(0) if ra is not None else 0,
+            *kb.stride()[:3], *vb.stride()[:3], rb.stride(0) if has_b else 0,
+            na, nb, heads, h0, Hq, per, max_splits, scale * LOG2E,
+            HAS_RANK_A=ra is not None, HAS_B=has_b, IS_RETRIEVAL=run.retrieval, SINK=run.sink,
+            WINDOW=max(1, run.window), num_warps=mod.NUM_WARPS, num_stages=mod.NUM_STAGES,
+        )  # fmt: skip
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    mod.decode_combine_kernel[(B * Hq,)](
+        o_part, lse_part, out, out.stride(0), out.stride(1), Hq, max_splits,
+        BLOCK_S=max(2, next_pow2(max_splits)), num_warps=1,
+    )  # fmt: skip
+    return out[:, :, None, :]

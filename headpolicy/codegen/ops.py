@@ -1,0 +1,132 @@
+"""`torch.library` custom ops: headpolicy::prefill_attention and headpolicy::decode_attention.
+
+Eager code, torch.export graphs and torch.compile all call these same ops. Each op has a
+fake (meta) implementation, so tracing never runs a kernel. Which implementation runs:
+
+    backend "auto" (default)  CUDA tensors -> generated Triton kernels, otherwise the PyTorch reference
+    backend "triton"          always the kernels (CPU needs TRITON_INTERPRET=1; tests use this)
+    backend "reference"       always the PyTorch reference
+
+Set it with `set_backend(...)`, the `backend(...)` context manager, or HEADPOLICY_KERNEL_BACKEND.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import Tensor
+
+from headpolicy.codegen.reference import decode_reference, prefill_reference
+
+BACKENDS = ("auto", "triton", "reference")
+_backend: str | None = None  # None: follow HEADPOLICY_KERNEL_BACKEND
+
+
+def set_backend(name: str | None) -> None:
+    """'auto' | 'triton' | 'reference', or None to follow HEADPOLICY_KERNEL_BACKEND (default 'auto')."""
+    global _backend
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    name = _backend or os.environ.get("HEADPOLICY_KERNEL_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"HEADPOLICY_KERNEL_BACKEND={name!r} is not one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Run the ops with backend `name` inside the block."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _use_kernels(t: Tensor) -> bool:
+    name = get_backend()
+    return name == "triton" or (name == "auto" and t.is_cuda)
+
+
+@torch.library.custom_op("headpolicy::prefill_attention", mutates_args=())
+def prefill_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pad: Tensor | None,
+    retrieval: list[bool],
+    sink: list[int],
+    window: list[int],
+    scale: float,
+) -> Tensor:
+    """Headpolicy attention for queries that are the last S of T slots (a fresh prefill: S == T).
+
+    q: [B, Hq, S, D]; k, v: [B, Hkv, T, D] (Hq % Hkv == 0, query head h reads KV head h // (Hq // Hkv));
+    pad: [B] int, left-padding slots per row (rank = slot - pad), or None for no padding;
+    retrieval, sink, window: per-KV-head table, length Hkv (sink/window ignored for retrieval heads);
+    scale: softmax scale. Returns [B, Hq, S, D] in q.dtype; padding query rows are zeros.
+    """
+    if _use_kernels(q):
+        from headpolicy.codegen.kernels import prefill_triton
+
+        return prefill_triton(q, k, v, pad, retrieval, sink, window, scale)
+    return prefill_reference(q, k, v, pad, retrieval, sink, window, scale)
+
+
+@prefill_attention.register_fake
+def _prefill_fake(q, k, v, pad, retrieval, sink, window, scale):
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of KV heads")
+    torch._check(len(retrieval) == k.shape[1], lambda: "the head table must have one entry per KV head")
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("headpolicy::decode_attention", mutates_args=())
+def decode_attention(
+    q: Tensor,
+    q_rank: Tensor,
+    k_full: Tensor,
+    v_full: Tensor,
+    full_rank: Tensor | None,
+    sink_k: list[Tensor],
+    sink_v: list[Tensor],
+    sink_rank: list[Tensor],
+    ring_k: list[Tensor],
+    ring_v: list[Tensor],
+    ring_rank: list[Tensor],
+    group_sink: list[int],
+    group_window: list[int],
+    scale: float,
+) -> Tensor:
+    """One decode step over the split KV cache (cache.py layout), new token already stored.
+
+    q: [B, Hq, 1, D], heads ordered [retrieval | group 0 | group 1 | ...] like the cache;
+    q_rank: [B] int, rank of the query token (-1: padding row -> zeros);
+    k_full, v_full: [B, R, T, D] retrieval heads (R may be 0); full_rank: [B, T] key ranks
+      (-1 = padding) or None when slot t has rank t;
+    per streaming group g (lists of equal length, one entry per group):
+      sink_k/sink_v [B, Hg, Ns, D] + sink_rank [B, Ns]; ring_k/ring_v [B, Hg, Nr, D] + ring_rank [B, Nr]
+      (rank -1 = empty slot); group_sink[g], group_window[g] its rule;
+    scale: softmax scale. Returns [B, Hq, 1, D] in q.dtype.
+    """
+    args = (q, q_rank, k_full, v_full, full_rank, sink_k, sink_v, sink_rank, ring_k, ring_v, ring_rank,
+            group_sink, group_window, scale)  # fmt: skip
+    if _use_kernels(q):
+        from headpolicy.codegen.kernels import decode_triton
+
+        return decode_triton(*args)
+    return decode_reference(*args)
+
+
+@decode_attention.register_fake
+def _decode_fake(q, q_rank, k_full, v_full, full_rank, sink_k, sink_v, sink_rank, ring_k, ring_v, ring_rank,
+                 group_sink, group_window, scale):  # fmt: skip
+    torch._check(q.shape[2] == 1, lambda: "decode_attention takes one query per row")
+    torch._check(len(sink_k) == len(group_sink) == len(group_window), lambda: "one sink/window per group")
+    return torch.empty_like(q)
