@@ -1,0 +1,72 @@
+"""The two attention ops an exported headpolicy graph calls, registered with `torch.library`.
+
+Both ops take explicit token positions so that one op serves prefill (positions 0..S-1)
+and decode over the split cache (slot positions derived from the step index):
+
+    retrieval_attention   key j visible to query i  iff  0 <= k_pos[j] <= q_pos[i]
+    streaming_attention   ... and (k_pos[j] < sink  or  q_pos[i] - k_pos[j] < window)
+
+which is the rule of `reference.headpolicy_mask` with ranks = positions (batch rows share
+positions: no padding). k_pos = -1 marks an empty cache slot. Each op has a fake
+implementation, so the ops survive `torch.export` and `torch.onnx.export`; the ONNX
+translation lives in `headpolicy.passes.onnx_export`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LIB = "headpolicy"
+
+
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int | None = None, window: int | None = None):
+    """Boolean mask [S, T] of the headpolicy rule; sink/window None means a retrieval head."""
+    qp, kp = q_pos[:, None], k_pos[None, :]
+    mask = (kp >= 0) & (kp <= qp)
+    if sink is not None:
+        mask = mask & ((kp < sink) | (qp - kp < window))
+    return mask
+
+
+def _attend(q, k, v, mask, scale):
+    # q: [B, Hq, S, D], k/v: [B, H, T, D]; every query sees at least itself, so no empty rows.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+@torch.library.custom_op(f"{LIB}::retrieval_attention", mutates_args=())
+def retrieval_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention of retrieval heads. q: [B, Hq, S, D]; k, v: [B, H, T, D]; q_pos [S], k_pos [T]."""
+    return _attend(q, k, v, visible(q_pos, k_pos), scale)
+
+
+@retrieval_attention.register_fake
+def _(q, k, v, q_pos, k_pos, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op(f"{LIB}::streaming_attention", mutates_args=())
+def streaming_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    sink: int,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """Sink + window attention of streaming heads; shapes as retrieval_attention."""
+    return _attend(q, k, v, visible(q_pos, k_pos, sink, window), scale)
+
+
+@streaming_attention.register_fake
+def _(q, k, v, q_pos, k_pos, sink, window, scale):
+    return torch.empty_like(q)
+
+
+RETRIEVAL_OP = torch.ops.headpolicy.retrieval_attention.default
+STREAMING_OP = torch.ops.headpolicy.streaming_attention.default
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
