@@ -45,7 +45,3 @@ class KernelCompileError(CodegenError):
 
 class ExportError(HeadPolicyError, RuntimeError):
     """A graph cannot be captured, rewritten or exported (missing pass provider, no attention found...)."""
-
-
-class ExportError(HeadPolicyError, RuntimeError):
-    """A graph cannot be captured, rewritten or exported (missing pass provider, no attention found...)."""
