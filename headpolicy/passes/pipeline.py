@@ -51,7 +51,8 @@ class CompiledStep:
         out = []
         for e in self.cache:
             n = length if e.length is None else e.length
-            out += [torch.zeros(batch, e.heads, n, self.head_dim, dtype=dtype, device=device)] * 2
+            # two tensors, not one twice: export would treat aliased inputs as one
+            out += [torch.zeros(batch, e.heads, n, self.head_dim, dtype=dtype, device=device) for _ in range(2)]
         return out
 
     def example_args(self, length: int = 8) -> tuple[torch.Tensor, ...]:
@@ -85,6 +86,8 @@ def compile_step(
     ctx = PassContext(cap.gm, mode, tuple(plan_layers(policy)), skip_noop=skip_noop)
     with torch.no_grad():
         run_passes(ctx, passes)
+    for mod in ctx.gm.modules():  # an unlifted ExportedProgram module refuses .eval()
+        mod.training = False
     if "locate_attention" in passes and not ctx.facts.get("attention_sites"):
         raise ExportError("no attention layer found in the exported graph (is the model loaded with sdpa?)")
     return CompiledStep(
