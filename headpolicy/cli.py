@@ -17,6 +17,7 @@ from headpolicy.errors import HeadPolicyError
 # Modules that define subcommands with @command. Add yours here.
 COMMAND_MODULES = [
     "headpolicy.runtime.commands",
+    "headpolicy.passes.commands",
 ]
 
 _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int], str]] = {}
