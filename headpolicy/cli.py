@@ -18,6 +18,7 @@ from headpolicy.errors import HeadPolicyError
 COMMAND_MODULES = [
     "headpolicy.runtime.commands",
     "headpolicy.passes.commands",
+    "headpolicy.policies.commands",
 ]
 
 _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int], str]] = {}

@@ -107,10 +107,13 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    apply_policy: bool = True,
 ):
     """Load (model, tokenizer) from an alias, a checkpoint directory, or a .gguf file.
 
     Never touches the network. The tokenizer pads on the left (for batched generation).
+    A checkpoint directory holding `head_policy.yaml` (see `headpolicy attach`) gets that
+    policy applied, and logged, unless apply_policy=False.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -133,6 +136,10 @@ def load_model(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if apply_policy and gguf is None:
+        from headpolicy.checkpoint import apply_attached
+
+        apply_attached(model, directory)
     return model, tokenizer
 
 
