@@ -49,9 +49,20 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "headpolicy" / "kernels"
 
 
-def _dot_kwargs(dtype: str) -> str:
-    # fp32 inputs: exact IEEE products (tf32 would drift from the float32 reference)
-    return ', input_precision="ieee"' if dtype == "f32" else ""
+def _matmul_values(spec) -> dict:
+    """How tl.dot is called: fp32 inputs use exact IEEE products (tf32 would drift from the
+    float32 reference); upcast_matmul turns bf16 tiles into fp32 first (interpreter builds)."""
+    fp32_inputs = spec.dtype == "f32" or spec.upcast_matmul
+    return dict(
+        dot_kwargs=', input_precision="ieee"' if fp32_inputs else "",
+        mm_in=".to(tl.float32)" if spec.upcast_matmul else "",
+        p_dtype="tl.float32" if spec.upcast_matmul else TL_DTYPES[spec.dtype],
+        mm_note=(
+            "upcast to float32 (interpreter build: numpy has no bfloat16 matmul)"
+            if spec.upcast_matmul
+            else f"{spec.dtype}, float32 accumulation" + (" (IEEE, no tf32)" if spec.dtype == "f32" else "")
+        ),
+    )
 
 
 def _table_comment(runs: tuple[HeadRun, ...]) -> str:
@@ -88,11 +99,11 @@ def render(spec: PrefillSpec | DecodeSpec) -> str:
         group_size=spec.group_size,
         dtype=spec.dtype,
         tl_dtype=TL_DTYPES[spec.dtype],
-        dot_kwargs=_dot_kwargs(spec.dtype),
         block_n=spec.block_n,
         num_warps=spec.num_warps,
         num_stages=spec.num_stages,
         table_comment=_table_comment(spec.runs),
+        **_matmul_values(spec),
     )
     if isinstance(spec, PrefillSpec):
         values.update(block_m=spec.block_m, num_kv_heads=spec.num_kv_heads, dispatch=_prefill_dispatch(spec.runs))

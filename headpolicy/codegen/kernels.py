@@ -23,6 +23,34 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+_interpreter_checked = False
+
+
+def _interpreter_stdlib() -> None:
+    """Make triton.language's own @jit helpers (tl.zeros, tl.max, ...) interpretable.
+
+    They are wrapped when triton.language is imported, which torch/transformers often do before
+    TRITON_INTERPRET=1 is set; the interpreter then cannot call them. Re-import them once.
+    """
+    global _interpreter_checked
+    if _interpreter_checked or not interpreting():
+        return
+    import importlib
+
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(tl.zeros, JITFunction):
+        importlib.reload(tl.standard)
+        importlib.reload(tl)
+    _interpreter_checked = True
+
+
+def _upcast_matmul(dtype: torch.dtype) -> bool:
+    """The interpreter multiplies bf16 tiles as raw uint16 (no numpy bf16): build those in fp32."""
+    return interpreting() and dtype == torch.bfloat16
+
+
 def _check_device(*tensors: torch.Tensor) -> None:
     dev = tensors[0].device
     for t in tensors:
@@ -33,6 +61,7 @@ def _check_device(*tensors: torch.Tensor) -> None:
             f"headpolicy Triton kernels need CUDA tensors (got {dev}); on CPU set TRITON_INTERPRET=1 "
             "before importing triton, or use the reference backend"
         )
+    _interpreter_stdlib()
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -60,6 +89,7 @@ def prefill_spec(q: torch.Tensor, k: torch.Tensor, retrieval, sink, window, **bl
         group_size=q.shape[1] // k.shape[1],
         runs=head_runs(retrieval, sink, window),
         dtype=dtype_tag(q.dtype),
+        upcast_matmul=_upcast_matmul(q.dtype),
         **cfg,
     )
 
@@ -179,6 +209,7 @@ def decode_triton(
         block_n=block_n or cfg["block_n"],
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        upcast_matmul=_upcast_matmul(q.dtype),
     )
     mod = load_kernels(spec)
     bn = spec.block_n

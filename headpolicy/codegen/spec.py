@@ -95,6 +95,8 @@ class PrefillSpec:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    # the Triton interpreter has no bf16 matmul: it multiplies bf16 tiles in fp32 instead
+    upcast_matmul: bool = False
 
     kind = "prefill"
 
@@ -103,13 +105,17 @@ class PrefillSpec:
         return self.runs[-1].stop
 
     @property
+    def _mm_tag(self) -> str:
+        return "_mmf32" if self.upcast_matmul else ""
+
+    @property
     def block_d(self) -> int:
         return max(16, next_pow2(self.head_dim))
 
     def name(self, template_sha: str) -> str:
         name = (
             f"prefill_d{self.head_dim}_g{self.group_size}_{_table_tag(self.runs)}_{self.dtype}"
-            f"_bm{self.block_m}_bn{self.block_n}_w{self.num_warps}_st{self.num_stages}_{template_sha}"
+            f"_bm{self.block_m}_bn{self.block_n}_w{self.num_warps}_st{self.num_stages}{self._mm_tag}_{template_sha}"
         )
         return name
 
@@ -129,6 +135,8 @@ class DecodeSpec:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    # the Triton interpreter has no bf16 matmul: it multiplies bf16 tiles in fp32 instead
+    upcast_matmul: bool = False
 
     kind = "decode"
 
@@ -144,6 +152,10 @@ class DecodeSpec:
         return tuple(runs)
 
     @property
+    def _mm_tag(self) -> str:
+        return "_mmf32" if self.upcast_matmul else ""
+
+    @property
     def block_d(self) -> int:
         return max(16, next_pow2(self.head_dim))
 
@@ -154,6 +166,6 @@ class DecodeSpec:
     def name(self, template_sha: str) -> str:
         name = (
             f"decode_d{self.head_dim}_g{self.group_size}_{_table_tag(self.runs)}_{self.dtype}"
-            f"_bn{self.block_n}_w{self.num_warps}_st{self.num_stages}_{template_sha}"
+            f"_bn{self.block_n}_w{self.num_warps}_st{self.num_stages}{self._mm_tag}_{template_sha}"
         )
         return name

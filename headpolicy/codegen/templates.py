@@ -11,6 +11,7 @@ PREFILL = '''\
 # Headpolicy prefill attention for one layer, specialised on:
 #   head_dim=$head_dim (block_d=$block_d)  group_size=$group_size  num_kv_heads=$num_kv_heads
 #   dtype=$dtype  block_m=$block_m  block_n=$block_n  num_warps=$num_warps  num_stages=$num_stages
+#   matmul inputs: $mm_note
 #   KV-head table:
 $table_comment
 #
@@ -52,7 +53,7 @@ def _attend(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad,
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         if TRACE:  # test builds only: count the key blocks this program loads
             tl.atomic_add(trace_row + kb, 1)
-        qk = tl.dot(q, tl.trans(k)$dot_kwargs)
+        qk = tl.dot(q$mm_in, tl.trans(k$mm_in)$dot_kwargs)
         k_rank = offs_n - pad
         allowed = (in_seq & (k_rank >= 0))[None, :] & (q_rank[:, None] >= 0) & (k_rank[None, :] <= q_rank[:, None])
         if not IS_RETRIEVAL:
@@ -63,7 +64,7 @@ def _attend(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad,
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to($tl_dtype), v$dot_kwargs)
+        acc = acc * alpha[:, None] + tl.dot(p.to($p_dtype), v$mm_in$dot_kwargs)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -73,7 +74,7 @@ def _retrieval_head(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_
                     qk_scale, trace_row, TRACE: tl.constexpr):
     """Causal: key slots [pad, q_end)."""
     kb_lo = pad // BLOCK_N
-    kb_hi = tl.where(q_end > pad, tl.cdiv(q_end, BLOCK_N), kb_lo)
+    kb_hi = tl.where(q_end > pad, (q_end + BLOCK_N - 1) // BLOCK_N, kb_lo)
     return _attend(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, kb_lo, kb_hi,
                    qk_scale, trace_row, True, 0, 1, TRACE)
 
@@ -85,12 +86,12 @@ def _streaming_head(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_
     win_lo = tl.maximum(q_first - WINDOW + 1, pad)
     sink_hi = tl.minimum(tl.minimum(pad + SINK, win_lo), q_end)
     sb_lo = pad // BLOCK_N
-    sb_hi = tl.where(sink_hi > pad, tl.cdiv(sink_hi, BLOCK_N), sb_lo)
+    sb_hi = tl.where(sink_hi > pad, (sink_hi + BLOCK_N - 1) // BLOCK_N, sb_lo)
     if SINK > 0:
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, sb_lo, sb_hi,
                                 qk_scale, trace_row, False, SINK, WINDOW, TRACE)
     wb_lo = tl.maximum(sb_hi, win_lo // BLOCK_N)
-    wb_hi = tl.maximum(tl.where(q_end > win_lo, tl.cdiv(q_end, BLOCK_N), wb_lo), wb_lo)
+    wb_hi = tl.maximum(tl.where(q_end > win_lo, (q_end + BLOCK_N - 1) // BLOCK_N, wb_lo), wb_lo)
     return _attend(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, wb_lo, wb_hi,
                    qk_scale, trace_row, False, SINK, WINDOW, TRACE)
 
@@ -119,7 +120,7 @@ def prefill_kernel(Q, K, V, O, PAD, TRACE_BUF,
                 mask=io_mask, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    trace_row = TRACE_BUF + (pid_bh * tl.num_programs(0) + pid_m) * tl.cdiv(T, BLOCK_N)
+    trace_row = TRACE_BUF + (pid_bh * tl.num_programs(0) + pid_m) * ((T + BLOCK_N - 1) // BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -139,6 +140,7 @@ DECODE = '''\
 # Headpolicy decode attention over the split KV cache for one layer, specialised on:
 #   head_dim=$head_dim (block_d=$block_d)  group_size=$group_size (block_g=$block_g)
 #   dtype=$dtype  block_n=$block_n  num_warps=$num_warps  num_stages=$num_stages
+#   matmul inputs: $mm_note
 #   cache parts (KV heads in cache order):
 $table_comment
 #
@@ -181,14 +183,14 @@ def _decode_blocks(acc, m_i, l_i, q, qr, k_base, v_base, r_base, stride_kt, stri
         allowed = in_seg & (k_rank >= 0) & (k_rank <= qr) & (qr >= 0)
         if not IS_RETRIEVAL:
             allowed = allowed & ((k_rank < SINK) | (qr - k_rank < WINDOW))
-        qk = tl.dot(q, tl.trans(k)$dot_kwargs)
+        qk = tl.dot(q$mm_in, tl.trans(k$mm_in)$dot_kwargs)
         s = tl.where(allowed[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to($tl_dtype), v$dot_kwargs)
+        acc = acc * alpha[:, None] + tl.dot(p.to($p_dtype), v$mm_in$dot_kwargs)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -215,8 +217,8 @@ def decode_split_kernel(Q, QRANK, KA, VA, RA, KB, VB, RB, O_PART, LSE_PART,
     q = tl.load(Q + b * stride_qb + hq[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
     qr = tl.load(QRANK + b)
 
-    n_a = tl.cdiv(NA, BLOCK_N)
-    n_b = tl.cdiv(NB, BLOCK_N)
+    n_a = (NA + BLOCK_N - 1) // BLOCK_N
+    n_b = (NB + BLOCK_N - 1) // BLOCK_N
     blk_lo = pid_s * blocks_per_split
     blk_hi = tl.minimum(blk_lo + blocks_per_split, n_a + n_b)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
