@@ -108,23 +108,26 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     apply_policy: bool = True,
+    config_overrides: dict | None = None,
 ):
     """Load (model, tokenizer) from an alias, a checkpoint directory, or a .gguf file.
 
     Never touches the network. The tokenizer pads on the left (for batched generation).
     A checkpoint directory holding `head_policy.yaml` (see `headpolicy attach`) gets that
-    policy applied, and logged, unless apply_policy=False.
+    policy applied, and logged, unless apply_policy=False. `config_overrides` replace
+    config.json entries, e.g. {"sliding_window": None} for a model with its own window.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name, directory, gguf = resolve_source(source)
     kwargs = {"local_files_only": True}
+    model_kwargs = dict(config_overrides or {})
     if gguf is not None:
         kwargs["gguf_file"] = gguf
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+            directory, dtype=dtype, attn_implementation=attn_implementation, **kwargs, **model_kwargs
         )
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, UnsupportedModelError):
@@ -281,8 +284,9 @@ def get_adapter(model: nn.Module) -> Adapter:
         # already limits itself to a window would silently change past `window` tokens.
         raise UnsupportedModelError(
             f"{arch} (model_type '{model_type}') uses its own sliding attention window of {window} tokens, "
-            "which the headpolicy runtime does not reproduce; set config.sliding_window = None before "
-            f"loading (the same model up to {window} tokens of context) or use a checkpoint without one"
+            "which the headpolicy runtime does not reproduce; load it without the window, "
+            "load_model(..., config_overrides={'sliding_window': None}) (the same model up to "
+            f"{window} tokens of context), or use a checkpoint without one"
         )
     return adapter
 

@@ -7,9 +7,17 @@ import pytest
 import torch
 from conftest import policy_for, tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
-from headpolicy import PolicyMismatchError, applied_policy, apply, describe_model, fingerprint, load_model
+from headpolicy import (
+    PolicyMismatchError,
+    UnsupportedModelError,
+    applied_policy,
+    apply,
+    describe_model,
+    fingerprint,
+    load_model,
+)
 from headpolicy.checkpoint import POLICY_FILE, attach, attached_policy, save_pretrained
 from headpolicy.cli import main
 
@@ -148,3 +156,23 @@ def test_cli_import_attach_inspect(ckpt, tmp_path, capsys):
     assert main(["attach", str(ckpt), str(other)]) == 2
     assert "PolicyMismatchError" in capsys.readouterr().err
     assert attached_policy(ckpt) == policy
+
+
+def test_model_with_its_own_window_loads_only_without_it(tmp_path):
+    cfg = MistralConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=64,
+        max_position_embeddings=512,
+    )
+    directory = save_checkpoint(MistralForCausalLM(cfg), tmp_path / "mistral")
+    with pytest.raises(UnsupportedModelError, match=r"MistralForCausalLM .*window of 64 tokens.*config_overrides"):
+        load_model(directory)
+    model, _ = load_model(directory, config_overrides={"sliding_window": None})
+    assert model.config.sliding_window is None
+    apply(model, policy_for(model, RETRIEVAL))

@@ -5,7 +5,8 @@ Formats (registered by name with @importer):
 duo-attention
     DuoAttention's `full_attention_heads.tsv`: one line per layer, one tab-separated gate
     value per KV head, no header. A `config.json` beside it gives `sink_size` and
-    `recent_size`, which become the policy's sink and window. Gates are the scores.
+    `recent_size`, which become the policy's sink and window. Gates, clipped to [0, 1]
+    as DuoAttention does, are the scores; the default threshold 0.5 is DuoAttention's.
 retrieval-head
     Retrieval Head (Wu et al. 2024) JSON: {"layer-head": [score per trial, ...]} over
     *query* heads. A KV head's score is the max, over the query heads of its group, of
@@ -250,7 +251,10 @@ def read_duo_attention(path: Path, model: ModelInfo) -> ImportedPattern:
                 raise ImportFormatError(f"{fmt}: {cfg_path.name}: key '{key}': expected a positive integer, got {v!r}")
         sink, window = cfg["sink_size"], cfg["recent_size"]
         files.append(cfg_path)
-    return ImportedPattern(np.array(rows, dtype=np.float64), None, tuple(files), sink, window)
+    # DuoAttention itself clips the trained gates to [0, 1] when it loads them.
+    gates = np.clip(np.array(rows, dtype=np.float64), 0.0, 1.0)
+    notes = {"reduction": "gates clipped to [0, 1] as DuoAttention's load_attn_pattern does"}
+    return ImportedPattern(gates, None, tuple(files), sink, window, notes)
 
 
 @importer("retrieval-head", default_threshold=0.1, aliases=("retrieval_head", "retrievalhead"))

@@ -60,6 +60,14 @@ def test_duo_attention_budget_threshold_folder_and_overrides(tmp_path):
     assert import_policy("duo", tmp_path, INFO, budget=0.0).num_retrieval == 0
 
 
+def test_duo_attention_clips_gates_like_duo_attention(tmp_path):
+    # np.savetxt's format, gates outside [0, 1] (DuoAttention clips them when it loads them)
+    tsv = write_duo(tmp_path, gates=[["1.300000000000000044e+00", "-2e-01"], [0.2, 0.6], [0.05, 0.45]])
+    p = import_policy("duo-attention", tsv, INFO)
+    assert [h.score for h in p.layers[0]] == [1.0, 0.0]
+    assert "clipped" in p.provenance.settings["reduction"]
+
+
 def test_duo_attention_without_config_uses_defaults(tmp_path):
     p = import_policy("duo-attention", write_duo(tmp_path), INFO)
     assert (p.sink, p.window) == (64, 256)
