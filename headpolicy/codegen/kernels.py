@@ -131,6 +131,7 @@ def prefill_triton(
         return out
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     pad32 = (torch.zeros(B, device=q.device) if pad is None else pad).to(device=q.device, dtype=torch.int32)
+    pad32 = pad32.reshape(B).contiguous()  # read as PAD + b
     grid = (triton_cdiv(S, spec.block_m), B * Hq)
     if trace is not None:
         want = (B * Hq, grid[0], triton_cdiv(T, spec.block_n))
@@ -214,7 +215,7 @@ def decode_triton(
     mod = load_kernels(spec)
     bn = spec.block_n
     q3 = _last_contiguous(q[:, :, 0])  # [B, Hq, D]
-    q_rank = q_rank.reshape(B).to(device=q.device, dtype=torch.int64)
+    q_rank = q_rank.reshape(B).to(device=q.device, dtype=torch.int64).contiguous()  # read as QRANK + b
 
     # parts: (A k, v, rank | None, B k, v, rank | None, first KV head, heads, run)
     parts = []
