@@ -86,6 +86,7 @@ def flatten_calling_convention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule
             gm.graph.erase_node(node)
     gm.graph._codegen = torch.fx.graph.CodeGen()
     gm._forward_pre_hooks.clear()  # the input-spec check of the unlifted module
+    gm.graph.eliminate_dead_code()  # so that a pass that changes nothing leaves identical code
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
