@@ -39,11 +39,17 @@ def attached_policy(checkpoint_dir: str | os.PathLike) -> HeadPolicy | None:
     return HeadPolicy.load(path) if path.is_file() else None
 
 
-def attach(checkpoint_dir: str | os.PathLike, policy: HeadPolicy | str | os.PathLike) -> Path:
+def attach(
+    checkpoint_dir: str | os.PathLike,
+    policy: HeadPolicy | str | os.PathLike,
+    *,
+    config_overrides: dict | None = None,
+) -> Path:
     """Write `policy` as CHECKPOINT_DIR/head_policy.yaml after checking it was made for those weights.
 
     Loads the checkpoint's model (not its tokenizer) to compare fingerprints; raises
     PolicyMismatchError for a policy made for another model and leaves the directory as it was.
+    `config_overrides` as in load_model (the same ones are needed when loading it).
     """
     from transformers import AutoModelForCausalLM
 
@@ -55,7 +61,11 @@ def attach(checkpoint_dir: str | os.PathLike, policy: HeadPolicy | str | os.Path
     if not isinstance(policy, HeadPolicy):
         policy = HeadPolicy.load(policy)
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+        # The fingerprint hashes weights rounded to bfloat16, so a bfloat16 load gives the same
+        # fingerprint at half the memory of float32.
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, local_files_only=True, dtype=torch.bfloat16, **(config_overrides or {})
+        )
     except (OSError, ValueError, KeyError) as e:
         raise ModelSourceError(f"cannot load the model in {directory}: {' '.join(str(e).split())[:400]}") from e
     info = describe_model(model, name=directory.name)

@@ -175,4 +175,9 @@ def test_model_with_its_own_window_loads_only_without_it(tmp_path):
         load_model(directory)
     model, _ = load_model(directory, config_overrides={"sliding_window": None})
     assert model.config.sliding_window is None
-    apply(model, policy_for(model, RETRIEVAL))
+    policy = policy_for(model, RETRIEVAL)
+    with pytest.raises(UnsupportedModelError):
+        attach(directory, policy)
+    attach(directory, policy, config_overrides={"sliding_window": None})
+    model, _ = load_model(directory, config_overrides={"sliding_window": None})
+    assert applied_policy(model) == policy

@@ -48,7 +48,7 @@ def format_inspect(policy: HeadPolicy) -> str:
     header = f"{'layer':>5}  {'retr':>5}  {'retrieval heads':<20}"
     if has_scores:
         header += "  scores (* = retrieval)"
-    lines.append(header)
+    lines.append(header.rstrip())
     for li, row in enumerate(policy.layers):
         ids = [hi for hi, h in enumerate(row) if h.is_retrieval]
         text = f"{li:>5}  {len(ids):>2}/{len(row):<2}  {_ids(ids):<20}"
