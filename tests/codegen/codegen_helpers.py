@@ -25,7 +25,9 @@ def kernel_devices():
         cuda_skip = "no CUDA device: the GPU variant of this test needs one"
     return [
         pytest.param("cpu", marks=pytest.mark.skipif(cpu_skip is not None, reason=cpu_skip or "")),
-        pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(cuda_skip is not None, reason=cuda_skip or "")]),
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(cuda_skip is not None, reason=cuda_skip or "")]
+        ),
     ]
 
 

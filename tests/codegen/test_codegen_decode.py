@@ -71,7 +71,9 @@ def test_decode_over_split_cache_matches_dense_reference(triton_backend, device,
             view.attend(q[:, :, t : t + 1], mask[:, : t + 1], 0.4)  # commits token t
             ranks = token_ranks(mask[:, : t + 1], B, t + 1, device=device)
             k_rank = ranks if padded else None
-            out = torch.ops.headpolicy.decode_attention(*decode_args(layer, q[:, :, t : t + 1], ranks[:, -1], k_rank, 0.4))
+            out = torch.ops.headpolicy.decode_attention(
+                *decode_args(layer, q[:, :, t : t + 1], ranks[:, -1], k_rank, 0.4)
+            )
             ref = reference_attention(
                 q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1],
                 retrieval=retrieval, sink=sink, window=window, key_valid=mask[:, : t + 1].bool(), scale=0.4,
