@@ -58,6 +58,8 @@ ARCHS = {
     "qwen3": lambda: (Qwen3ForCausalLM, Qwen3Config(**_common(6, 3), head_dim=16, attention_bias=True)),
     "phi3": lambda: (Phi3ForCausalLM, Phi3Config(**_common(6, 3))),  # fused qkv_proj
     "phi3-mha": lambda: (Phi3ForCausalLM, Phi3Config(**_common(3, 3))),
+    # Phi-4-mini is model_type phi3 with RoPE on part of each head
+    "phi3-partial-rope": lambda: (Phi3ForCausalLM, Phi3Config(**_common(6, 3), partial_rotary_factor=0.5)),
 }
 
 
@@ -153,6 +155,21 @@ def test_mixed_policy_matches_reference(name):
     assert (real_positions(dense, mask) - real_positions(expected, mask)).abs().max() <= 1e-4
     decoded = decode_logits(model, ids, mask, pos, 7, SplitKVCache.for_model(model))
     assert (real_positions(decoded, mask) - real_positions(expected, mask)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_generate_with_all_retrieval_policy_matches_the_model(name):
+    """HF generate() (left padding, the split cache apply installs) gives the model's own tokens."""
+    model = tiny(name)
+    ids, mask, _ = batch(length=9, pad=(0, 3))
+    kw = dict(attention_mask=mask, max_new_tokens=3 * WINDOW, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(ids, **kw)
+    H = describe_model(model).num_kv_heads
+    apply(model, policy_for(model, [[True] * H] * 3))
+    with torch.no_grad():
+        got = model.generate(ids, **kw)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
