@@ -103,7 +103,7 @@ def test_cache_bytes_equal_formula_and_allocation(dtype):
     ids = torch.randint(3, 97, (1, 5))
     T = 0
     with torch.no_grad():
-        for step in range(20):
+        for _ in range(20):
             model(ids, past_key_values=cache, use_cache=True)
             T += ids.shape[1]
             tokens = 1 * T + 3 * min(T, sink + window)  # 1 retrieval head, 3 streaming heads
