@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 LIB = "headpolicy"
+CHUNK = 256  # prefill queries per block in the streaming op's eager path
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int | None = None, window: int | None = None):
@@ -58,8 +59,28 @@ def streaming_attention(
     window: int,
     scale: float,
 ) -> torch.Tensor:
-    """Sink + window attention of streaming heads; shapes as retrieval_attention."""
+    """Sink + window attention of streaming heads; shapes as retrieval_attention.
+
+    A long prefill (positions 0..T-1) runs block by block over sink + window keys
+    (runtime.attention.streaming_attention) instead of building the dense [S, T] mask.
+    """
+    S, T = q.shape[2], k.shape[2]
+    if S > CHUNK and S == T and bool((k_pos == torch.arange(T, device=k_pos.device)).all()) and bool(
+        (q_pos == k_pos).all()
+    ):
+        return _chunked_prefill(q, k, v, sink, window, scale)
     return _attend(q, k, v, visible(q_pos, k_pos, sink, window), scale)
+
+
+def _chunked_prefill(q, k, v, sink, window, scale):
+    from headpolicy.runtime.attention import streaming_attention as local_attention
+
+    B, T = q.shape[0], k.shape[2]
+    rank = torch.arange(T, device=q.device).expand(B, T)
+    n = min(sink, T)
+    sinks = (k[:, :, :n], v[:, :, :n], rank[:, :n])
+    local_rank = torch.where(rank >= sink, rank, torch.full_like(rank, -1))
+    return local_attention(q, rank, [sinks], (k, v, local_rank), sink, window, scale, chunk=CHUNK)
 
 
 @streaming_attention.register_fake
