@@ -95,7 +95,7 @@ def synthetic(B, G, D, R, T, groups, dtype, device, seed=0):
     full_rank[full_rank < 0] = -1
     args = [q, q_rank, rnd(B, R, T, D), rnd(B, R, T, D), full_rank, [], [], [], [], [], [], [], [], 0.3]
     for heads, sink, window, sr, rr in groups:
-        sr, rr = torch.tensor(sr, device=device).view(B, -1), torch.tensor(rr, device=device).view(B, -1)
+        sr, rr = (torch.tensor(x, dtype=torch.long, device=device).view(B, -1) for x in (sr, rr))
         for i, x in enumerate([rnd(B, heads, sr.shape[1], D), rnd(B, heads, sr.shape[1], D), sr,
                                rnd(B, heads, rr.shape[1], D), rnd(B, heads, rr.shape[1], D), rr]):  # fmt: skip
             args[5 + i].append(x)
