@@ -7,6 +7,7 @@
 Importing this package touches neither CUDA nor the network.
 """
 
+from headpolicy.checkpoint import attach, save_pretrained
 from headpolicy.errors import (
     AlreadyAppliedError,
     BudgetError,
@@ -17,6 +18,7 @@ from headpolicy.errors import (
     UnsupportedModelError,
 )
 from headpolicy.models import describe_model, fingerprint, load_model
+from headpolicy.policies.importers import ImportFormatError, import_policy
 from headpolicy.policies.schema import HeadPolicy, HeadSpec, ModelInfo, Provenance
 from headpolicy.runtime.apply import applied_policy, apply
 from headpolicy.runtime.cache import SplitKVCache
@@ -29,6 +31,7 @@ __all__ = [
     "HeadPolicy",
     "HeadPolicyError",
     "HeadSpec",
+    "ImportFormatError",
     "ModelInfo",
     "ModelSourceError",
     "PolicyError",
@@ -38,6 +41,9 @@ __all__ = [
     "UnsupportedModelError",
     "applied_policy",
     "apply",
+    "attach",
+    "import_policy",
+    "save_pretrained",
     "describe_model",
     "fingerprint",
     "load_model",

@@ -87,7 +87,6 @@ def apply_attached(model: nn.Module, checkpoint_dir: str | os.PathLike) -> HeadP
         apply(model, policy)
     except PolicyError as e:
         raise type(e)(f"{path}: {e} (load with apply_policy=False to get the plain model)") from None
-    install_save_hook(model)
     log.info(
         "headpolicy: applied %s: %d/%d KV heads retrieval, sink %d, window %d",
         path,

@@ -4,7 +4,8 @@
 2. permute each layer's q/k/v/o projections so retrieval KV heads (with their query
    groups) come first: the split cache then stores contiguous head ranges;
 3. switch the model to the `headpolicy` attention function (transformers' AttentionInterface);
-4. make `model.generate()` use a SplitKVCache unless it is given another cache.
+4. make `model.generate()` use a SplitKVCache unless it is given another cache, and
+   `model.save_pretrained()` write the original head order plus `head_policy.yaml`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from headpolicy.checkpoint import install_save_hook
 from headpolicy.errors import AlreadyAppliedError
 from headpolicy.models import Adapter, describe_model, get_adapter
 from headpolicy.policies.schema import HeadPolicy, ModelInfo
@@ -62,6 +64,7 @@ def apply(model: nn.Module, policy: HeadPolicy, *, check_fingerprint: bool = Tru
     model.set_attn_implementation(ATTN_NAME)
     model._headpolicy = AppliedPolicy(policy, plans, info, adapter, previous)
     _default_split_cache(model)
+    install_save_hook(model)
     log.info(
         "headpolicy: %d/%d KV heads retrieval, sink %d, window %d",
         policy.num_retrieval,

@@ -24,11 +24,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from headpolicy import HeadPolicy, SplitKVCache, apply, load_model
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    model, tok = load_model(args.model)
-    cache = None
+    # A checkpoint's attached policy applies unless --policy names another one.
+    model, tok = load_model(args.model, apply_policy=not args.policy)
     if args.policy:
         apply(model, HeadPolicy.load(args.policy), check_fingerprint=not args.no_fingerprint_check)
-        cache = SplitKVCache.for_model(model)
+    cache = SplitKVCache.for_model(model) if getattr(model, "_headpolicy", None) else None
     enc = tok(prompt, return_tensors="pt")
     t0 = time.perf_counter()
     with torch.no_grad():
