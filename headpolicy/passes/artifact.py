@@ -34,8 +34,12 @@ def manifest(steps: dict[str, CompiledStep], model: nn.Module, policy: HeadPolic
         "format": "headpolicy-export/v1",
         "model": info.name,
         "fingerprint": info.fingerprint,
-        "policy": {"retrieval": policy.num_retrieval, "heads": policy.num_heads, "sink": policy.sink,
-                   "window": policy.window},
+        "policy": {
+            "retrieval": policy.num_retrieval,
+            "heads": policy.num_heads,
+            "sink": policy.sink,
+            "window": policy.window,
+        },
         "batch": 1,
         "head_dim": decode.head_dim,
         "num_layers": decode.num_layers,
@@ -52,8 +56,9 @@ def manifest(steps: dict[str, CompiledStep], model: nn.Module, policy: HeadPolic
 
 def compile_steps(model: nn.Module, policy: HeadPolicy, *, check_fingerprint: bool = True, **kw):
     return {
-        mode: compile_step(model, policy, mode, last_logits_only=(mode == "prefill"),
-                           check_fingerprint=check_fingerprint, **kw)
+        mode: compile_step(
+            model, policy, mode, last_logits_only=(mode == "prefill"), check_fingerprint=check_fingerprint, **kw
+        )
         for mode in ("prefill", "decode")
     }
 
@@ -95,8 +100,9 @@ def export_artifact(
 
 def load_pt2(path: str | os.PathLike):
     """(programs {"prefill", "decode"}, manifest) from a .pt2 archive written by export_artifact."""
-    import headpolicy.passes.ops  # noqa: F401  (the ops must be registered before loading)
     from torch.export.pt2_archive._package import load_pt2 as _load
+
+    import headpolicy.passes.ops  # noqa: F401  (the ops must be registered before loading)
 
     contents = _load(path)
     extra = contents.extra_files.get("manifest.json")

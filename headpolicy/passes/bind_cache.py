@@ -66,12 +66,11 @@ def bind_cache(ctx: PassContext) -> int:
     outputs: list[torch.fx.Node] = []
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     last_input = placeholders[-1]
-    n_pos = None
+    n_pos = count = None  # decode: the new token's position n, and n + 1 tokens seen
     if ctx.mode == "decode" and ctx.facts["attention_split"]:
         pos_ids = next(p for p in placeholders if p.name == "position_ids")
         with graph.inserting_after(last_input):  # cache placeholders are inserted before it
             n_pos = graph.call_function(layout.step_position, (pos_ids,))
-        count = None
     changed = 0
 
     def cache_input(entry: CacheEntry, kind: str) -> torch.fx.Node:

@@ -17,8 +17,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fingerprint-check", action="store_true", help="export a policy made for other weights")
 
 
-@command("export", help="export the policy-rewritten model (prefill + decode over a split KV cache)",
-         configure=_configure)
+@command(
+    "export", help="export the policy-rewritten model (prefill + decode over a split KV cache)", configure=_configure
+)
 def run_export(args: argparse.Namespace) -> int:
     from headpolicy import HeadPolicy, load_model
     from headpolicy.passes.artifact import export_artifact

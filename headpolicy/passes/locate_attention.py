@@ -12,6 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+import torch
 import torch.fx
 
 from headpolicy.errors import ExportError, PolicyMismatchError
@@ -19,7 +20,7 @@ from headpolicy.passes.manager import PassContext, register_pass
 from headpolicy.passes.ops import SDPA
 
 log = logging.getLogger(__name__)
-aten = __import__("torch").ops.aten
+aten = torch.ops.aten
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -117,9 +118,7 @@ def locate_attention(ctx: PassContext) -> int:
     sites = find_sites(ctx.gm, num_kv) if ctx.plans else []
     layers = [s.layer for s in sites]
     if sites and sorted(layers) != list(range(len(ctx.plans))):
-        raise PolicyMismatchError(
-            f"the graph has attention in layers {layers}, the policy has {len(ctx.plans)} layers"
-        )
+        raise PolicyMismatchError(f"the graph has attention in layers {layers}, the policy has {len(ctx.plans)} layers")
     for s in sites:
         if s.num_heads != ctx.plans[s.layer].group_size * num_kv:
             raise PolicyMismatchError(

@@ -65,8 +65,11 @@ def streaming_attention(
     (runtime.attention.streaming_attention) instead of building the dense [S, T] mask.
     """
     S, T = q.shape[2], k.shape[2]
-    if S > CHUNK and S == T and bool((k_pos == torch.arange(T, device=k_pos.device)).all()) and bool(
-        (q_pos == k_pos).all()
+    if (
+        S > CHUNK
+        and S == T
+        and bool((k_pos == torch.arange(T, device=k_pos.device)).all())
+        and bool((q_pos == k_pos).all())
     ):
         return _chunked_prefill(q, k, v, sink, window, scale)
     return _attend(q, k, v, visible(q_pos, k_pos, sink, window), scale)

@@ -1,7 +1,7 @@
 """Capture a step, run the headpolicy passes on it, export the result (pt2 or ONNX).
 
-    step = compile_step(model, policy, "decode")   # rewritten GraphModule + cache spec
-    step.gm(input_ids, position_ids, *past)        # -> (logits, *present)
+step = compile_step(model, policy, "decode")   # rewritten GraphModule + cache spec
+step.gm(input_ids, position_ids, *past)        # -> (logits, *present)
 """
 
 from __future__ import annotations
@@ -101,4 +101,6 @@ def export_program(step: CompiledStep) -> torch.export.ExportedProgram:
         with torch.no_grad():
             return torch.export.export(step.gm, step.example_args(), dynamic_shapes=step.dynamic_shapes())
     except Exception as e:
-        raise ExportError(f"re-exporting the rewritten {step.mode} graph failed: {' '.join(str(e).split())[:400]}") from e
+        raise ExportError(
+            f"re-exporting the rewritten {step.mode} graph failed: {' '.join(str(e).split())[:400]}"
+        ) from e

@@ -89,8 +89,12 @@ def split_attention(ctx: PassContext) -> int:
             continue
         splits[layer] = rewrite(graph, site, plan)
         changed += 1
-        log.debug("split_attention: layer %d -> %d retrieval + %d streaming group(s)", layer,
-                  plan.num_retrieval, len(plan.groups))
+        log.debug(
+            "split_attention: layer %d -> %d retrieval + %d streaming group(s)",
+            layer,
+            plan.num_retrieval,
+            len(plan.groups),
+        )
     ctx.facts["attention_split"] = splits
     if changed:
         graph.eliminate_dead_code()

@@ -84,9 +84,7 @@ class OnnxRunner:
         return out[0][0, -1], out[1:]
 
     # ---- generation ----------------------------------------------------------------------------
-    def generate(
-        self, input_ids, max_new_tokens: int, eos_token_id: int | None = None, return_logits: bool = False
-    ):
+    def generate(self, input_ids, max_new_tokens: int, eos_token_id: int | None = None, return_logits: bool = False):
         """Greedy decoding. input_ids: sequence of ints or [1, S] array. Returns new token ids
         (and the logits [n, V] that chose them when return_logits)."""
         ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)

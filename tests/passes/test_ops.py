@@ -14,10 +14,21 @@ def test_prefill_ops_match_reference(S, sink, window):
     q, k, v = torch.randn(2, 6, S, 8), torch.randn(2, 2, S, 8), torch.randn(2, 2, S, 8)
     pos = torch.arange(S)
     got = torch.cat(
-        [retrieval_attention(q[:, :3], k[:, :1], v[:, :1], pos, pos, 0.3),
-         streaming_attention(q[:, 3:], k[:, 1:], v[:, 1:], pos, pos, sink, window, 0.3)], dim=1)
-    want = reference_attention(q, k, v, retrieval=torch.tensor([True, False]), sink=torch.tensor([0, sink]),
-                               window=torch.tensor([1, window]), scale=0.3)
+        [
+            retrieval_attention(q[:, :3], k[:, :1], v[:, :1], pos, pos, 0.3),
+            streaming_attention(q[:, 3:], k[:, 1:], v[:, 1:], pos, pos, sink, window, 0.3),
+        ],
+        dim=1,
+    )
+    want = reference_attention(
+        q,
+        k,
+        v,
+        retrieval=torch.tensor([True, False]),
+        sink=torch.tensor([0, sink]),
+        window=torch.tensor([1, window]),
+        scale=0.3,
+    )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
