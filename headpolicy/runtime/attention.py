@@ -116,6 +116,28 @@ def gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], D))
 
 
+def use_kernels(q: torch.Tensor) -> bool:
+    """Generated Triton kernels on CUDA (codegen backend "auto"), or anywhere when forced to "triton".
+
+    Otherwise the PyTorch ops below run: on CPU they beat the kernels' dense reference.
+    """
+    from headpolicy.codegen.ops import get_backend
+
+    name = get_backend()
+    return name == "triton" or (name == "auto" and q.is_cuda)
+
+
+def prefill_kernel(plan, q, k, v, key_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The generated prefill kernel (torch.ops.headpolicy.prefill_attention) for one layer."""
+    from headpolicy.codegen import ops  # noqa: F401  (registers torch.ops.headpolicy.*)
+
+    retrieval, sink, window = plan_tables(plan)
+    pad = None if key_mask is None else (~key_mask).sum(-1)
+    return torch.ops.headpolicy.prefill_attention(
+        q, k, v, pad, retrieval.tolist(), sink.tolist(), window.tolist(), scale
+    )
+
+
 def policy_attention_dense(module, q, k, v, key_mask, scale) -> torch.Tensor:
     """Headpolicy attention when K/V arrive as plain tensors holding every token (no split cache).
 
@@ -126,6 +148,8 @@ def policy_attention_dense(module, q, k, v, key_mask, scale) -> torch.Tensor:
     T = k.shape[2]
     key_mask = check_key_mask(key_mask, B, T)
     padded = key_mask is not None and not bool(key_mask.all())
+    if use_kernels(q):
+        return prefill_kernel(plan, q, k, v, key_mask if padded else None, scale)
     ranks = token_ranks(key_mask if padded else None, B, T, device=q.device)
     q_rank = ranks[:, T - S :]
     G, R = plan.group_size, plan.num_retrieval

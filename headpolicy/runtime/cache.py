@@ -23,8 +23,10 @@ from headpolicy.runtime.attention import (
     check_key_mask,
     first_sink_tokens,
     gather_slots,
+    prefill_kernel,
     retrieval_attention,
     streaming_attention,
+    use_kernels,
 )
 from headpolicy.runtime.plan import LayerPlan, StreamGroup
 from headpolicy.runtime.reference import token_ranks
@@ -211,6 +213,10 @@ class SplitKVView:
         else:
             k_rank = token_ranks(key_mask, B, T, device=q.device)
             q_rank = k_rank[:, T - S :]
+        if use_kernels(q) and (S == 1 or T == S):
+            out = self._attend_kernel(q, q_rank, k_rank, key_mask, scale)
+            layer.n_real = layer.n_real + (q_rank >= 0).sum(dim=1)
+            return out
         G, R = plan.group_size, plan.num_retrieval
         outs = []
         if R:
@@ -228,6 +234,28 @@ class SplitKVView:
             stream.commit(kg, vg, q_rank)
         layer.n_real = layer.n_real + (q_rank >= 0).sum(dim=1)
         return torch.cat(outs, dim=1)
+
+    def _attend_kernel(self, q, q_rank, k_rank, key_mask, scale) -> torch.Tensor:
+        """Generated kernels: a fresh prefill (the cache was empty) or one decode step."""
+        layer, plan = self.layer, self.layer.plan
+        if q.shape[2] > 1:  # fresh prefill: every token is in new_k/new_v
+            out = prefill_kernel(plan, q, self.new_k, self.new_v, key_mask, scale)
+        for stream in layer.streams:
+            g = stream.group
+            stream.commit(self.new_k[:, g.start : g.stop], self.new_v[:, g.start : g.stop], q_rank)
+        if q.shape[2] > 1:
+            return out
+        # Decode reads the cache after the commit: the ring slot the new token took held
+        # rank q_rank - window, which the query may not attend anyway.
+        from headpolicy.codegen import ops  # noqa: F401  (registers torch.ops.headpolicy.*)
+
+        s = layer.streams
+        return torch.ops.headpolicy.decode_attention(
+            q, q_rank[:, 0], layer.keys, layer.values, k_rank,
+            [x.sink.k for x in s], [x.sink.v for x in s], [x.sink.rank for x in s],
+            [x.ring.k for x in s], [x.ring.v for x in s], [x.ring.rank for x in s],
+            [x.group.sink for x in s], [x.group.window for x in s], scale,
+        )  # fmt: skip
 
 
 class SplitKVCache(Cache):
