@@ -11,7 +11,6 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import policy_for
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -30,6 +29,7 @@ from transformers import (
 from headpolicy import SplitKVCache, UnsupportedModelError, apply, describe_model, fingerprint
 from headpolicy.models import get_adapter, supported_architectures
 from headpolicy.runtime.attention import REFERENCE_ATTN_NAME
+from tests.conftest import policy_for
 
 VOCAB, SINK, WINDOW = 97, 4, 8
 

@@ -5,7 +5,6 @@ import logging
 
 import pytest
 import torch
-from conftest import policy_for, tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
@@ -20,6 +19,7 @@ from headpolicy import (
 )
 from headpolicy.checkpoint import POLICY_FILE, attach, attached_policy, save_pretrained
 from headpolicy.cli import main
+from tests.conftest import policy_for, tiny_llama
 
 RETRIEVAL = [[False, True], [True, False]]  # retrieval heads not first: apply permutes both layers
 

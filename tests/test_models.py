@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from headpolicy import ModelSourceError, UnsupportedModelError, describe_model, fingerprint, load_model
 from headpolicy.models import get_adapter, resolve_source
+from tests.conftest import tiny_llama
 
 
 def test_fingerprint_is_stable_and_specific():

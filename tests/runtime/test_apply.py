@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from conftest import policy_for, tiny_llama
 from transformers import DynamicCache
 
 from headpolicy import AlreadyAppliedError, HeadSpec, PolicyMismatchError, SplitKVCache, apply, describe_model
 from headpolicy.runtime.attention import REFERENCE_ATTN_NAME
+from tests.conftest import policy_for, tiny_llama
 
 
 def greedy(model, ids, n, **kw):
