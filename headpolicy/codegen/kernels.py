@@ -73,17 +73,30 @@ def _nonempty(t: torch.Tensor) -> torch.Tensor:
     return t if t.numel() else t.new_zeros((1,) * t.dim())
 
 
-def default_blocks(head_dim: int, device: torch.device) -> dict:
-    """Block sizes and launch settings; the interpreter gets the smallest tiles tl.dot allows."""
-    if device.type != "cuda":
+def default_blocks(head_dim: int, device, dtype: str = "f16") -> dict:
+    """Block sizes and launch settings (shared memory stays under ~100 KB, which every sm_80+ has).
+
+    The interpreter gets the smallest tiles tl.dot allows.
+    """
+    if torch.device(device).type != "cuda":
         return dict(block_m=16, block_n=16, num_warps=1, num_stages=1)
-    if head_dim <= 64:
+    block_d = max(16, next_pow2(head_dim))
+    if dtype == "f32":
+        big = block_d > 64  # fp32 tiles are twice as large: fewer rows and a single stage
+        return dict(
+            block_m=32 if big else 64, block_n=16 if block_d > 128 else 32, num_warps=4, num_stages=1 if big else 2
+        )
+    if block_d <= 64:
         return dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
-    return dict(block_m=64, block_n=64, num_warps=8, num_stages=2)
+    if block_d <= 128:
+        return dict(block_m=128, block_n=64, num_warps=8, num_stages=2)
+    return dict(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
 
 def prefill_spec(q: torch.Tensor, k: torch.Tensor, retrieval, sink, window, **blocks) -> PrefillSpec:
-    cfg = default_blocks(q.shape[-1], q.device) | {k_: v_ for k_, v_ in blocks.items() if v_ is not None}
+    cfg = default_blocks(q.shape[-1], q.device, dtype_tag(q.dtype)) | {
+        k_: v_ for k_, v_ in blocks.items() if v_ is not None
+    }
     return PrefillSpec(
         head_dim=q.shape[-1],
         group_size=q.shape[1] // k.shape[1],
@@ -200,7 +213,7 @@ def decode_triton(
             raise ValueError(f"decode: {name} must be [B={B}, H, N, D={D}] {q.dtype}, got {tuple(t.shape)} {t.dtype}")
     _check_device(q, q_rank, k_full, v_full, *sink_k, *ring_k)
     G = Hq // kv_heads
-    cfg = default_blocks(D, q.device)
+    cfg = default_blocks(D, q.device, dtype_tag(q.dtype))
     spec = DecodeSpec(
         head_dim=D,
         group_size=G,
@@ -208,7 +221,7 @@ def decode_triton(
         groups=tuple((t.shape[1], int(s), int(w)) for t, s, w in zip(sink_k, group_sink, group_window, strict=True)),
         dtype=dtype_tag(q.dtype),
         block_n=block_n or cfg["block_n"],
-        num_warps=cfg["num_warps"],
+        num_warps=min(4, cfg["num_warps"]),  # a [BLOCK_G, BLOCK_N] tile: 4 warps are plenty
         num_stages=cfg["num_stages"],
         upcast_matmul=_upcast_matmul(q.dtype),
     )
