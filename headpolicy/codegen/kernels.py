@@ -7,6 +7,7 @@ PyTorch reference.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -164,11 +165,16 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_splits(n_blocks: int, programs: int, device: torch.device) -> int:
     """Split-K factor: enough programs to fill the GPU, at least 4 key blocks per split."""
     if device.type != "cuda" or n_blocks <= 4:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     want = triton_cdiv(2 * sms, max(1, programs))
     return max(1, min(want, triton_cdiv(n_blocks, 4), MAX_SPLITS))
 

@@ -7,6 +7,7 @@ generate the same source.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -72,6 +73,7 @@ def _as_list(x):
     return x.tolist() if isinstance(x, torch.Tensor) else list(x)
 
 
+@functools.lru_cache(maxsize=16)
 def template_hash(template: str) -> str:
     return hashlib.sha256(template.encode()).hexdigest()[:10]
 

@@ -104,7 +104,7 @@ def prefill_kernel(Q, K, V, O, PAD, TRACE_BUF,
     """Grid (cdiv(S, BLOCK_M), B * Hq). Q/O: [B, Hq, S, D]; K/V: [B, Hkv, T, D]; PAD: [B] int32."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_q_heads
+    b = (pid_bh // num_q_heads).to(tl.int64)  # batch offsets can pass 2**31 elements at long contexts
     hq = pid_bh % num_q_heads
     h = hq // GROUP
     pad = tl.load(PAD + b)
@@ -207,7 +207,7 @@ def decode_split_kernel(Q, QRANK, KA, VA, RA, KB, VB, RB, O_PART, LSE_PART,
     KB/VB: [B, heads, NB, D], RB: [B, NB]. Writes O_PART [B*Hq, max_splits, D], LSE_PART [B*Hq, max_splits]."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
-    b = pid_bh // heads
+    b = (pid_bh // heads).to(tl.int64)  # batch offsets can pass 2**31 elements at long contexts
     hk = pid_bh % heads
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -247,7 +247,7 @@ def decode_combine_kernel(O_PART, LSE_PART, OUT, stride_ob, stride_oh, num_q_hea
                           BLOCK_S: tl.constexpr):
     """Grid (B * Hq,). Merge the splits' partial outputs by their log2-sum-exp; OUT: [B, Hq, D]."""
     pid = tl.program_id(0)
-    b = pid // num_q_heads
+    b = (pid // num_q_heads).to(tl.int64)
     hq = pid % num_q_heads
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
