@@ -252,6 +252,14 @@ def main():
             "GPU numbers are pending: run `python bench/kernels.py` on a CUDA machine."
         ),
         config=cfg,
+        columns=dict(
+            ms="median time per call",
+            kv_bytes="K/V bytes the method must read: SDPA the whole cache; FlexAttention and the generated "
+            "kernels the retrieval heads whole plus sink + window tokens of streaming heads",
+            GBps="kv_bytes / time",
+            frac_of_peak="GBps / the device's peak DRAM bandwidth",
+            max_abs_diff_vs_flex="generated output vs FlexAttention with the same per-head block mask",
+        ),
         torch=torch.__version__,
         rows=rows,
     )

@@ -17,6 +17,14 @@ What is here
 - reference.py  the PyTorch references of the two ops (dense, built on runtime/reference.py).
 - ops.py        the custom ops `torch.ops.headpolicy.prefill_attention` and
                 `torch.ops.headpolicy.decode_attention`, with fake implementations.
+- aot.py        compile the generated kernels for a CUDA arch without a GPU
+                (`python -m headpolicy.codegen.aot --arch 90 --dtype bf16 --head-dim 128`).
+
+Testing on CPU: with TRITON_INTERPRET=1 the launchers run the kernels in Triton's
+interpreter (tests/codegen sets it). Set it before the first kernel is loaded; if torch has
+already imported triton.language by then, the launchers re-import its @jit helpers once so
+the interpreter can call them. The interpreter has no bf16 matmul, so bf16 interpreter builds
+multiply in fp32 (spec.upcast_matmul, "_mmf32" in the name); GPU builds never do.
 
 Importing this package imports torch only; Triton is imported when a kernel is first loaded.
 
