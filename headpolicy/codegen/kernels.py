@@ -108,6 +108,20 @@ def prefill_spec(q: torch.Tensor, k: torch.Tensor, retrieval, sink, window, **bl
     )
 
 
+def _on_tensor_device(fn):
+    """Launch on the GPU that holds q (Triton launches on the current device)."""
+
+    @functools.wraps(fn)
+    def launch(q, *args, **kwargs):
+        if not q.is_cuda:
+            return fn(q, *args, **kwargs)
+        with torch.cuda.device(q.device):
+            return fn(q, *args, **kwargs)
+
+    return launch
+
+
+@_on_tensor_device
 def prefill_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -179,6 +193,7 @@ def _num_splits(n_blocks: int, programs: int, device: torch.device) -> int:
     return max(1, min(want, triton_cdiv(n_blocks, 4), MAX_SPLITS))
 
 
+@_on_tensor_device
 def decode_triton(
     q: torch.Tensor,
     q_rank: torch.Tensor,

@@ -8,6 +8,7 @@ fake (meta) implementation, so tracing never runs a kernel. Which implementation
     backend "reference"       always the PyTorch reference
 
 Set it with `set_backend(...)`, the `backend(...)` context manager, or HEADPOLICY_KERNEL_BACKEND.
+The ops are for inference: they register no backward.
 """
 
 from __future__ import annotations
