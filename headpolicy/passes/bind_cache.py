@@ -22,6 +22,7 @@ from headpolicy.passes import layout
 from headpolicy.passes.manager import PassContext, register_pass
 from headpolicy.passes.ops import SDPA
 from headpolicy.passes.split_attention import SplitSite
+from headpolicy.runtime.plan import StreamGroup
 
 log = logging.getLogger(__name__)
 
@@ -48,92 +49,95 @@ def match_site(split: SplitSite) -> SplitSite | None:
     return split if (split.split or split.site.sdpa.target == SDPA) else None
 
 
-def _placeholder_after(graph: torch.fx.Graph, after: torch.fx.Node, name: str) -> torch.fx.Node:
-    with graph.inserting_after(after):
-        return graph.placeholder(name)
+class _Binder:
+    """Surgery helpers: one per cache part. `decode` adds past inputs; both modes collect outputs."""
 
+    def __init__(self, graph: torch.fx.Graph, decode: bool):
+        self.graph, self.decode = graph, decode
+        self.spec: list[CacheEntry] = []
+        self.outputs: list[torch.fx.Node] = []
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        self.last_input = placeholders[-1]
+        self.n_pos = self.count = None  # decode: the new token's position n, and n + 1 tokens seen
+        if decode:
+            pos_ids = next(p for p in placeholders if p.name == "position_ids")
+            with graph.inserting_after(self.last_input):  # cache placeholders are inserted before it
+                self.n_pos = graph.call_function(layout.step_position, (pos_ids,))
+            with graph.inserting_after(self.n_pos):
+                self.count = graph.call_function(torch.add, (self.n_pos, 1))
 
-def _set_arg(node: torch.fx.Node, index: int, value) -> None:
-    args = list(node.args)
-    args[index] = value
-    node.args = tuple(args)
+    def past(self, entry: CacheEntry) -> tuple[torch.fx.Node, torch.fx.Node]:
+        self.spec.append(entry)
+        if not self.decode:
+            return None, None
+        pair = []
+        for kind in ("key", "value"):
+            with self.graph.inserting_after(self.last_input):
+                self.last_input = self.graph.placeholder("past_" + entry.name(kind))
+            pair.append(self.last_input)
+        return tuple(pair)
+
+    def native(self, layer: int, split: SplitSite) -> None:
+        """A layer left on sdpa: all heads form one retrieval part."""
+        site, plan = split.site, split.plan
+        pk, pv = self.past(CacheEntry(layer, "r", plan.num_kv_heads))
+        k, v = site.k, site.v
+        if self.decode:
+            with self.graph.inserting_before(site.sdpa):
+                k = self.graph.call_function(layout.append, (pk, k))
+                v = self.graph.call_function(layout.append, (pv, v))
+                ke = self.graph.call_function(layout.expand_kv, (k, plan.group_size))
+                ve = self.graph.call_function(layout.expand_kv, (v, plan.group_size))
+            site.sdpa.args, site.sdpa.kwargs = (site.q, ke, ve), {"scale": site.scale}  # one query: no mask
+        self.outputs += [k, v]
+
+    def retrieval(self, layer: int, op: torch.fx.Node, heads: int) -> None:
+        pk, pv = self.past(CacheEntry(layer, "r", heads))
+        k, v = op.args[1], op.args[2]
+        if self.decode:
+            with self.graph.inserting_before(op):
+                k = self.graph.call_function(layout.append, (pk, k))
+                v = self.graph.call_function(layout.append, (pv, v))
+                k_pos = self.graph.call_function(layout.positions, (k,))
+            op.args = (op.args[0], k, v, self.n_pos, k_pos, *op.args[5:])
+        self.outputs += [k, v]
+
+    def stream(self, layer: int, index: int, g: StreamGroup, op: torch.fx.Node) -> None:
+        pk, pv = self.past(CacheEntry(layer, f"s{index}", g.num_heads, g.sink, g.window))
+        k, v = op.args[1], op.args[2]
+        with self.graph.inserting_before(op):
+            if self.decode:
+                k = self.graph.call_function(layout.ring_write, (pk, k, self.n_pos, g.sink, g.window))
+                v = self.graph.call_function(layout.ring_write, (pv, v, self.n_pos, g.sink, g.window))
+                k_pos = self.graph.call_function(layout.slot_positions, (self.count, g.sink, g.window))
+                op.args = (op.args[0], k, v, self.n_pos, k_pos, *op.args[5:])
+            else:
+                k = self.graph.call_function(layout.ring_fill, (k, g.sink, g.window))
+                v = self.graph.call_function(layout.ring_fill, (v, g.sink, g.window))
+        self.outputs += [k, v]
 
 
 @register_pass("bind_cache", requires={"attention_split"}, provides={"cache_spec"})
 def bind_cache(ctx: PassContext) -> int:
+    splits = [(layer, s) for layer, s in sorted(ctx.facts["attention_split"].items()) if match_site(s) is not None]
+    if not splits:
+        ctx.facts["cache_spec"] = []
+        return 0
     graph = ctx.gm.graph
-    spec: list[CacheEntry] = []
-    outputs: list[torch.fx.Node] = []
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    last_input = placeholders[-1]
-    n_pos = count = None  # decode: the new token's position n, and n + 1 tokens seen
-    if ctx.mode == "decode" and ctx.facts["attention_split"]:
-        pos_ids = next(p for p in placeholders if p.name == "position_ids")
-        with graph.inserting_after(last_input):  # cache placeholders are inserted before it
-            n_pos = graph.call_function(layout.step_position, (pos_ids,))
-    changed = 0
-
-    def cache_input(entry: CacheEntry, kind: str) -> torch.fx.Node:
-        nonlocal last_input
-        last_input = _placeholder_after(graph, last_input, "past_" + entry.name(kind))
-        return last_input
-
-    for layer, split in sorted(ctx.facts["attention_split"].items()):
-        if match_site(split) is None:
-            continue
-        site, plan, changed = split.site, split.plan, changed + 1
-        if not split.split:  # native sdpa over every head: the whole layer is a retrieval part
-            entry = CacheEntry(layer, "r", plan.num_kv_heads)
-            spec.append(entry)
-            k, v = site.k, site.v
-            if ctx.mode == "decode":
-                pk, pv = cache_input(entry, "key"), cache_input(entry, "value")
-                with graph.inserting_before(site.sdpa):
-                    k = graph.call_function(layout.append, (pk, site.k))
-                    v = graph.call_function(layout.append, (pv, site.v))
-                    ke = graph.call_function(layout.expand_kv, (k, plan.group_size))
-                    ve = graph.call_function(layout.expand_kv, (v, plan.group_size))
-                site.sdpa.args = (site.q, ke, ve)
-                site.sdpa.kwargs = {"scale": site.scale}
-            outputs += [k, v]
+    binder = _Binder(graph, decode=ctx.mode == "decode")
+    for layer, split in splits:
+        if not split.split:
+            binder.native(layer, split)
             continue
         if split.retrieval is not None:
-            entry = CacheEntry(layer, "r", plan.num_retrieval)
-            spec.append(entry)
-            op = split.retrieval
-            k, v = op.args[1], op.args[2]
-            if ctx.mode == "decode":
-                pk, pv = cache_input(entry, "key"), cache_input(entry, "value")
-                with graph.inserting_before(op):
-                    k = graph.call_function(layout.append, (pk, k))
-                    v = graph.call_function(layout.append, (pv, v))
-                    k_pos = graph.call_function(layout.positions, (k,))
-                op.args = (op.args[0], k, v, n_pos, k_pos, *op.args[5:])
-            outputs += [k, v]
-        for gi, (g, op) in enumerate(split.streams):
-            entry = CacheEntry(layer, f"s{gi}", g.num_heads, g.sink, g.window)
-            spec.append(entry)
-            k, v = op.args[1], op.args[2]
-            with graph.inserting_before(op):
-                if ctx.mode == "decode":
-                    pk, pv = cache_input(entry, "key"), cache_input(entry, "value")
-                    if count is None:
-                        count = graph.call_function(torch.add, (n_pos, 1))
-                    k = graph.call_function(layout.ring_write, (pk, k, n_pos, g.sink, g.window))
-                    v = graph.call_function(layout.ring_write, (pv, v, n_pos, g.sink, g.window))
-                    k_pos = graph.call_function(layout.slot_positions, (count, g.sink, g.window))
-                    op.args = (op.args[0], k, v, n_pos, k_pos, *op.args[5:])
-                else:
-                    k = graph.call_function(layout.ring_fill, (k, g.sink, g.window))
-                    v = graph.call_function(layout.ring_fill, (v, g.sink, g.window))
-            outputs += [k, v]
-
-    if changed:
-        out = next(n for n in reversed(graph.nodes) if n.op == "output")
-        (results,) = out.args
-        out.args = (tuple(results) + tuple(outputs),)
-        graph.eliminate_dead_code()
-        ctx.gm.recompile()
-    ctx.facts["cache_spec"] = spec
-    log.info("bind_cache: %d layer(s), %d cache tensors (%s)", changed, 2 * len(spec), ctx.mode)
-    return changed
+            binder.retrieval(layer, split.retrieval, split.plan.num_retrieval)
+        for index, (g, op) in enumerate(split.streams):
+            binder.stream(layer, index, g, op)
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    (results,) = out.args
+    out.args = (tuple(results) + tuple(binder.outputs),)
+    graph.eliminate_dead_code()
+    ctx.gm.recompile()
+    ctx.facts["cache_spec"] = binder.spec
+    log.info("bind_cache: %d layer(s), %d cache tensors (%s)", len(splits), 2 * len(binder.spec), ctx.mode)
+    return len(splits)
