@@ -154,7 +154,7 @@ def prefill_triton(
     spec = prefill_spec(q, k, retrieval, sink, window, block_m=block_m, block_n=block_n)
     if spec.num_kv_heads != Hkv:
         raise ValueError(f"prefill: the head table has {spec.num_kv_heads} KV heads, k has {Hkv}")
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # dense: the kernel stores D contiguously
     if B * Hq * S == 0:
         return out
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
