@@ -108,4 +108,9 @@ def test_kernels_accept_strided_views(triton_backend, device):
     big_q = torch.cat([q, q], dim=1)[:, : q.shape[1]]  # non-contiguous view
     pad2 = torch.stack([pad, pad], dim=1)[:, 0]
     out = torch.ops.headpolicy.prefill_attention(big_q, k, v, pad2, *TABLE, 0.3)
-    torch.testing.assert_close(out, prefill_reference(q, k, v, pad, *TABLE, 0.3), **TOL[torch.float32])
+    want = prefill_reference(q, k, v, pad, *TABLE, 0.3)
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    # transformers' layout: [B, S, H, D] projections viewed as [B, H, S, D]
+    q_t, k_t, v_t = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    out = torch.ops.headpolicy.prefill_attention(q_t, k_t, v_t, pad, *TABLE, 0.3)
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
