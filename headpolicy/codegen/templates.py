@@ -25,7 +25,8 @@ $table_comment
 # Block skipping. A program owns BLOCK_M queries of one query head. A retrieval head visits
 # the key blocks from the first real key to its last query. A streaming head visits the blocks
 # holding a sink token and then the blocks of [first query - window + 1, last query]. Every
-# visited block holds at least one allowed key; no other key block is ever loaded.
+# visited block holds at least one allowed key; no other key block is ever loaded. Blocks in
+# which every key is allowed for every row of the program skip the mask computation.
 
 import triton
 import triton.language as tl
@@ -42,8 +43,11 @@ NUM_STAGES = $num_stages
 
 @triton.jit
 def _attend(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, kb_lo, kb_hi, qk_scale,
-            trace_row, IS_RETRIEVAL: tl.constexpr, SINK: tl.constexpr, WINDOW: tl.constexpr, TRACE: tl.constexpr):
-    """Online softmax over key blocks [kb_lo, kb_hi); scores are in the exp2 domain."""
+            trace_row, IS_RETRIEVAL: tl.constexpr, SINK: tl.constexpr, WINDOW: tl.constexpr, TRACE: tl.constexpr,
+            MASKED: tl.constexpr):
+    """Online softmax over key blocks [kb_lo, kb_hi); scores are in the exp2 domain.
+
+    MASKED=False is for blocks where every key is allowed for every row: no mask is computed."""
     offs_d = tl.arange(0, BLOCK_D)
     for kb in range(kb_lo, kb_hi):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,11 +58,14 @@ def _attend(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad,
         if TRACE:  # test builds only: count the key blocks this program loads
             tl.atomic_add(trace_row + kb, 1)
         qk = tl.dot(q$mm_in, tl.trans(k$mm_in)$dot_kwargs)
-        k_rank = offs_n - pad
-        allowed = (in_seq & (k_rank >= 0))[None, :] & (q_rank[:, None] >= 0) & (k_rank[None, :] <= q_rank[:, None])
-        if not IS_RETRIEVAL:
-            allowed = allowed & ((k_rank[None, :] < SINK) | (q_rank[:, None] - k_rank[None, :] < WINDOW))
-        s = tl.where(allowed, qk * qk_scale, float("-inf"))
+        if MASKED:
+            k_rank = offs_n - pad
+            allowed = (in_seq & (k_rank >= 0))[None, :] & (q_rank[:, None] >= 0) & (k_rank[None, :] <= q_rank[:, None])
+            if not IS_RETRIEVAL:
+                allowed = allowed & ((k_rank[None, :] < SINK) | (q_rank[:, None] - k_rank[None, :] < WINDOW))
+            s = tl.where(allowed, qk * qk_scale, float("-inf"))
+        else:
+            s = qk * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
         alpha = tl.exp2(m_i - m_use)
@@ -70,30 +77,53 @@ def _attend(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad,
 
 
 @triton.jit
+def _attend_split(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, kb_lo, kb_hi,
+                  full_lo, full_hi, qk_scale, trace_row, IS_RETRIEVAL: tl.constexpr, SINK: tl.constexpr,
+                  WINDOW: tl.constexpr, TRACE: tl.constexpr):
+    """Blocks [kb_lo, kb_hi), of which those in [full_lo, full_hi) skip the mask."""
+    f_lo = tl.minimum(tl.maximum(full_lo, kb_lo), kb_hi)
+    f_hi = tl.minimum(tl.maximum(full_hi, f_lo), kb_hi)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, kb_lo, f_lo,
+                            qk_scale, trace_row, IS_RETRIEVAL, SINK, WINDOW, TRACE, True)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, f_lo, f_hi,
+                            qk_scale, trace_row, IS_RETRIEVAL, SINK, WINDOW, TRACE, False)
+    return _attend(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, f_hi, kb_hi,
+                   qk_scale, trace_row, IS_RETRIEVAL, SINK, WINDOW, TRACE, True)
+
+
+@triton.jit
 def _retrieval_head(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, q_first, q_end,
                     qk_scale, trace_row, TRACE: tl.constexpr):
-    """Causal: key slots [pad, q_end)."""
+    """Causal: key slots [pad, q_end). Blocks of real keys at or before the first query need no mask."""
     kb_lo = pad // BLOCK_N
     kb_hi = tl.where(q_end > pad, (q_end + BLOCK_N - 1) // BLOCK_N, kb_lo)
-    return _attend(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, kb_lo, kb_hi,
-                   qk_scale, trace_row, True, 0, 1, TRACE)
+    full_lo = (pad + BLOCK_N - 1) // BLOCK_N
+    rows_ok = (q_first >= pad) & (q_end - q_first == BLOCK_M)  # every row is a real query
+    full_hi = tl.where(rows_ok, (q_first + 1) // BLOCK_N, full_lo)
+    return _attend_split(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, kb_lo, kb_hi,
+                         full_lo, full_hi, qk_scale, trace_row, True, 0, 1, TRACE)
 
 
 @triton.jit
 def _streaming_head(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, q_first, q_end,
                     qk_scale, trace_row, SINK: tl.constexpr, WINDOW: tl.constexpr, TRACE: tl.constexpr):
-    """Sink slots [pad, pad + SINK) then window slots [q_first - WINDOW + 1, q_end), disjoint blocks."""
+    """Sink slots [pad, pad + SINK) then window slots [q_first - WINDOW + 1, q_end), disjoint blocks.
+
+    Window blocks inside every row's window (keys in [q_end - WINDOW, q_first]) need no mask."""
     win_lo = tl.maximum(q_first - WINDOW + 1, pad)
     sink_hi = tl.minimum(tl.minimum(pad + SINK, win_lo), q_end)
     sb_lo = pad // BLOCK_N
     sb_hi = tl.where(sink_hi > pad, (sink_hi + BLOCK_N - 1) // BLOCK_N, sb_lo)
     if SINK > 0:
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, sb_lo, sb_hi,
-                                qk_scale, trace_row, False, SINK, WINDOW, TRACE)
+                                qk_scale, trace_row, False, SINK, WINDOW, TRACE, True)
     wb_lo = tl.maximum(sb_hi, win_lo // BLOCK_N)
     wb_hi = tl.maximum(tl.where(q_end > win_lo, (q_end + BLOCK_N - 1) // BLOCK_N, wb_lo), wb_lo)
-    return _attend(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, wb_lo, wb_hi,
-                   qk_scale, trace_row, False, SINK, WINDOW, TRACE)
+    full_lo = (tl.maximum(q_end - WINDOW, pad) + BLOCK_N - 1) // BLOCK_N
+    rows_ok = (q_first >= pad) & (q_end - q_first == BLOCK_M)
+    full_hi = tl.where(rows_ok, (q_first + 1) // BLOCK_N, full_lo)
+    return _attend_split(acc, m_i, l_i, q, q_rank, k_base, v_base, stride_kt, stride_vt, pad, T, wb_lo, wb_hi,
+                         full_lo, full_hi, qk_scale, trace_row, False, SINK, WINDOW, TRACE)
 
 
 @triton.jit

@@ -21,6 +21,7 @@ CASES = {
     "all-streaming-window-gt-length": (1, 2, 3, 19, 19, 16, [S_(2, 64), S_(0, 40)], None, torch.float32),
     "sink-gt-length-all-padding-row": (2, 2, 1, 23, 23, 16, [S_(30, 2), R], [0, 23], torch.float32),
     "queries-last-S-of-T": (2, 2, 2, 9, 33, 16, [S_(3, 5), R], [0, 32], torch.float32),
+    "long-window-unmasked-blocks": (2, 2, 2, 70, 70, 16, [S_(3, 40), R], [0, 17], torch.float32),
     "single-token": (2, 2, 2, 1, 1, 16, [S_(1, 1), R], None, torch.float32),
     "head-dim-24-fp16": (1, 2, 2, 21, 21, 24, [R, S_(1, 4)], None, torch.float16),
     "bf16-padded": (1, 2, 2, 18, 18, 16, [S_(2, 3), R], [2], torch.bfloat16),
