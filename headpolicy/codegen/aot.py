@@ -71,13 +71,14 @@ def main(argv=None) -> None:
     cfg = default_blocks(a.head_dim, "cuda", a.dtype)
     runs = head_runs([True, False, False], [0, 64, 4], [1, 1024, 256])
     groups = ((1, 64, 1024), (1, 4, 256))
-    if a.quick:
-        runs, groups = runs[:2], groups[:1]
+    num_retrieval = 1
+    if a.quick:  # the prefill kernel, one streaming decode part and the combine kernel
+        runs, groups, num_retrieval = runs[:2], groups[:1], 0
     shape = dict(head_dim=a.head_dim, group_size=a.group_size, dtype=a.dtype)
     decode_cfg = dict(block_n=cfg["block_n"], num_warps=min(4, cfg["num_warps"]), num_stages=cfg["num_stages"])
     specs = [
         PrefillSpec(runs=runs, **shape, **cfg),
-        DecodeSpec(num_retrieval=1, groups=groups, **shape, **decode_cfg),
+        DecodeSpec(num_retrieval=num_retrieval, groups=groups, **shape, **decode_cfg),
     ]
     for spec in specs:
         for name, meta in compile_for_target(spec, a.arch, trace=not a.quick).items():
