@@ -74,6 +74,15 @@ def prefill_attention(
     retrieval, sink, window: per-KV-head table, length Hkv (sink/window ignored for retrieval heads);
     scale: softmax scale. Returns [B, Hq, S, D] in q.dtype; padding query rows are zeros.
     """
+    if not (len(retrieval) == len(sink) == len(window) == k.shape[1]):
+        raise ValueError(
+            f"prefill_attention: the head table needs one entry per KV head ({k.shape[1]}), got "
+            f"retrieval={len(retrieval)}, sink={len(sink)}, window={len(window)}"
+        )
+    if q.dim() != 4 or k.dim() != 4 or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"prefill_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, S, D], Hq % Hkv == 0"
+        )
     if _use_kernels(q):
         from headpolicy.codegen.kernels import prefill_triton
 
@@ -118,6 +127,11 @@ def decode_attention(
     """
     args = (q, q_rank, k_full, v_full, full_rank, sink_k, sink_v, sink_rank, ring_k, ring_v, ring_rank,
             group_sink, group_window, scale)  # fmt: skip
+    lists = dict(sink_k=sink_k, sink_v=sink_v, sink_rank=sink_rank, ring_k=ring_k, ring_v=ring_v,
+                 ring_rank=ring_rank, group_window=group_window)  # fmt: skip
+    if any(len(x) != len(group_sink) for x in lists.values()):
+        sizes = ", ".join(f"{name}={len(x)}" for name, x in lists.items())
+        raise ValueError(f"decode_attention: one entry per streaming group ({len(group_sink)}) needed, got {sizes}")
     if _use_kernels(q):
         from headpolicy.codegen.kernels import decode_triton
 

@@ -114,3 +114,13 @@ def test_kernels_accept_strided_views(triton_backend, device):
     q_t, k_t, v_t = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     out = torch.ops.headpolicy.prefill_attention(q_t, k_t, v_t, pad, *TABLE, 0.3)
     torch.testing.assert_close(out, want, **TOL[torch.float32])
+
+
+def test_bad_tables_are_clear_errors():
+    q, k, v, pad = prefill_inputs()
+    with pytest.raises(ValueError, match="one entry per KV head \\(3\\)"):
+        torch.ops.headpolicy.prefill_attention(q, k, v, pad, [True, False], [0, 2], [1, 4], 0.3)
+    args = list(decode_inputs())
+    args[12] = [3, 3]  # group_window: two entries for one group
+    with pytest.raises(ValueError, match="one entry per streaming group"):
+        torch.ops.headpolicy.decode_attention(*args)
