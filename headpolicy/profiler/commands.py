@@ -1,0 +1,128 @@
+"""CLI: `headpolicy compile MODEL -o FILE` — profile a model and write its head policy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from headpolicy.cli import command
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1024,2048, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return out
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.1,0.5, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return out
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    from headpolicy.profiler.compile import CompileSettings
+    from headpolicy.profiler.scorers import scorer_names
+
+    d = CompileSettings()
+    p.add_argument("model", help="alias (smollm2-135m), checkpoint directory, or .gguf file")
+    p.add_argument("-o", "--output", required=True, help="policy YAML to write (atomically)")
+    p.add_argument("--method", default=d.method, choices=[*scorer_names(), "hybrid"],
+                   help=f"head scorer (default {d.method}: mean of normalised retrieval + attention_mass)")  # fmt: skip
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--budget", type=float, help="fraction of KV heads that stay retrieval (skips the search)")
+    sel.add_argument("--target-drop", type=float, default=d.target_drop,
+                     help=f"closed loop: allowed held-out accuracy drop in points (default {d.target_drop:g})")  # fmt: skip
+    p.add_argument("--sink", type=int, default=d.sink, help=f"streaming heads: first tokens kept (default {d.sink})")
+    p.add_argument("--window", type=int, default=d.window, help=f"streaming heads: recent tokens kept (default {d.window})")
+    p.add_argument("--lengths", type=int_list, default=d.lengths, help="scoring task lengths, e.g. 1024,2048")
+    p.add_argument("--depths", type=float_list, default=d.depths, help="needle depths of the scoring tasks")
+    p.add_argument("--heldout-lengths", type=int_list, default=d.heldout_lengths, help="held-out task lengths")
+    p.add_argument("--heldout-depths", type=float_list, default=d.heldout_depths, help="held-out needle depths")
+    p.add_argument("--min-per-layer", type=int, default=d.min_per_layer, help="retrieval heads every layer keeps")
+    p.add_argument("--max-budget", type=float, default=d.max_budget, help="closed loop: largest budget tried")
+    p.add_argument("--reference-context", type=int, default=d.reference_context,
+                   help="context length at which the KV fraction is reported")  # fmt: skip
+    p.add_argument("--no-verify", action="store_true", help="with --budget: skip the held-out accuracy check")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--scores-json", help="also write the raw head scores here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+@command("compile", help="profile a model on synthetic retrieval tasks and write its head policy", configure=_configure)
+def run_compile(args: argparse.Namespace) -> int:
+    from headpolicy.models import load_model
+    from headpolicy.profiler.compile import CompileSettings, compile_policy
+
+    settings = CompileSettings(
+        method=args.method,
+        budget=args.budget,
+        target_drop=args.target_drop,
+        sink=args.sink,
+        window=args.window,
+        lengths=args.lengths,
+        depths=args.depths,
+        heldout_lengths=args.heldout_lengths,
+        heldout_depths=args.heldout_depths,
+        min_per_layer=args.min_per_layer,
+        max_budget=args.max_budget,
+        reference_context=args.reference_context,
+        verify=not args.no_verify,
+        seed=args.seed,
+    )
+    settings.check()  # fail on bad settings before spending time on loading the model
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    load_s = time.perf_counter() - t0
+    report = compile_policy(model, tok, settings, progress=not args.quiet)
+    policy = report.policy
+    policy = policy.replace(results={**policy.results, "load_seconds": round(load_s, 1),
+                                     "wall_seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+    out = policy.save(args.output)
+    if args.scores_json:
+        Path(args.scores_json).write_text(json.dumps({k: v.tolist() for k, v in report.scores.items()}, indent=1))
+    print(summary_table(policy, out), file=sys.stdout)
+    return 0
+
+
+def head_map(policy) -> str:
+    """One line per layer: R = retrieval head, . = streaming head."""
+    return "\n".join(
+        f"  layer {li:>3}  " + "".join("R" if h.is_retrieval else "." for h in row) for li, row in enumerate(policy.layers)
+    )
+
+
+def summary_table(policy, path) -> str:
+    r = policy.results
+    ctx = r.get("reference_context", 4096)
+    rows = [
+        ("model", f"{policy.model.name} ({policy.model.shape_str()})"),
+        ("method", policy.provenance.method),
+        ("retrieval heads", f"{policy.num_retrieval}/{policy.num_heads} ({100 * policy.retrieval_fraction:.1f}%)"),
+        ("sink / window", f"{policy.sink} / {policy.window}"),
+        (f"KV cache at {ctx}", f"{100 * policy.kv_fraction(ctx):.1f}% of full "
+                               f"({policy.kv_bytes(ctx) / 2**20:.1f} / {policy.full_kv_bytes(ctx) / 2**20:.1f} MiB)"),
+    ]  # fmt: skip
+    held = r.get("heldout")
+    if held:
+        rows.append(("held-out accuracy", f"full {held['full_accuracy']:.1f}%  policy {held['policy_accuracy']:.1f}%  "
+                                          f"({held['tasks']} tasks, lengths {held['lengths']})"))  # fmt: skip
+    for step in r.get("search", []):
+        rows.append(("  tried budget", f"{step['budget']:.2f} ({step['retrieval_heads']} heads): "
+                                       f"{step['accuracy']:.1f}% {'ok' if step['ok'] else 'too low'}"))  # fmt: skip
+    if "wall_seconds" in r:
+        rows.append(("time", f"{r['wall_seconds']:.0f} s (model load {r['load_seconds']:.0f} s)"))
+    rows.append(("written", str(path)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n" + head_map(policy)
