@@ -17,6 +17,8 @@ from headpolicy.errors import HeadPolicyError
 # Modules that define subcommands with @command. Add yours here.
 COMMAND_MODULES = [
     "headpolicy.runtime.commands",
+    "headpolicy.profiler.commands",
+    "headpolicy.eval.commands",
     "headpolicy.passes.commands",
     "headpolicy.policies.commands",
 ]
