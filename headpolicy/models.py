@@ -180,16 +180,26 @@ class Adapter:
         """(Wq [Hq*D, hidden], Wk [Hkv*D, hidden], Wv [Hkv*D, hidden], Wo [hidden, Hq*D]) as views."""
         return tuple(lin.weight for lin in self.projections(attn))  # type: ignore[return-value]
 
-    def native_window(self, model: nn.Module) -> int | None:
-        """The model's own sliding attention window if any layer uses one (None: full attention)."""
+    def native_windows(self, model: nn.Module) -> tuple[int | None, ...] | None:
+        """Per-layer sliding window of a hybrid model (Gemma 3: local layers between global ones).
+
+        None when every layer attends fully. A window no context can exceed changes nothing.
+        """
         c = self.text_config(model)
         window = getattr(c, "sliding_window", None)
-        layer_types = getattr(c, "layer_types", None)
-        if layer_types is not None and "sliding_attention" not in layer_types:
-            return None
         if window is None or window >= getattr(c, "max_position_embeddings", float("inf")):
-            return None  # a window no context can exceed changes nothing
-        return int(window)
+            return None
+        types = getattr(c, "layer_types", None) or ["sliding_attention"] * c.num_hidden_layers
+        if "sliding_attention" not in types:
+            return None
+        return tuple(int(window) if t == "sliding_attention" else None for t in types)
+
+    def native_window(self, model: nn.Module) -> int | None:
+        """The window of a model whose *every* layer slides (Mistral v0.1): not supported."""
+        windows = self.native_windows(model)
+        if windows is None or any(w is None for w in windows):
+            return None
+        return windows[0]
 
     @torch.no_grad()
     def permute_kv_heads(self, attn: nn.Module, perm: list[int], group: int, head_dim: int) -> None:
@@ -261,6 +271,8 @@ def register_adapter(adapter: Adapter) -> Adapter:
 # Separate q/k/v/o projections; MHA (num_key_value_heads == num_attention_heads) is group size 1.
 LLAMA_FAMILY = register_adapter(Adapter(("llama", "mistral", "qwen2", "qwen3")))
 PHI3 = register_adapter(FusedQKVAdapter(("phi3",)))
+# Gemma 3: multi-query, q/k norms on head_dim, local sliding-window layers between global ones.
+GEMMA3 = register_adapter(Adapter(("gemma3_text",)))
 
 
 def supported_architectures() -> list[str]:
@@ -280,8 +292,9 @@ def get_adapter(model: nn.Module) -> Adapter:
         )
     window = adapter.native_window(model)
     if window is not None:
-        # The headpolicy attention treats retrieval heads as full attention, so a model that
-        # already limits itself to a window would silently change past `window` tokens.
+        # Every layer slides: a retrieval head would have to stay inside the window too, which
+        # the policy rule does not express (hybrid models like Gemma 3 are fine: their sliding
+        # layers are kept as they are, see ModelInfo.native_windows).
         raise UnsupportedModelError(
             f"{arch} (model_type '{model_type}') uses its own sliding attention window of {window} tokens, "
             "which the headpolicy runtime does not reproduce; load it without the window, "
@@ -340,4 +353,5 @@ def describe_model(model: nn.Module, name: str | None = None) -> ModelInfo:
         num_kv_heads=n_kv,
         head_dim=head_dim,
         fingerprint=fingerprint(model),
+        native_windows=adapter.native_windows(model),
     )

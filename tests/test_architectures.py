@@ -12,6 +12,8 @@ import dataclasses
 import pytest
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -26,7 +28,16 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from headpolicy import SplitKVCache, UnsupportedModelError, apply, describe_model, fingerprint
+from headpolicy import (
+    HeadPolicy,
+    HeadSpec,
+    PolicyError,
+    SplitKVCache,
+    UnsupportedModelError,
+    apply,
+    describe_model,
+    fingerprint,
+)
 from headpolicy.models import get_adapter, supported_architectures
 from headpolicy.runtime.attention import REFERENCE_ATTN_NAME
 from tests.conftest import policy_for
@@ -60,6 +71,17 @@ ARCHS = {
     "phi3-mha": lambda: (Phi3ForCausalLM, Phi3Config(**_common(3, 3))),
     # Phi-4-mini is model_type phi3 with RoPE on part of each head
     "phi3-partial-rope": lambda: (Phi3ForCausalLM, Phi3Config(**_common(6, 3), partial_rotary_factor=0.5)),
+    # Gemma 3: its own sliding-window layer (window 6) between global layers; q/k norms
+    "gemma3": lambda: (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig(
+            **_common(4, 2),
+            head_dim=16,
+            sliding_window=6,
+            layer_types=["full_attention", "sliding_attention", "full_attention"],
+            query_pre_attn_scalar=16,
+        ),
+    ),
 }
 
 
@@ -214,8 +236,25 @@ def test_unsupported_architecture_is_named():
         get_adapter(GPT2LMHeadModel(cfg))
     msg = str(e.value)
     assert "GPT2LMHeadModel" in msg and "gpt2" in msg
-    for t in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+    for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text"):
         assert t in msg and t in supported_architectures()
+
+
+def test_gemma3_sliding_layers_stay_as_they_are():
+    model = tiny("gemma3")
+    info = describe_model(model)
+    assert info.native_windows == (None, 6, None) and info.policy_layers == [0, 2]
+    policy = policy_for(model, [[True, True]] * 3, sink=SINK, window=WINDOW)
+    # the sliding layer's heads are fixed: streaming with the model's own rule (sink 0, window 6)
+    assert [(h.kind, h.sink, h.window) for h in policy.layers[1]] == [("streaming", 0, 6)] * 2
+    assert policy.num_policy_heads == 4 and policy.num_retrieval == 4
+    text = policy.to_yaml()
+    assert "covers the 2 full-attention layers only: layers 1 keep the model's own sliding window" in text
+    assert HeadPolicy.from_yaml(text) == policy
+    with pytest.raises(PolicyError, match="layer 1 is the model's own sliding-window layer"):
+        layers = list(policy.layers)
+        layers[1] = (HeadSpec("retrieval"), HeadSpec("retrieval"))
+        policy.replace(layers=tuple(layers))
 
 
 def test_model_with_its_own_sliding_window_is_refused():

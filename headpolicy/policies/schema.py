@@ -43,7 +43,13 @@ Kind = Literal["retrieval", "streaming"]
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a policy was made for. `fingerprint` hashes config and weights (see models.fingerprint)."""
+    """What a policy was made for. `fingerprint` hashes config and weights (see models.fingerprint).
+
+    `native_windows[l]` is the model's own sliding window of layer l (Gemma 3's local
+    layers), None for full-attention layers; None altogether when no layer has one. Such
+    layers are already local: a policy keeps them as they are (streaming, sink 0, that
+    window) and only chooses heads of the full-attention layers.
+    """
 
     name: str
     architecture: str
@@ -52,6 +58,7 @@ class ModelInfo:
     num_kv_heads: int
     head_dim: int
     fingerprint: str
+    native_windows: tuple[int | None, ...] | None = None
 
     @property
     def group_size(self) -> int:
@@ -59,6 +66,14 @@ class ModelInfo:
 
     def shape_str(self) -> str:
         return f"{self.num_layers} layers x {self.num_kv_heads} KV heads (head_dim {self.head_dim})"
+
+    def native_window(self, layer: int) -> int | None:
+        return None if self.native_windows is None else self.native_windows[layer]
+
+    @property
+    def policy_layers(self) -> list[int]:
+        """Layers whose heads a policy chooses (all but the model's own sliding-window layers)."""
+        return [li for li in range(self.num_layers) if self.native_window(li) is None]
 
 
 @dataclass(frozen=True)
@@ -116,13 +131,21 @@ class HeadPolicy:
         provenance: Provenance | None = None,
         results: Mapping[str, Any] | None = None,
     ) -> HeadPolicy:
-        """Build a policy from a [layers][kv_heads] boolean table (True = retrieval)."""
+        """Build a policy from a [layers][kv_heads] boolean table (True = retrieval).
+
+        Layers with a native sliding window (model.native_windows) ignore their row: their
+        heads stay streaming with sink 0 and that window, which is what the model does anyway.
+        """
         layers = []
         for li, row in enumerate(retrieval):
             heads = []
+            native = model.native_window(li) if li < model.num_layers else None
             for hi, keep in enumerate(row):
                 score = None if scores is None else float(scores[li][hi])
-                heads.append(HeadSpec(RETRIEVAL if bool(keep) else STREAMING, score=score))
+                if native is not None:
+                    heads.append(HeadSpec(STREAMING, sink=0, window=native, score=score))
+                else:
+                    heads.append(HeadSpec(RETRIEVAL if bool(keep) else STREAMING, score=score))
             layers.append(tuple(heads))
         return cls(
             model=model,
@@ -152,6 +175,11 @@ class HeadPolicy:
     @property
     def num_heads(self) -> int:
         return self.model.num_layers * self.model.num_kv_heads
+
+    @property
+    def num_policy_heads(self) -> int:
+        """KV heads the policy chooses for (those outside the model's own sliding-window layers)."""
+        return len(self.model.policy_layers) * self.model.num_kv_heads
 
     @property
     def num_retrieval(self) -> int:
@@ -187,7 +215,7 @@ class HeadPolicy:
     def check_model(self, model: ModelInfo, *, check_fingerprint: bool = True) -> None:
         """Raise PolicyMismatchError unless this policy was made for `model`."""
         mine, theirs = self.model, model
-        shape = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")
+        shape = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "native_windows")
         if any(getattr(mine, k) != getattr(theirs, k) for k in shape):
             raise PolicyMismatchError(
                 f"policy is for {mine.shape_str()} with {mine.num_attention_heads} query heads "
@@ -216,9 +244,14 @@ class HeadPolicy:
                     h["score"] = round(float(spec.score), 6)
                 heads.append(_Flow(h))
             layers.append({"layer": li, "heads": heads})
+        model = dataclasses.asdict(self.model)
+        if model["native_windows"] is None:
+            del model["native_windows"]
+        else:
+            model["native_windows"] = list(model["native_windows"])
         return {
             "schema": self.schema,
-            "model": _Flow(dataclasses.asdict(self.model)),
+            "model": _Flow(model),
             "defaults": _Flow({"sink": self.sink, "window": self.window}),
             "layers": layers,
             "provenance": dataclasses.asdict(self.provenance),
@@ -234,6 +267,12 @@ class HeadPolicy:
             f"# headpolicy policy for {self.model.name}: {self.num_retrieval}/{self.num_heads} KV heads "
             f"keep the full cache, the rest keep sink {self.sink} + window {self.window}.\n"
         )
+        native = [li for li in range(self.model.num_layers) if self.model.native_window(li) is not None]
+        if native:
+            header += (
+                f"# It covers the {len(self.model.policy_layers)} full-attention layers only: layers "
+                f"{', '.join(map(str, native))} keep the model's own sliding window.\n"
+            )
         return header + yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, width=100)
 
     @classmethod
@@ -375,6 +414,14 @@ def _parse_head(x: Any, where: str) -> HeadSpec:
     return HeadSpec(kind=kind, sink=sink, window=window, score=score)
 
 
+def _parse_native_windows(x: Any, num_layers: int) -> tuple[int | None, ...] | None:
+    if x is None:
+        return None
+    if not isinstance(x, list) or len(x) != num_layers:
+        raise PolicyError(f"model.native_windows: expected a list of {num_layers} entries (window or null), got {x!r}")
+    return tuple(None if w is None else _need_int(w, f"model.native_windows[{i}]", minimum=1) for i, w in enumerate(x))
+
+
 def _parse_policy(data: Any) -> HeadPolicy:
     data = _need_mapping(data, "policy")
     _no_unknown(data, _TOP_KEYS, "policy")
@@ -386,7 +433,7 @@ def _parse_policy(data: Any) -> HeadPolicy:
 
     m = _need_mapping(data["model"], "model")
     _no_unknown(m, _MODEL_KEYS, "model")
-    missing = sorted(_MODEL_KEYS - set(m))
+    missing = sorted(_MODEL_KEYS - {"native_windows"} - set(m))
     if missing:
         raise PolicyError(f"model: missing required key '{missing[0]}'")
     model = ModelInfo(
@@ -397,6 +444,7 @@ def _parse_policy(data: Any) -> HeadPolicy:
         num_kv_heads=_need_int(m["num_kv_heads"], "model.num_kv_heads", minimum=1),
         head_dim=_need_int(m["head_dim"], "model.head_dim", minimum=1),
         fingerprint=_need_str(m["fingerprint"], "model.fingerprint"),
+        native_windows=_parse_native_windows(m.get("native_windows"), m["num_layers"]),
     )
 
     d = _need_mapping(data.get("defaults") or {}, "defaults")
@@ -456,6 +504,8 @@ def _validate_policy(p: HeadPolicy) -> None:
         raise PolicyError(
             f"model: num_attention_heads ({m.num_attention_heads}) is not a multiple of num_kv_heads ({m.num_kv_heads})"
         )
+    if m.native_windows is not None and len(m.native_windows) != m.num_layers:
+        raise PolicyError(f"model.native_windows: expected {m.num_layers} entries, got {len(m.native_windows)}")
     if len(p.layers) != m.num_layers:
         raise PolicyError(f"layers: expected {m.num_layers} layers (model.num_layers), got {len(p.layers)}")
     for li, row in enumerate(p.layers):
@@ -470,6 +520,12 @@ def _validate_policy(p: HeadPolicy) -> None:
                 raise PolicyError(
                     f"layer {li} head {hi}: a retrieval head keeps every token; sink/window apply "
                     "only to streaming heads"
+                )
+            native = m.native_window(li)
+            if native is not None and (spec.is_retrieval or p.head_window(li, hi) != (0, native)):
+                raise PolicyError(
+                    f"layer {li} head {hi}: layer {li} is the model's own sliding-window layer "
+                    f"(window {native}); its heads must be streaming with sink 0 and window {native}"
                 )
             if spec.kind == STREAMING:
                 s, w = p.head_window(li, hi)
