@@ -17,65 +17,40 @@ from headpolicy.profiler.scorers.gates import (
 )
 from headpolicy.runtime.reference import reference_attention
 from tests.conftest import tiny_llama
+from tests.profiler.planted import planted_model
 
-DIGITS = [ord(c) for c in "0123456789"]
 FAST = GateSettings(max_steps=16, min_steps=6, check_every=2, patience=2, lr=0.2)
+CODEC = T.CharCodec(97)
 
 
-@torch.no_grad()
-def plant_copying_head(model, codec, *, layer=0, kv_head=1, strength=4.0):
-    """Make KV head `kv_head` of `layer` attend to every digit token, wherever it is, and copy it out loud.
-
-    Embedding dim -1 flags digit tokens, dim -2 is 1 for every token. Through the lowest
-    RoPE frequency (nearly position-free), the head's queries read dim -2 and its keys dim -1,
-    so its attention goes to the digits of the keys in the haystack; large V/O weights make
-    its output dominate the residual stream. A streaming version of it loses far digits.
-    """
-    emb = model.get_input_embeddings().weight  # [V, hidden]
-    attn = model.model.layers[layer].self_attn
-    D = model.config.head_dim
-    G = model.config.num_attention_heads // model.config.num_key_value_heads
-    digit_ids = [i for c in "0123456789" for i in codec.encode(c)]
-    emb[:, -1] = 0.0
-    emb[digit_ids, -1] = 1.0
-    emb[:, -2] = 1.0
-    lo = D // 2 - 1  # the lowest-frequency RoPE pair is (lo, D - 1)
-    for qh in range(kv_head * G, (kv_head + 1) * G):
-        attn.q_proj.weight[qh * D : (qh + 1) * D] = 0.0
-        attn.q_proj.weight[qh * D + lo, -2] = strength
-    attn.k_proj.weight[kv_head * D : (kv_head + 1) * D] = 0.0
-    attn.k_proj.weight[kv_head * D + lo, -1] = strength
-    attn.v_proj.weight[kv_head * D : (kv_head + 1) * D] *= 20.0
-    attn.o_proj.weight[:, kv_head * G * D : (kv_head + 1) * G * D] *= 20.0
-    return model
+def needle_tasks(n=2, length=700):
+    return [T.passkey(CODEC, length, 0.5, seed=i) for i in range(n)]
 
 
-def needle_tasks(codec, n=3, length=384):
-    return [T.multikey(codec, length, d, seed=i) for i, d in enumerate(np.linspace(0.1, 0.6, n))]
-
-
-def planted_model(kv_head=1):
-    model = tiny_llama(layers=2, heads=6, kv_heads=2, seed=0)
-    codec = T.CharCodec(model.config.vocab_size)
-    return plant_copying_head(model, codec, kv_head=kv_head), codec
+def copy_head_model(layer, head, task):
+    """planted.py's model with head (layer, head) looking back from each answer step to the token it copies."""
+    return planted_model(layer=layer, head=head, offset=task.prompt_len - 1 - task.needle[0])
 
 
 @pytest.fixture(scope="module")
 def planted():
-    return planted_model()
+    return copy_head_model(1, 1, needle_tasks(1)[0])
 
 
-@pytest.mark.parametrize("kv_head", [0, 1])
-def test_planted_copying_head_ranks_first(kv_head):
-    model, codec = planted_model(kv_head)
-    run = train_gates(model, needle_tasks(codec), sink=4, window=16, settings=FAST)
-    assert rank_heads(run.scores)[0] == (0, kv_head), run.scores
-    assert run.gates[0, kv_head] > 0.5 and (np.delete(run.gates.reshape(-1), kv_head) < 0.5).all()
+@pytest.mark.parametrize("plant", [(1, 1), (0, 0)])
+def test_planted_copying_head_ranks_first(plant):
+    tasks = needle_tasks(2)  # same length and needle offset, different pass keys
+    assert len({(t.prompt_len, t.needle) for t in tasks}) == 1
+    model = copy_head_model(*plant, tasks[0])
+    run = train_gates(model, tasks, sink=4, window=16, settings=FAST)
+    assert rank_heads(run.scores)[0] == plant, run.scores
+    others = np.delete(run.gates.reshape(-1), plant[0] * 2 + plant[1])
+    assert run.gates[plant] > 0.5 and (others < 0.5).all(), run.gates
 
 
 def test_deterministic(planted):
-    model, codec = planted
-    tasks = needle_tasks(codec, n=1)
+    model = planted
+    tasks = needle_tasks(1)
     s = GateSettings(max_steps=3, min_steps=100, check_every=1)
     a = train_gates(model, tasks, sink=4, window=16, settings=s)
     b = train_gates(model, tasks, sink=4, window=16, settings=s)
@@ -83,7 +58,7 @@ def test_deterministic(planted):
 
 
 def test_registered_scorer_shows_loss_and_open_gates(planted):
-    model, codec = planted
+    model = planted
 
     class Bar:
         def __init__(self):
@@ -99,7 +74,7 @@ def test_registered_scorer_shows_loss_and_open_gates(planted):
             self.postfix = kw
 
     bar = Bar()
-    tasks = needle_tasks(codec, n=1) + [T.repeated_tokens(97, 64, 0)]
+    tasks = needle_tasks(1) + [T.repeated_tokens(97, 64, 0)]
     scores = get_scorer("gates").fn(model, tasks, sink=4, window=16, progress=bar, settings=GateSettings(max_steps=2))
     assert scores.shape == (2, 2) and np.isfinite(scores).all()
     assert bar.n >= 1 and bar.total is not None
@@ -107,10 +82,10 @@ def test_registered_scorer_shows_loss_and_open_gates(planted):
 
 
 def test_model_left_as_found(planted):
-    model, codec = planted
+    model = planted
     before = model.config._attn_implementation
     flags = [p.requires_grad for p in model.parameters()]
-    train_gates(model, needle_tasks(codec, n=1), sink=4, window=16, settings=GateSettings(max_steps=2))
+    train_gates(model, needle_tasks(1), sink=4, window=16, settings=GateSettings(max_steps=2))
     assert model.config._attn_implementation == before
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
@@ -141,8 +116,8 @@ def test_gated_attention_mixes_reference_full_and_streaming(S):
 
 
 def test_all_gates_open_is_the_full_model(planted):
-    model, codec = planted
-    ids = needle_tasks(codec, n=1)[0].tensor()
+    model = planted
+    ids = needle_tasks(1)[0].tensor()
     with torch.no_grad():
         full = model(ids).logits
         with gated(model, torch.ones(2, 2), 4, 16):
@@ -151,7 +126,7 @@ def test_all_gates_open_is_the_full_model(planted):
 
 
 def test_gates_need_answered_needle_tasks(planted):
-    model, _ = planted
+    model = planted
     with pytest.raises(ValueError, match="passkey/multikey"):
         train_gates(model, [T.repeated_tokens(97, 64, 0)], sink=4, window=16)
 
