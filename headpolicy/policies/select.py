@@ -122,9 +122,11 @@ def select_closed_loop(
         if b not in cache:
             table = select_budget(s, b, min_per_layer=min_per_layer)
             # every head retrieval reproduces the full model: no need to run it again
-            acc = float(full_accuracy) if table.all() else float(evaluate(table))
+            run = not table.all()
+            acc = float(evaluate(table)) if run else float(full_accuracy)
             cache[b] = (table, acc)
-            trace.append({"budget": b, "retrieval_heads": int(table.sum()), "accuracy": acc, "ok": acc >= target})
+            trace.append({"budget": b, "retrieval_heads": int(table.sum()), "accuracy": acc,
+                          "ok": acc >= target, "evaluated": run})  # fmt: skip
         return cache[grid[i]][1] >= target
 
     lo, hi = 0, len(grid) - 1

@@ -118,6 +118,14 @@ def compile_policy(
     codec = T.as_codec(tokenizer)
     info = describe_model(model, name)
     secs: dict[str, float] = {}
+    if s.budget is not None:  # fail before profiling, not after
+        n = info.num_layers * info.num_kv_heads
+        if budget_heads(s.budget, n) < s.min_per_layer * info.num_layers:
+            raise BudgetError(
+                f"a budget of {budget_heads(s.budget, n)} retrieval heads cannot give each of {info.num_layers} "
+                f"layers {s.min_per_layer} (needs at least {s.min_per_layer * info.num_layers}); "
+                "lower --min-per-layer or raise the budget"
+            )
     t_all = time.perf_counter()
 
     t = time.perf_counter()

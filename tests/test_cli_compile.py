@@ -1,0 +1,87 @@
+"""`headpolicy compile` / `headpolicy eval` on a tiny random checkpoint written to a temp dir."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from headpolicy import HeadPolicy
+from headpolicy.cli import main
+from tests.conftest import tiny_llama
+
+VOCAB = 259  # 3 specials + one token per byte
+
+
+def _byte_tokenizer() -> PreTrainedTokenizerFast:
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {c: 3 + i for i, c in enumerate(sorted(byte_chars))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(vocab=VOCAB, layers=2).save_pretrained(path)
+    _byte_tokenizer().save_pretrained(path)
+    return path
+
+
+FAST = ["--lengths", "600", "--heldout-lengths", "700", "--heldout-depths", "0.5", "--sink", "4", "--window", "8",
+        "--quiet"]  # fmt: skip
+
+
+def test_compile_writes_a_valid_policy(checkpoint, tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    rc = main(["compile", str(checkpoint), "-o", str(out), "--budget", "0.5", "--seed", "3", *FAST])
+    assert rc == 0
+    policy = HeadPolicy.load(out)
+    assert policy.num_retrieval == 2 and policy.num_heads == 4
+    assert (policy.sink, policy.window) == (4, 8)
+    r = policy.results
+    assert r["retrieval_heads"] == 2 and 0 < r["kv_fraction"] < 1
+    assert set(r["heldout"]) >= {"full_accuracy", "policy_accuracy"}
+    assert policy.provenance.seed == 3 and policy.provenance.settings["budget"] == 0.5
+    assert all(h.score is not None for row in policy.layers for h in row)
+    text = capsys.readouterr().out
+    assert "retrieval heads" in text and "2/4" in text
+
+
+def test_compile_closed_loop_then_eval(checkpoint, tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert main(["compile", str(checkpoint), "-o", str(out), "--method", "attention_mass", *FAST]) == 0
+    policy = HeadPolicy.load(out)
+    assert policy.results["search"] and "heldout" in policy.results
+    js = tmp_path / "eval.json"
+    rc = main(["eval", str(checkpoint), "--policy", str(out), "--lengths", "600", "--depths", "0.5",
+               "--random-seeds", "1", "-o", str(js), "--quiet"])  # fmt: skip
+    assert rc == 0
+    data = json.loads(js.read_text())
+    assert set(data["configs"]) == {"full", "policy", "streaming", "random/0", "random"}
+    full = data["configs"]["full"]["by_length"]["600"]
+    assert full["kv_fraction"] == 1.0 and full["kv_bytes"] > 0
+    assert "streaming" in capsys.readouterr().out
+
+
+def test_bad_model_path_fails_cleanly(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    rc = main(["compile", str(tmp_path / "no-such-model"), "-o", str(out), "--budget", "0.5", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and not out.exists()
+    assert len(err.splitlines()) == 1 and err.startswith("headpolicy compile: ModelSourceError")
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [(["--budget", "1.5"], "budget must be"), (["--budget", "0.25", "--min-per-layer", "2"], "cannot give each")],
+)
+def test_impossible_budget_fails_cleanly(checkpoint, tmp_path, capsys, extra, match):
+    out = tmp_path / "p.yaml"
+    rc = main(["compile", str(checkpoint), "-o", str(out), *extra, "--no-verify", *FAST])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and not out.exists()
+    last = err.splitlines()[-1]  # earlier lines are transformers' loading bars
+    assert last.startswith("headpolicy compile: BudgetError") and match in last
