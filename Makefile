@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Compile the bundled model's policy (closed loop), then compare it with the baselines.
 demo: $(STAMP)
-	$(BIN)/python -m headpolicy demo $(MODEL) -o $(POLICY)
+	$(BIN)/python -m headpolicy compile $(MODEL) -o $(POLICY) --json bench/results/compile_$(MODEL).json
+	$(BIN)/python -m headpolicy eval $(MODEL) --policy $(POLICY) -o bench/results/eval_$(MODEL).json
 
 # Unit tests plus the small real-model subset (marked `ci`).
 test: $(STAMP)

@@ -57,6 +57,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="with --budget: skip the held-out accuracy check")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--scores-json", help="also write the raw head scores here")
+    p.add_argument("--json", help="also write a JSON report (settings, results, timings) here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -92,6 +93,22 @@ def run_compile(args: argparse.Namespace) -> int:
     out = policy.save(args.output)
     if args.scores_json:
         Path(args.scores_json).write_text(json.dumps({k: v.tolist() for k, v in report.scores.items()}, indent=1))
+    if args.json:
+        from headpolicy.eval.commands import write_json
+
+        report_data = {
+            "model": policy.model.name,
+            "policy": str(out),
+            "retrieval_heads": policy.num_retrieval,
+            "num_heads": policy.num_heads,
+            "sink": policy.sink,
+            "window": policy.window,
+            "settings": policy.provenance.settings,
+            "results": policy.results,
+            "seconds": {k: round(v, 1) for k, v in report.seconds.items()},
+            "torch_threads": __import__("torch").get_num_threads(),
+        }
+        write_json(Path(args.json), report_data)
     print(summary_table(policy, out), file=sys.stdout)
     return 0
 
