@@ -70,8 +70,8 @@ def run_suite(model, tokenizer, policy, settings: SuiteSettings | None = None, *
              "output": o.output, "kv_bytes": o.kv_bytes}
             for o in outs
         ]  # fmt: skip
-        runs[name] = {"cells": cells, "seconds": round(time.perf_counter() - t0, 1),
-                      "retrieval_heads": info.num_layers * info.num_kv_heads if pol is None else pol.num_retrieval}  # fmt: skip
+        heads = info.num_layers * info.num_kv_heads if pol is None else pol.num_retrieval
+        runs[name] = {"cells": cells, "seconds": round(time.perf_counter() - t0, 1), "retrieval_heads": heads}
     bar.close()
     return summarise(runs, s, policy)
 
@@ -112,7 +112,7 @@ def summarise(runs: dict[str, dict], s: SuiteSettings, policy) -> dict:
             }
         mean["accuracy"] = sum(table[n]["accuracy"] for n in random_names) / len(random_names)
         table["random"] = mean
-    for name, row in table.items():
+    for row in table.values():
         for length, cell in row["by_length"].items():
             full = table["full"]["by_length"][length]["kv_bytes"]
             cell["kv_fraction"] = cell["kv_bytes"] / full if full else None

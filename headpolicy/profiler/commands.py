@@ -43,9 +43,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--budget", type=float, help="fraction of KV heads that stay retrieval (skips the search)")
     sel.add_argument("--target-drop", type=float, default=d.target_drop,
-                     help=f"closed loop: allowed held-out accuracy drop in points (default {d.target_drop:g})")  # fmt: skip
+                     help=f"closed loop: allowed held-out accuracy drop (default {d.target_drop:g})")  # fmt: skip
     p.add_argument("--sink", type=int, default=d.sink, help=f"streaming heads: first tokens kept (default {d.sink})")
-    p.add_argument("--window", type=int, default=d.window, help=f"streaming heads: recent tokens kept (default {d.window})")
+    p.add_argument("--window", type=int, default=d.window, help=f"streaming heads: last tokens kept ({d.window})")
     p.add_argument("--lengths", type=int_list, default=d.lengths, help="scoring task lengths, e.g. 1024,2048")
     p.add_argument("--depths", type=float_list, default=d.depths, help="needle depths of the scoring tasks")
     p.add_argument("--heldout-lengths", type=int_list, default=d.heldout_lengths, help="held-out task lengths")
@@ -115,9 +115,8 @@ def run_compile(args: argparse.Namespace) -> int:
 
 def head_map(policy) -> str:
     """One line per layer: R = retrieval head, . = streaming head."""
-    return "\n".join(
-        f"  layer {li:>3}  " + "".join("R" if h.is_retrieval else "." for h in row) for li, row in enumerate(policy.layers)
-    )
+    rows = ("".join("R" if h.is_retrieval else "." for h in row) for row in policy.layers)
+    return "\n".join(f"  layer {li:>3}  {marks}" for li, marks in enumerate(rows))
 
 
 def summary_table(policy, path) -> str:

@@ -94,8 +94,9 @@ def scoring_tasks(codec, s: CompileSettings, pool: Sequence[int]) -> list[T.Task
 def heldout_tasks(codec, s: CompileSettings, pool: Sequence[int]) -> list[T.Task]:
     """Other seeds, depths and lengths than the scoring tasks."""
     seed = s.seed + 7919
-    out = T.task_grid(codec, kinds=["passkey"], lengths=s.heldout_lengths, depths=s.heldout_depths, seed=seed, pool=pool)
-    out += T.task_grid(codec, kinds=["multikey"], lengths=s.heldout_lengths, depths=s.heldout_depths[::-1], seed=seed)
+    lengths, depths = s.heldout_lengths, s.heldout_depths
+    out = T.task_grid(codec, kinds=["passkey"], lengths=lengths, depths=depths, seed=seed, pool=pool)
+    out += T.task_grid(codec, kinds=["multikey"], lengths=lengths, depths=depths[::-1], seed=seed)
     return out
 
 

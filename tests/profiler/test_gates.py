@@ -137,3 +137,21 @@ def test_scaled_window_and_spearman():
     assert s + w <= 1024 // 8 and s / w == pytest.approx(0.25, rel=0.1)
     assert spearman(np.arange(5), np.arange(5) * 3) == pytest.approx(1.0)
     assert spearman(np.arange(5), -np.arange(5)) == pytest.approx(-1.0)
+
+
+@pytest.mark.slow
+def test_smollm2_gates_on_compile_tasks():
+    """The gates scorer on SmolLM2-135M with `compile`'s scoring tasks (minutes on 2 CPU cores)."""
+    from headpolicy import load_model
+    from headpolicy.profiler.compile import CompileSettings, scoring_tasks
+
+    model, tok = load_model("smollm2-135m")
+    codec = T.as_codec(tok)
+    s = CompileSettings()
+    tasks = scoring_tasks(codec, s, T.sample_haystack(model, codec, s.haystack_tokens, seed=s.seed))
+    run = train_gates(model, tasks, sink=s.sink, window=s.window)
+    assert run.scores.shape == (30, 3) and np.isfinite(run.scores).all()
+    assert ((run.gates >= 0) & (run.gates <= 1)).all()
+    assert run.sink + run.window <= 1024 // 8  # trained with the window scaled to the 1K tasks
+    assert 0 < (run.gates > 0.5).sum() < run.gates.size  # some heads kept, some let go
+    assert run.steps <= GateSettings().max_steps

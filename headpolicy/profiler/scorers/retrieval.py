@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 from headpolicy.profiler.capture import Probe, capturing, kv_group, reduce_to_kv
-from . import register_scorer
 from headpolicy.profiler.tasks import NEEDLE_KINDS
+
+from . import register_scorer
 
 SOFT_WEIGHT = 1e-3
 
