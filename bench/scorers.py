@@ -1,0 +1,236 @@
+"""Head scorers compared: profiling time, passkey accuracy at each budget, KV fraction.
+
+For one model (SmolLM2-135M by default), every scorer profiles the model once on the
+scoring tasks `headpolicy compile` uses (passkey on a sampled haystack + multikey, 1K
+tokens, 5 depths; repeated random tokens), and that one score map is selected at every
+budget (`select_budget`). Each (scorer, budget) policy is then run through the real
+runtime (`headpolicy.apply`, split KV cache, greedy `generate`) on held-out passkey tasks
+(other task seeds, longer) at 2K and 4K tokens, next to the full model and the all-streaming
+baseline. `ensemble` reuses its members' score maps; its time is the sum of theirs.
+
+Default choice ("best per minute of profiling"): a scorer's *gain* is its mean accuracy over
+budgets and lengths minus the all-streaming baseline's. Among scorers whose gain is at least
+half the best gain (a fast scorer that does not help is not a bargain), the one with the
+largest gain per minute of profiling wins.
+
+    python bench/scorers.py                      # ~20-25 min on 2 CPU cores
+    python bench/scorers.py --depths 0.5 --gates-max-steps 20 --tag quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from headpolicy import describe_model, load_model
+from headpolicy.eval.baselines import streaming_policy
+from headpolicy.eval.retrieval import accuracy
+from headpolicy.policies.schema import HeadPolicy
+from headpolicy.policies.select import select_budget
+from headpolicy.profiler import tasks as T
+from headpolicy.profiler.compile import CompileSettings, scoring_tasks
+from headpolicy.profiler.scorers import get_scorer
+from headpolicy.profiler.scorers.ensemble import MEMBERS, agreement, format_agreement, fuse
+from headpolicy.profiler.scorers.gates import GateSettings, train_gates
+
+RESULTS = Path(__file__).parent / "results"
+SCORERS = ("retrieval", "attention_mass", "echo_induction", "ensemble", "gates")
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--scorers", nargs="+", default=list(SCORERS))
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.2, 0.33, 0.5])
+    p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096], help="eval passkey lengths")
+    p.add_argument("--depths", nargs="+", type=float, default=[0.25, 0.75], help="eval passkey depths")
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--gates-max-steps", type=int, default=GateSettings.max_steps)
+    p.add_argument("--tag", default="smollm2-135m", help="results file: bench/results/scorers_<tag>.json")
+    p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    return p.parse_args()
+
+
+def choose_default(rows: dict, streaming_acc: float) -> dict:
+    """The module docstring's rule, on {scorer: {"accuracy": mean %, "seconds": profiling s}}."""
+    gains = {n: r["accuracy"] - streaming_acc for n, r in rows.items()}
+    best = max(gains.values())
+    eligible = [n for n, g in gains.items() if g >= 0.5 * best and g > 0]
+    per_min = {n: gains[n] / max(rows[n]["seconds"] / 60.0, 1e-9) for n in eligible}
+    choice = max(per_min, key=per_min.get) if per_min else max(gains, key=gains.get)
+    return {
+        "rule": "largest (mean accuracy - streaming) per profiling minute among scorers with >= half the best gain",
+        "gain_points": {n: round(g, 2) for n, g in gains.items()},
+        "gain_per_minute": {n: round(v, 2) for n, v in per_min.items()},
+        "choice": choice,
+    }
+
+
+def format_table(result: dict) -> str:
+    lengths = [str(n) for n in result["settings"]["eval_lengths"]]
+    head = f"{'scorer':<15} {'profile s':>9} {'budget':>6} {'heads':>5} " + " ".join(
+        f"{'acc@' + n:>8}" for n in lengths
+    )
+    head += " " + " ".join(f"{'KV@' + n:>8}" for n in lengths)
+    lines = [head, "-" * len(head)]
+    for name in ("full", "streaming"):
+        b = result["baselines"][name]
+        accs = " ".join(f"{b['accuracy'][n]:>8.0f}" for n in lengths)
+        kv = " ".join(f"{100 * b['kv_fraction'][n]:>7.1f}%" for n in lengths)
+        lines.append(f"{name:<15} {'':>9} {'':>6} {b['retrieval_heads']:>5} {accs} {kv}")
+    for name, row in result["scorers"].items():
+        for cell in row["budgets"]:
+            accs = " ".join(f"{cell['accuracy'][n]:>8.0f}" for n in lengths)
+            kv = " ".join(f"{100 * cell['kv_fraction'][n]:>7.1f}%" for n in lengths)
+            k = cell["retrieval_heads"]
+            lines.append(f"{name:<15} {row['profile_seconds']:>9.0f} {cell['budget']:>6.2f} {k:>5} {accs} {kv}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    args = parse()
+    torch.manual_seed(0)
+    out_path = RESULTS / f"scorers_{args.tag}.json"
+    RESULTS.mkdir(exist_ok=True)
+    t_start = time.perf_counter()
+    model, tok = load_model(args.model)
+    codec = T.as_codec(tok)
+    info = describe_model(model, args.model)
+    cs = CompileSettings(sink=args.sink, window=args.window)
+    pool = T.sample_haystack(model, codec, cs.haystack_tokens, seed=cs.seed)
+    tasks = scoring_tasks(codec, cs, pool)
+    # held out by seed (pass keys, haystack offsets) and length; one haystack pool saves a sampling run
+    held = T.task_grid(codec, kinds=["passkey"], lengths=args.lengths, depths=args.depths, seed=1, pool=pool)
+    gate_settings = GateSettings(max_steps=args.gates_max_steps)
+
+    result: dict = {
+        "model": info.name,
+        "shape": {"layers": info.num_layers, "kv_heads": info.num_kv_heads, "heads": info.num_attention_heads},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },  # fmt: skip
+        "settings": {
+            "budgets": args.budgets,
+            "eval_lengths": args.lengths,
+            "eval_depths": args.depths,
+            "eval_kind": "passkey (sampled haystack, task seed 1), greedy generate through headpolicy.apply",
+            "eval_tasks_per_length": len(args.depths),
+            "scoring_tasks": {k: sum(t.kind == k for t in tasks) for k in T.KINDS},
+            "scoring_lengths": list(cs.lengths),
+            "sink": args.sink,
+            "window": args.window,
+            "gates": asdict(gate_settings),
+            "ensemble_members": list(MEMBERS),
+            "note": args.note,
+        },
+        "baselines": {},
+        "scorers": {},
+    }
+
+    def save() -> None:
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(out_path)
+
+    def evaluate(policy) -> dict:
+        accs = {}
+        for n in args.lengths:
+            group = [t for t in held if t.length == n]
+            accs[str(n)] = accuracy(model, codec, group, policy=policy)
+        return accs
+
+    def kv(policy) -> dict:
+        return {str(n): round(policy.kv_fraction(n), 4) for n in args.lengths}
+
+    t = time.perf_counter()
+    full_acc = evaluate(None)
+    stream = streaming_policy(info, sink=args.sink, window=args.window)
+    result["baselines"]["full"] = {
+        "accuracy": full_acc,
+        "kv_fraction": {str(n): 1.0 for n in args.lengths},
+        "retrieval_heads": info.num_layers * info.num_kv_heads,
+    }
+    result["baselines"]["streaming"] = {"accuracy": evaluate(stream), "kv_fraction": kv(stream), "retrieval_heads": 0}
+    print(f"baselines: {result['baselines']} ({time.perf_counter() - t:.0f} s)", flush=True)
+    save()
+
+    scores: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    cache: dict[bytes, dict] = {}  # identical head tables are evaluated once
+    for name in args.scorers:
+        t = time.perf_counter()
+        extra = {}
+        if name == "ensemble":
+            missing = [m for m in MEMBERS if m not in scores]
+            if missing:
+                raise SystemExit(f"ensemble needs its members scored first: {missing}")
+            scores[name] = fuse({m: scores[m] for m in MEMBERS})
+            seconds[name] = sum(seconds[m] for m in MEMBERS)
+        elif name == "gates":
+            run = train_gates(model, tasks, sink=args.sink, window=args.window, settings=gate_settings)
+            scores[name], seconds[name] = run.scores, time.perf_counter() - t
+            extra = {"steps": run.steps, "stopped_early": run.stopped_early, "train_sink": run.sink,
+                     "train_window": run.window, "open_gates": int((run.gates > 0.5).sum()),
+                     "final_loss": run.losses[-1], "rhos": [round(r, 4) for r in run.rhos]}  # fmt: skip
+        else:
+            scores[name] = get_scorer(name)(model, tasks, sink=args.sink, window=args.window)
+            seconds[name] = time.perf_counter() - t
+        print(f"{name}: profiled in {seconds[name]:.0f} s {extra}", flush=True)
+        cells = []
+        for b in args.budgets:
+            table = select_budget(scores[name], b)
+            policy = HeadPolicy.from_kinds(info, table.tolist(), sink=args.sink, window=args.window)
+            key = np.packbits(table).tobytes()
+            te = time.perf_counter()
+            if key not in cache:
+                cache[key] = evaluate(policy)
+            cells.append({"budget": b, "retrieval_heads": int(table.sum()), "accuracy": cache[key],
+                          "kv_fraction": kv(policy), "eval_seconds": round(time.perf_counter() - te, 1)})  # fmt: skip
+            print(f"  budget {b:.2f}: {cells[-1]}", flush=True)
+        result["scorers"][name] = {
+            "profile_seconds": round(seconds[name], 1),
+            "scores": np.round(scores[name], 6).tolist(),
+            "budgets": cells,
+            **extra,
+        }
+        save()
+
+    streaming_mean = float(np.mean(list(result["baselines"]["streaming"]["accuracy"].values())))
+    rows = {
+        n: {
+            "accuracy": float(np.mean([v for c in r["budgets"] for v in c["accuracy"].values()])),
+            "seconds": r["profile_seconds"],
+        }
+        for n, r in result["scorers"].items()
+    }
+    for n, r in rows.items():
+        result["scorers"][n]["mean_accuracy"] = round(r["accuracy"], 2)
+    result["default"] = choose_default(rows, streaming_mean)
+    if len(scores) > 1:
+        result["agreement"] = agreement(scores, args.budgets)
+    result["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    save()
+    print(format_table(result))
+    if "agreement" in result:
+        print(format_agreement(result["agreement"]))
+    print(f"default: {result['default']['choice']}  ({result['default']['gain_per_minute']})")
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
