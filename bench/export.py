@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "threads": args.threads,
         "machine": platform.platform(),
+        "load_average_at_end": os.getloadavg(),  # the CPU may be shared: high load = noisy times
         "decode_steps": args.decode,
         "onnx_export_s": export_s,
         "scope": "batch 1, no padding; greedy; prefill timed once, decode = median step",
