@@ -6,7 +6,9 @@ tokens, 5 depths; repeated random tokens), and that one score map is selected at
 budget (`select_budget`). Each (scorer, budget) policy is then run through the real
 runtime (`headpolicy.apply`, split KV cache, greedy `generate`) on held-out passkey tasks
 (other task seeds, longer) at 2K and 4K tokens, next to the full model and the all-streaming
-baseline. `ensemble` reuses its members' score maps; its time is the sum of theirs.
+baseline. `hybrid` (compile's previous default: mean of max-normalised retrieval and
+attention_mass) and `ensemble` reuse their members' score maps; their time is the sum of theirs.
+`--resume` keeps the baselines and scorers already in the results file and runs the rest.
 
 Default choice ("best per minute of profiling"): a scorer's *gain* is its mean accuracy over
 budgets and lengths minus the all-streaming baseline's. Among scorers whose gain is at least
@@ -37,13 +39,14 @@ from headpolicy.eval.retrieval import accuracy
 from headpolicy.policies.schema import HeadPolicy
 from headpolicy.policies.select import select_budget
 from headpolicy.profiler import tasks as T
-from headpolicy.profiler.compile import CompileSettings, scoring_tasks
+from headpolicy.profiler.compile import HYBRID, CompileSettings, combine, scoring_tasks
 from headpolicy.profiler.scorers import get_scorer
 from headpolicy.profiler.scorers.ensemble import MEMBERS, agreement, format_agreement, fuse
 from headpolicy.profiler.scorers.gates import GateSettings, train_gates
 
 RESULTS = Path(__file__).parent / "results"
-SCORERS = ("retrieval", "attention_mass", "echo_induction", "ensemble", "gates")
+SCORERS = ("retrieval", "attention_mass", "echo_induction", "hybrid", "ensemble", "gates")
+COMBINED = {"hybrid": HYBRID, "ensemble": MEMBERS}  # score maps built from other scorers' maps
 
 
 def parse() -> argparse.Namespace:
@@ -58,6 +61,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--gates-max-steps", type=int, default=GateSettings.max_steps)
     p.add_argument("--tag", default="smollm2-135m", help="results file: bench/results/scorers_<tag>.json")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    p.add_argument("--resume", action="store_true", help="reuse baselines and scorers already in the results file")
     return p.parse_args()
 
 
@@ -135,6 +139,7 @@ def main() -> int:
             "window": args.window,
             "gates": asdict(gate_settings),
             "ensemble_members": list(MEMBERS),
+            "hybrid_members": list(HYBRID),
             "note": args.note,
         },
         "baselines": {},
@@ -156,30 +161,47 @@ def main() -> int:
     def kv(policy) -> dict:
         return {str(n): round(policy.kv_fraction(n), 4) for n in args.lengths}
 
+    scores: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    if args.resume and out_path.exists():
+        old = json.loads(out_path.read_text())
+        if old["settings"]["eval_lengths"] != args.lengths or old["settings"]["eval_depths"] != args.depths:
+            raise SystemExit(f"--resume: {out_path} was run with other eval lengths/depths")
+        result["baselines"] = old["baselines"]
+        result["settings"]["note"] = "; ".join(x for x in (old["settings"].get("note"), args.note) if x)
+        for name, row in old["scorers"].items():
+            result["scorers"][name] = row
+            scores[name], seconds[name] = np.asarray(row["scores"], dtype=np.float32), row["profile_seconds"]
+        print(f"resumed: baselines + {list(old['scorers'])}", flush=True)
+
     t = time.perf_counter()
-    full_acc = evaluate(None)
+    full_acc = result["baselines"].get("full", {}).get("accuracy") or evaluate(None)
     stream = streaming_policy(info, sink=args.sink, window=args.window)
     result["baselines"]["full"] = {
         "accuracy": full_acc,
         "kv_fraction": {str(n): 1.0 for n in args.lengths},
         "retrieval_heads": info.num_layers * info.num_kv_heads,
     }
-    result["baselines"]["streaming"] = {"accuracy": evaluate(stream), "kv_fraction": kv(stream), "retrieval_heads": 0}
+    if "streaming" not in result["baselines"]:
+        acc = evaluate(stream)
+        result["baselines"]["streaming"] = {"accuracy": acc, "kv_fraction": kv(stream), "retrieval_heads": 0}
     print(f"baselines: {result['baselines']} ({time.perf_counter() - t:.0f} s)", flush=True)
     save()
 
-    scores: dict[str, np.ndarray] = {}
-    seconds: dict[str, float] = {}
     cache: dict[bytes, dict] = {}  # identical head tables are evaluated once
     for name in args.scorers:
+        if name in result["scorers"]:
+            continue
         t = time.perf_counter()
         extra = {}
-        if name == "ensemble":
-            missing = [m for m in MEMBERS if m not in scores]
+        if name in COMBINED:
+            members = COMBINED[name]
+            missing = [m for m in members if m not in scores]
             if missing:
-                raise SystemExit(f"ensemble needs its members scored first: {missing}")
-            scores[name] = fuse({m: scores[m] for m in MEMBERS})
-            seconds[name] = sum(seconds[m] for m in MEMBERS)
+                raise SystemExit(f"{name} needs its members scored first: {missing}")
+            parts = {m: scores[m] for m in members}
+            scores[name] = fuse(parts) if name == "ensemble" else combine(parts)
+            seconds[name] = sum(seconds[m] for m in members)
         elif name == "gates":
             run = train_gates(model, tasks, sink=args.sink, window=args.window, settings=gate_settings)
             scores[name], seconds[name] = run.scores, time.perf_counter() - t
