@@ -20,8 +20,13 @@ def passkey_prompt(key: str, repeats: int = 12) -> str:
     )
 
 
-def hand_policy(model, sink=16, window=64):
-    """KV head 0 of every layer keeps the full cache; the rest stream (no profiling needed)."""
+def hand_policy(model, sink=16, window=256):
+    """KV head 0 of every layer keeps the full cache; the rest stream (no profiling needed).
+
+    Window 256 covers the key but not the whole ~336-token prompt: streaming heads have
+    already evicted tokens (the ring wrapped during prefill) when the answer is produced.
+    (With window 64 this hand policy loses the key, in PyTorch and ONNX alike.)
+    """
     from headpolicy import HeadPolicy, describe_model
 
     info = describe_model(model)
@@ -47,3 +52,4 @@ def test_smollm2_onnx_answers_passkey_like_pytorch(tmp_path):
     torch_tokens = out[0, ids.shape[1] :].tolist()
     print(f"[{runner.provider}] onnx: {tok.decode(onnx_tokens)!r} torch: {tok.decode(torch_tokens)!r}")
     assert onnx_tokens == torch_tokens
+    assert "71432" in tok.decode(onnx_tokens)
