@@ -62,6 +62,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--tag", default="smollm2-135m", help="results file: bench/results/scorers_<tag>.json")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     p.add_argument("--resume", action="store_true", help="reuse baselines and scorers already in the results file")
+    p.add_argument("--report", action="store_true", help="no model: recompute the summary of the results file")
+    p.add_argument("--merge", nargs="*", default=[], help="with --report: add scorers from these results files")
     return p.parse_args()
 
 
@@ -103,6 +105,8 @@ def format_table(result: dict) -> str:
 
 def main() -> int:
     args = parse()
+    if args.report:
+        return report(args)
     torch.manual_seed(0)
     out_path = RESULTS / f"scorers_{args.tag}.json"
     RESULTS.mkdir(exist_ok=True)
@@ -231,6 +235,13 @@ def main() -> int:
         }
         save()
 
+    result["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    finish(result, out_path)
+    return 0
+
+
+def finalize(result: dict) -> dict:
+    """Mean accuracy per scorer, the default choice and scorer agreement, from the stored results."""
     streaming_mean = float(np.mean(list(result["baselines"]["streaming"]["accuracy"].values())))
     rows = {
         n: {
@@ -242,15 +253,63 @@ def main() -> int:
     for n, r in rows.items():
         result["scorers"][n]["mean_accuracy"] = round(r["accuracy"], 2)
     result["default"] = choose_default(rows, streaming_mean)
+    scores = {n: np.asarray(r["scores"]) for n, r in result["scorers"].items()}
     if len(scores) > 1:
-        result["agreement"] = agreement(scores, args.budgets)
-    result["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    save()
+        result["agreement"] = agreement(scores, result["settings"]["budgets"])
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    """The README table: one row per scorer, accuracy at each budget and length, KV at the longest length."""
+    lengths = [str(n) for n in result["settings"]["eval_lengths"]]
+    budgets = result["settings"]["budgets"]
+    head = ["scorer", "profile s"] + [f"{100 * b:.0f}%: acc {'/'.join(x[:-3] + 'K' for x in lengths)}" for b in budgets]
+    head += ["mean acc %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in ("full", "streaming"):
+        b = result["baselines"][name]
+        acc = "/".join(f"{b['accuracy'][n]:.0f}" for n in lengths)
+        lines.append(f"| {name} (baseline) | - | " + " | ".join([acc] * len(budgets)) + " | - |")
+    for name, row in result["scorers"].items():
+        cells = ["/".join(f"{c['accuracy'][n]:.0f}" for n in lengths) for c in row["budgets"]]
+        lines.append(
+            f"| {name} | {row['profile_seconds']:.0f} | " + " | ".join(cells) + f" | {row['mean_accuracy']:.1f} |"
+        )
+    any_row = next(iter(result["scorers"].values()))
+    kv = ", ".join(
+        f"{100 * c['budget']:.0f}% -> {100 * c['kv_fraction'][lengths[-1]]:.1f}%" for c in any_row["budgets"]
+    )
+    lines.append("")
+    stream = result["baselines"]["streaming"]["kv_fraction"][lengths[-1]]
+    lines.append(f"KV cache at {lengths[-1]} tokens (same for every scorer at a budget): {kv}; "
+                 f"all streaming {100 * stream:.1f}%.")  # fmt: skip
+    return "\n".join(lines)
+
+
+def finish(result: dict, out_path: Path) -> None:
+    finalize(result)
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out_path)
     print(format_table(result))
     if "agreement" in result:
         print(format_agreement(result["agreement"]))
-    print(f"default: {result['default']['choice']}  ({result['default']['gain_per_minute']})")
+    print(markdown_table(result))
+    d = result["default"]
+    print(f"default: {d['choice']}  (gain per profiling minute: {d['gain_per_minute']})")
     print(f"wrote {out_path}")
+
+
+def report(args: argparse.Namespace) -> int:
+    """No model: re-read the results file, merge scorers from --merge files, recompute the summary."""
+    out_path = RESULTS / f"scorers_{args.tag}.json"
+    result = json.loads(out_path.read_text())
+    for other in args.merge:
+        extra = json.loads(Path(other).read_text())
+        if extra["settings"]["eval_lengths"] != result["settings"]["eval_lengths"]:
+            raise SystemExit(f"{other} was evaluated at other lengths")
+        result["scorers"].update({n: r for n, r in extra["scorers"].items() if n not in result["scorers"]})
+    finish(result, out_path)
     return 0
 
 
