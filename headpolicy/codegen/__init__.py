@@ -52,14 +52,11 @@ Then commit the new tokens to the split cache as today.
 Decode (S == 1) over a SplitKVCache layer: commit the new token first (a ring slot it
 overwrites holds rank q_rank - window, which the query may not attend anyway), then
 
-    out = torch.ops.headpolicy.decode_attention(
-        q, q_rank[:, 0],                             # q [B, Hq, 1, D], q_rank [B]
-        layer.keys, layer.values, k_rank,            # retrieval part [B, R, T, D]; k_rank [B, T] or None
-        [s.sink.k for s in layer.streams], [s.sink.v for s in layer.streams],
-        [s.sink.rank for s in layer.streams],
-        [s.ring.k for s in layer.streams], [s.ring.v for s in layer.streams],
-        [s.ring.rank for s in layer.streams],
-        [g.sink for g in plan.groups], [g.window for g in plan.groups], scale)   # [B, Hq, 1, D]
+    out = torch.ops.headpolicy.decode_attention(*layer.decode_op_args(q, q_rank[:, 0], k_rank, scale))
+
+(q [B, Hq, 1, D], q_rank [B]; the retrieval part [B, R, T, D] with key ranks [B, T] or None;
+each streaming group's one buffer [B, Hg, <= sink + window, D] with ranks, passed as the
+op's ring part, its sink part empty: ranks tell sink tokens from ring tokens.)
 
 Chunked prefill on top of a split cache (S > 1 with a cache) keeps the PyTorch path.
 """

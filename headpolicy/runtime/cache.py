@@ -1,22 +1,23 @@
 """The split KV cache: full history for retrieval heads, sink + ring buffer for streaming heads.
 
 Per layer (heads in the order `apply` put them):
-    retrieval   keys/values [B, R, T, D]              grows with every token
-    group g     sink  [B, Hg, <=sink,   D] + ranks    the first `sink` real tokens
-                ring  [B, Hg, <=window, D] + ranks    the last `window` real tokens after the sink
+    retrieval   keys/values [B, R, T, D]                  grows with every token
+    group g     keys/values [B, Hg, <= sink + window, D]  the first `sink` real tokens, then a
+                + ranks [B, <= sink + window]             ring of the last `window` after them
 
 so streaming heads hold min(T, sink + window) tokens. Buffers grow only as far as they
 are filled; `kv_bytes()` sums the key/value tensors that are actually allocated.
 
 `update()` stores the retrieval part at once but only *stages* the streaming part: which
-ring slot a token takes depends on its rank among real tokens, known only from the padding
-mask that the attention function receives. The attention function therefore calls
-`SplitKVView.attend`, which attends and then commits the new tokens.
+slot a token takes depends on its rank among real tokens, known only from the padding mask
+that the attention function receives. The attention function therefore calls
+`SplitKVView.attend`, which attends and commits the new tokens.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from headpolicy.runtime.attention import (
@@ -32,38 +33,64 @@ from headpolicy.runtime.plan import LayerPlan, StreamGroup
 from headpolicy.runtime.reference import token_ranks
 
 
-class _Buffer:
-    """A [B, H, N, D] key/value pair with ranks [B, N] (-1 = empty), grown on demand up to `cap`."""
+class _StreamWindow:
+    """One streaming group's tokens: k, v [B, Hg, n, D] and ranks [B, n] (-1 = empty), n <= sink + window.
 
-    def __init__(self, batch: int, heads: int, dim: int, cap: int, dtype, device):
-        self.k = torch.zeros(batch, heads, 0, dim, dtype=dtype, device=device)
+    The token of rank r lives in slot r if r < sink, else in slot sink + (r - sink) % window:
+    until the buffer is full it fills in order like a dynamic cache, then its ring part wraps.
+    Right after token r is committed the buffer holds exactly the keys r may attend.
+    """
+
+    def __init__(self, group: StreamGroup, batch: int, dim: int, dtype, device):
+        self.group = group
+        self.k = torch.zeros(batch, group.num_heads, 0, dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.rank = torch.full((batch, 0), -1, dtype=torch.long, device=device)
-        self.cap = cap
 
     @property
     def size(self) -> int:
         return self.k.shape[2]
 
-    def grow(self, n: int) -> None:
-        n = min(n, self.cap)
-        if n <= self.size:
+    def slot(self, rank):
+        sink, window = self.group.sink, self.group.window
+        if isinstance(rank, int):
+            return rank if rank < sink else sink + (rank - sink) % window
+        return torch.where(rank < sink, rank, sink + (rank - sink) % window)
+
+    def _grow(self, n: int) -> None:
+        extra = min(n, self.group.sink + self.group.window) - self.size
+        if extra <= 0:
             return
-        extra = n - self.size
         B, H, _, D = self.k.shape
         self.k = torch.cat([self.k, self.k.new_zeros(B, H, extra, D)], dim=2)
         self.v = torch.cat([self.v, self.v.new_zeros(B, H, extra, D)], dim=2)
         self.rank = torch.cat([self.rank, self.rank.new_full((B, extra), -1)], dim=1)
 
-    def write(self, slot: torch.Tensor, sel: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank):
-        """Put token s of row b (where sel[b, s]) at slot[b, s]. k, v: [B, H, S, D]."""
-        b, s = sel.nonzero(as_tuple=True)
+    def commit(self, k: torch.Tensor, v: torch.Tensor, rank: torch.Tensor) -> None:
+        """Store new tokens k, v: [B, Hg, S, D] with ranks [B, S] (-1 = padding)."""
+        sink, window = self.group.sink, self.group.window
+        last = rank.max(dim=1, keepdim=True).values
+        keep = (rank >= 0) & ((rank < sink) | (rank > last - window))  # only the newest `window` survive
+        b, s = keep.nonzero(as_tuple=True)
         if b.numel() == 0:
             return
-        dst = slot[b, s]
+        self._grow(int(rank.max()) + 1)
+        dst = self.slot(rank[b, s])
         self.k.transpose(1, 2)[b, dst] = k.transpose(1, 2)[b, s]
         self.v.transpose(1, 2)[b, dst] = v.transpose(1, 2)[b, s]
         self.rank[b, dst] = rank[b, s]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, rank: int) -> None:
+        """Fast path: one new token with the same rank in every row (no padding). k, v: [B, Hg, 1, D]."""
+        slot = self.slot(rank)
+        if slot == self.size:  # still filling up
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+            self.rank = torch.cat([self.rank, self.rank.new_full((k.shape[0], 1), rank)], dim=1)
+        else:
+            self.k[:, :, slot] = k[:, :, 0]
+            self.v[:, :, slot] = v[:, :, 0]
+            self.rank[:, slot] = rank
 
     def segment(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.k, self.v, self.rank
@@ -74,31 +101,6 @@ class _Buffer:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
-
-
-class _StreamBuffers:
-    def __init__(self, group: StreamGroup, batch: int, dim: int, dtype, device):
-        self.group = group
-        self.sink = _Buffer(batch, group.num_heads, dim, group.sink, dtype, device)
-        self.ring = _Buffer(batch, group.num_heads, dim, group.window, dtype, device)
-
-    def commit(self, k: torch.Tensor, v: torch.Tensor, rank: torch.Tensor) -> None:
-        """Store new tokens k, v: [B, H, S, D] with ranks [B, S] (-1 = padding)."""
-        sink, window = self.group.sink, self.group.window
-        top = int(rank.max()) if rank.numel() else -1
-        to_sink = (rank >= 0) & (rank < sink)
-        if bool(to_sink.any()):
-            self.sink.grow(top + 1)
-            self.sink.write(rank, to_sink, k, v, rank)
-        last = rank.max(dim=1, keepdim=True).values
-        to_ring = (rank >= sink) & (rank > last - window)  # only the newest `window` survive
-        if bool(to_ring.any()):
-            self.ring.grow(top + 1 - sink)
-            self.ring.write((rank - sink) % window, to_ring, k, v, rank)
-
-    @property
-    def nbytes(self) -> int:
-        return self.sink.nbytes + self.ring.nbytes
 
 
 class SplitKVLayer(CacheLayerMixin):
@@ -112,8 +114,7 @@ class SplitKVLayer(CacheLayerMixin):
         super().__init__()
         self.plan = plan
         self.seen = 0  # slots seen, padding included (what transformers calls the sequence length)
-        self.n_real: torch.Tensor | None = None  # [B] real tokens seen per row
-        self.streams: list[_StreamBuffers] = []
+        self.streams: list[_StreamWindow] = []
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, _, _, D = key_states.shape
@@ -122,8 +123,7 @@ class SplitKVLayer(CacheLayerMixin):
         R = self.plan.num_retrieval
         self.keys = key_states.new_zeros(B, R, 0, D)
         self.values = value_states.new_zeros(B, R, 0, D)
-        self.n_real = torch.zeros(B, dtype=torch.long, device=device)
-        self.streams = [_StreamBuffers(g, B, D, dtype, device) for g in self.plan.groups]
+        self.streams = [_StreamWindow(g, B, D, dtype, device) for g in self.plan.groups]
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -148,16 +148,15 @@ class SplitKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = None
-        self.streams, self.n_real, self.seen = [], None, 0
+        self.streams, self.seen = [], 0
         self.is_initialized = False
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
             return
-        self.keys, self.values, self.n_real = self.keys[indices], self.values[indices], self.n_real[indices]
+        self.keys, self.values = self.keys[indices], self.values[indices]
         for s in self.streams:
-            s.sink.select_batch(indices)
-            s.ring.select_batch(indices)
+            s.select_batch(indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx.to(self.device))
@@ -185,8 +184,23 @@ class SplitKVLayer(CacheLayerMixin):
         R = self.plan.num_retrieval
         n = R * self.keys.shape[2]
         for s in self.streams:
-            n += s.group.num_heads * (s.sink.size + s.ring.size)
+            n += s.group.num_heads * s.size
         return n
+
+    def decode_op_args(self, q, q_rank, k_rank, scale) -> tuple:
+        """Arguments of torch.ops.headpolicy.decode_attention for one step (new token committed).
+
+        Each group's sink and ring share one buffer, passed as the ring part (ranks say which
+        is which); the op's separate sink parts are empty.
+        """
+        s, B, D = self.streams, q.shape[0], q.shape[-1]
+        empty = [self.keys.new_zeros(B, x.group.num_heads, 0, D) for x in s]
+        no_rank = [x.rank[:, :0] for x in s]
+        return (
+            q, q_rank, self.keys, self.values, k_rank, empty, empty, no_rank,
+            [x.k for x in s], [x.v for x in s], [x.rank for x in s],
+            [x.group.sink for x in s], [x.group.window for x in s], scale,
+        )  # fmt: skip
 
 
 class SplitKVView:
@@ -201,61 +215,91 @@ class SplitKVView:
 
     def attend(self, q: torch.Tensor, attention_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
         """q: [B, Hq, S, D] -> [B, Hq, S, D]; also commits the new tokens to the streaming buffers."""
-        layer, plan = self.layer, self.layer.plan
+        layer = self.layer
         B, _, S, _ = q.shape
         T = layer.seen
         key_mask = check_key_mask(attention_mask, B, T)
         if key_mask is not None and bool(key_mask.all()):
             key_mask = None
-        if key_mask is None:
+        if key_mask is None:  # no padding anywhere: every row has the same ranks
             k_rank = None
-            q_rank = layer.n_real[:, None] + torch.arange(S, device=q.device)[None, :]
+            q_rank = torch.arange(T - S, T, device=q.device).expand(B, S)
         else:
             k_rank = token_ranks(key_mask, B, T, device=q.device)
             q_rank = k_rank[:, T - S :]
         if use_kernels(q) and (S == 1 or T == S):
-            out = self._attend_kernel(q, q_rank, k_rank, key_mask, scale)
-            layer.n_real = layer.n_real + (q_rank >= 0).sum(dim=1)
-            return out
-        G, R = plan.group_size, plan.num_retrieval
-        outs = []
-        if R:
-            qr = q_rank if k_rank is not None else None
-            outs.append(retrieval_attention(q[:, : R * G], layer.keys, layer.values, k_rank, qr, scale))
-        for stream in layer.streams:
+            return self._attend_kernel(q, q_rank, k_rank, key_mask, scale)
+        if S == 1:
+            return self._decode(q, q_rank, k_rank, scale)
+        return self._prefill(q, q_rank, k_rank, scale)
+
+    def _retrieval(self, q, q_rank, k_rank, scale) -> list[torch.Tensor]:
+        layer, plan = self.layer, self.layer.plan
+        R, G = plan.num_retrieval, plan.group_size
+        if not R:
+            return []
+        qr = q_rank if k_rank is not None else None
+        return [retrieval_attention(q[:, : R * G], layer.keys, layer.values, k_rank, qr, scale)]
+
+    def _prefill(self, q, q_rank, k_rank, scale) -> torch.Tensor:
+        """S > 1 new tokens: chunked local attention over [buffer, new sink tokens, new tokens], then commit."""
+        G = self.layer.plan.group_size
+        outs = self._retrieval(q, q_rank, k_rank, scale)
+        for stream in self.layer.streams:
             g = stream.group
             kg, vg = self.new_k[:, g.start : g.stop], self.new_v[:, g.start : g.stop]
-            idx, cand_rank = first_sink_tokens(q_rank, g.sink, min(S, g.sink))
+            idx, cand_rank = first_sink_tokens(q_rank, g.sink, min(q.shape[2], g.sink))
             candidates = (gather_slots(kg, idx), gather_slots(vg, idx), cand_rank)
             local_rank = torch.where(q_rank >= g.sink, q_rank, torch.full_like(q_rank, -1))
-            fixed = [stream.sink.segment(), candidates, stream.ring.segment()]
             qg = q[:, g.start * G : g.stop * G]
+            fixed = [stream.segment(), candidates]
             outs.append(streaming_attention(qg, q_rank, fixed, (kg, vg, local_rank), g.sink, g.window, scale))
             stream.commit(kg, vg, q_rank)
-        layer.n_real = layer.n_real + (q_rank >= 0).sum(dim=1)
+        return torch.cat(outs, dim=1)
+
+    def _commit_step(self, q_rank, k_rank) -> None:
+        """Store one new token per row: in place when no row is padded, else by rank."""
+        for stream in self.layer.streams:
+            g = stream.group
+            kg, vg = self.new_k[:, g.start : g.stop], self.new_v[:, g.start : g.stop]
+            if k_rank is None:
+                stream.append(kg, vg, self.layer.seen - 1)
+            else:
+                stream.commit(kg, vg, q_rank)
+
+    def _decode(self, q, q_rank, k_rank, scale) -> torch.Tensor:
+        """One new token: commit it, then each streaming group attends over its buffer alone.
+
+        Without padding every buffer entry is a key the query may attend, so no mask is needed.
+        """
+        self._commit_step(q_rank, k_rank)
+        G = self.layer.plan.group_size
+        outs = self._retrieval(q, q_rank, k_rank, scale)
+        for stream in self.layer.streams:
+            g = stream.group
+            qg = q[:, g.start * G : g.stop * G]
+            if k_rank is None:
+                outs.append(F.scaled_dot_product_attention(qg, stream.k, stream.v, scale=scale, enable_gqa=True))
+                continue
+            kr, qr = stream.rank[:, None, None, :], q_rank[:, None, :, None]
+            mask = (kr >= 0) & (kr <= qr) & ((kr < g.sink) | (qr - kr < g.window))
+            out = F.scaled_dot_product_attention(qg, stream.k, stream.v, attn_mask=mask, scale=scale, enable_gqa=True)
+            outs.append(out.nan_to_num(0.0))
         return torch.cat(outs, dim=1)
 
     def _attend_kernel(self, q, q_rank, k_rank, key_mask, scale) -> torch.Tensor:
         """Generated kernels: a fresh prefill (the cache was empty) or one decode step."""
-        layer, plan = self.layer, self.layer.plan
+        layer = self.layer
         if q.shape[2] > 1:  # fresh prefill: every token is in new_k/new_v
-            out = prefill_kernel(plan, q, self.new_k, self.new_v, key_mask, scale)
-        for stream in layer.streams:
-            g = stream.group
-            stream.commit(self.new_k[:, g.start : g.stop], self.new_v[:, g.start : g.stop], q_rank)
-        if q.shape[2] > 1:
+            out = prefill_kernel(layer.plan, q, self.new_k, self.new_v, key_mask, scale)
+            for stream in layer.streams:
+                g = stream.group
+                stream.commit(self.new_k[:, g.start : g.stop], self.new_v[:, g.start : g.stop], q_rank)
             return out
-        # Decode reads the cache after the commit: the ring slot the new token took held
-        # rank q_rank - window, which the query may not attend anyway.
+        self._commit_step(q_rank, k_rank)
         from headpolicy.codegen import ops  # noqa: F401  (registers torch.ops.headpolicy.*)
 
-        s = layer.streams
-        return torch.ops.headpolicy.decode_attention(
-            q, q_rank[:, 0], layer.keys, layer.values, k_rank,
-            [x.sink.k for x in s], [x.sink.v for x in s], [x.sink.rank for x in s],
-            [x.ring.k for x in s], [x.ring.v for x in s], [x.ring.rank for x in s],
-            [x.group.sink for x in s], [x.group.window for x in s], scale,
-        )  # fmt: skip
+        return torch.ops.headpolicy.decode_attention(*layer.decode_op_args(q, q_rank[:, 0], k_rank, scale))
 
 
 class SplitKVCache(Cache):

@@ -30,14 +30,8 @@ def tables(plan, device):
 
 
 def decode_args(layer, q, q_rank, k_rank, scale):
-    """The documented runtime call (codegen/__init__.py) for one SplitKVLayer."""
-    streams, plan = layer.streams, layer.plan
-    return (
-        q, q_rank, layer.keys, layer.values, k_rank,
-        [s.sink.k for s in streams], [s.sink.v for s in streams], [s.sink.rank for s in streams],
-        [s.ring.k for s in streams], [s.ring.v for s in streams], [s.ring.rank for s in streams],
-        [g.sink for g in plan.groups], [g.window for g in plan.groups], scale,
-    )  # fmt: skip
+    """The runtime's own call (SplitKVLayer.decode_op_args) for one layer."""
+    return layer.decode_op_args(q, q_rank, k_rank, scale)
 
 
 PLANS = {

@@ -106,8 +106,10 @@ def test_streaming_buffers_never_exceed_sink_plus_window():
         view.attend(q[:, :, t : t + 1], None, 1.0)
         for stream in layer.streams:
             g = stream.group
-            assert stream.sink.size == min(t + 1, g.sink)
-            assert stream.ring.size == min(max(0, t + 1 - g.sink), g.window)
+            assert stream.size == min(t + 1, g.sink + g.window)
+            # the buffer holds exactly the sink tokens and the last `window` tokens after them
+            expected = set(range(min(t + 1, g.sink))) | set(range(max(g.sink, t + 1 - g.window), t + 1))
+            assert set(stream.rank[0].tolist()) == expected
     assert layer.keys.shape[2] == 40
 
 
