@@ -8,6 +8,10 @@ runtime (`headpolicy.apply`, split KV cache, greedy `generate`) on held-out pass
 (other task seeds, longer) at 2K and 4K tokens, next to the full model and the all-streaming
 baseline. `hybrid` (compile's previous default: mean of max-normalised retrieval and
 attention_mass) and `ensemble` reuse their members' score maps; their time is the sum of theirs.
+Head sets are nested (the top k of one score map), so with `--infer` (default) budgets are
+bisected: above a budget that already matches the full model, and below one that matches
+all-streaming, cells are recorded as `inferred_from` that budget instead of run (marked * in
+the table); this assumes accuracy does not drop when heads are added.
 `--resume` keeps the baselines and scorers already in the results file and runs the rest.
 
 Default choice ("best per minute of profiling"): a scorer's *gain* is its mean accuracy over
@@ -61,6 +65,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--gates-max-steps", type=int, default=GateSettings.max_steps)
     p.add_argument("--tag", default="smollm2-135m", help="results file: bench/results/scorers_<tag>.json")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    p.add_argument("--infer", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip budgets settled by nesting (see the module docstring)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="reuse baselines and scorers already in the results file")
     p.add_argument("--report", action="store_true", help="no model: recompute the summary of the results file")
     p.add_argument("--merge", nargs="*", default=[], help="with --report: add scorers from these results files")
@@ -145,6 +151,7 @@ def main() -> int:
             "ensemble_members": list(MEMBERS),
             "hybrid_members": list(HYBRID),
             "note": args.note,
+            "infer": args.infer,
         },
         "baselines": {},
         "scorers": {},
@@ -216,17 +223,34 @@ def main() -> int:
             scores[name] = get_scorer(name)(model, tasks, sink=args.sink, window=args.window)
             seconds[name] = time.perf_counter() - t
         print(f"{name}: profiled in {seconds[name]:.0f} s {extra}", flush=True)
-        cells = []
-        for b in args.budgets:
+        cells = {}
+        todo = sorted(args.budgets)
+        while todo:
+            b = todo[len(todo) // 2]  # bisect: one cell can settle the budgets on one side
             table = select_budget(scores[name], b)
             policy = HeadPolicy.from_kinds(info, table.tolist(), sink=args.sink, window=args.window)
             key = np.packbits(table).tobytes()
             te = time.perf_counter()
             if key not in cache:
                 cache[key] = evaluate(policy)
-            cells.append({"budget": b, "retrieval_heads": int(table.sum()), "accuracy": cache[key],
-                          "kv_fraction": kv(policy), "eval_seconds": round(time.perf_counter() - te, 1)})  # fmt: skip
-            print(f"  budget {b:.2f}: {cells[-1]}", flush=True)
+            acc = cache[key]
+            cells[b] = {"budget": b, "retrieval_heads": int(table.sum()), "accuracy": acc, "kv_fraction": kv(policy),
+                        "eval_seconds": round(time.perf_counter() - te, 1)}  # fmt: skip
+            print(f"  budget {b:.2f}: {cells[b]}", flush=True)
+            todo.remove(b)
+            if args.infer and acc == full_acc:  # larger budgets keep a superset of these heads
+                side = [x for x in todo if x > b]
+            elif args.infer and acc == result["baselines"]["streaming"]["accuracy"]:  # smaller: a subset
+                side = [x for x in todo if x < b]
+            else:
+                side = []
+            for x in side:
+                t2 = select_budget(scores[name], x)
+                p2 = HeadPolicy.from_kinds(info, t2.tolist(), sink=args.sink, window=args.window)
+                cells[x] = {"budget": x, "retrieval_heads": int(t2.sum()), "accuracy": acc, "kv_fraction": kv(p2),
+                            "inferred_from": b}  # fmt: skip
+                todo.remove(x)
+        cells = [cells[b] for b in args.budgets]
         result["scorers"][name] = {
             "profile_seconds": round(seconds[name], 1),
             "scores": np.round(scores[name], 6).tolist(),
@@ -271,7 +295,10 @@ def markdown_table(result: dict) -> str:
         acc = "/".join(f"{b['accuracy'][n]:.0f}" for n in lengths)
         lines.append(f"| {name} (baseline) | - | " + " | ".join([acc] * len(budgets)) + " | - |")
     for name, row in result["scorers"].items():
-        cells = ["/".join(f"{c['accuracy'][n]:.0f}" for n in lengths) for c in row["budgets"]]
+        cells = [
+            "/".join(f"{c['accuracy'][n]:.0f}" for n in lengths) + ("*" if "inferred_from" in c else "")
+            for c in row["budgets"]
+        ]
         lines.append(
             f"| {name} | {row['profile_seconds']:.0f} | " + " | ".join(cells) + f" | {row['mean_accuracy']:.1f} |"
         )
