@@ -6,7 +6,7 @@ For each context, full and policy runs alternate (`--repeats` times, median take
 see the same machine load. KV bytes are read from the caches themselves and checked
 against the formula retrieval * T + streaming * min(T, sink + window).
 
-    python bench/kv_memory.py [--contexts 1024 2048 4096] [--new-tokens 32] [--repeats 3]
+    python bench/kv_memory.py [--contexts 1024 2048 4096] [--new-tokens 32] [--repeats 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -71,7 +71,13 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS / "kv_memory_cpu.json")
+    ap.add_argument(
+        "--threads", type=int, default=None,
+        help="torch intra-op threads for both sides (default: torch's choice); use 1 on a shared, loaded machine",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     full, tok = load_model(args.model)
     policy = hand_policy(full)
