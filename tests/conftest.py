@@ -3,6 +3,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headpolicy import HeadPolicy, describe_model
+from headpolicy.runtime.plan import LayerPlan, StreamGroup
 
 
 def tiny_llama(
@@ -29,6 +30,15 @@ def tiny_llama(
 
 def policy_for(model, retrieval, *, sink=4, window=8, **kw) -> HeadPolicy:
     return HeadPolicy.from_kinds(describe_model(model), retrieval, sink=sink, window=window, **kw)
+
+
+def make_plan(num_retrieval, groups, group_size) -> LayerPlan:
+    """A one-layer plan: `num_retrieval` retrieval KV heads, then groups of (num_heads, sink, window)."""
+    out, pos = [], num_retrieval
+    for n, sink, window in groups:
+        out.append(StreamGroup(pos, pos + n, sink, window))
+        pos += n
+    return LayerPlan(0, tuple(range(pos)), num_retrieval, tuple(out), group_size)
 
 
 @pytest.fixture

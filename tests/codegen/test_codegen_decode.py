@@ -5,28 +5,10 @@ import torch
 from codegen_helpers import TOL, kernel_devices
 
 from headpolicy.codegen.reference import decode_reference
+from headpolicy.runtime.attention import plan_tables
 from headpolicy.runtime.cache import SplitKVLayer
-from headpolicy.runtime.plan import LayerPlan, StreamGroup
 from headpolicy.runtime.reference import reference_attention, token_ranks
-
-
-def make_plan(num_retrieval, groups, group_size):
-    out, pos = [], num_retrieval
-    for n, sink, window in groups:
-        out.append(StreamGroup(pos, pos + n, sink, window))
-        pos += n
-    return LayerPlan(0, tuple(range(pos)), num_retrieval, tuple(out), group_size)
-
-
-def tables(plan, device):
-    H = plan.num_kv_heads
-    retrieval = torch.zeros(H, dtype=torch.bool, device=device)
-    retrieval[: plan.num_retrieval] = True
-    sink = torch.zeros(H, dtype=torch.long, device=device)
-    window = torch.ones(H, dtype=torch.long, device=device)
-    for g in plan.groups:
-        sink[g.start : g.stop], window[g.start : g.stop] = g.sink, g.window
-    return retrieval, sink, window
+from tests.conftest import make_plan
 
 
 def decode_args(layer, q, q_rank, k_rank, scale):
@@ -55,7 +37,7 @@ def test_decode_over_split_cache_matches_dense_reference(triton_backend, device,
     mask = torch.ones(B, T, dtype=torch.long, device=device)
     if padded:
         mask[1, :3] = 0  # row 1 is left-padded by 3 slots
-    retrieval, sink, window = tables(plan, device)
+    retrieval, sink, window = plan_tables(plan, device)
     layer = SplitKVLayer(plan)
     with torch.no_grad():
         view, _ = layer.update(k[:, :, :11], v[:, :, :11])

@@ -6,23 +6,14 @@ import torch
 from headpolicy.runtime import attention
 from headpolicy.runtime.attention import plan_tables, policy_attention_dense
 from headpolicy.runtime.cache import SplitKVLayer
-from headpolicy.runtime.plan import LayerPlan, StreamGroup
 from headpolicy.runtime.reference import reference_attention, token_ranks
+from tests.conftest import make_plan
 
 
 class FakeAttn(torch.nn.Module):
     def __init__(self, plan):
         super().__init__()
         self.headpolicy_plan = plan
-
-
-def make_plan(num_retrieval, groups, group_size):
-    """groups: list of (num_heads, sink, window)."""
-    out, pos = [], num_retrieval
-    for n, sink, window in groups:
-        out.append(StreamGroup(pos, pos + n, sink, window))
-        pos += n
-    return LayerPlan(0, tuple(range(pos)), num_retrieval, tuple(out), group_size)
 
 
 PLANS = {
