@@ -36,8 +36,11 @@ FAST = ["--lengths", "600", "--heldout-lengths", "700", "--heldout-depths", "0.5
 
 def test_compile_writes_a_valid_policy(checkpoint, tmp_path, capsys):
     out = tmp_path / "p.yaml"
-    rc = main(["compile", str(checkpoint), "-o", str(out), "--budget", "0.5", "--seed", "3", *FAST])
+    report = tmp_path / "compile.json"
+    args = ["-o", str(out), "--budget", "0.5", "--seed", "3", "--json", str(report), *FAST]
+    rc = main(["compile", str(checkpoint), *args])
     assert rc == 0
+    assert json.loads(report.read_text())["results"]["retrieval_heads"] == 2
     policy = HeadPolicy.load(out)
     assert policy.num_retrieval == 2 and policy.num_heads == 4
     assert (policy.sink, policy.window) == (4, 8)

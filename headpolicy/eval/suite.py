@@ -100,7 +100,8 @@ def summarise(runs: dict[str, dict], s: SuiteSettings, policy) -> dict:
                 "kv_bytes": int(sum(c["kv_bytes"] for c in group) / len(group)),
             }
         table[name] = {"by_length": per_len, "accuracy": 100.0 * sum(c["correct"] for c in cells) / len(cells),
-                       "retrieval_heads": runs[name]["retrieval_heads"], "seconds": runs[name]["seconds"]}  # fmt: skip
+                       "retrieval_heads": runs[name]["retrieval_heads"], "seconds": runs[name]["seconds"],
+                       "cells": cells}  # fmt: skip
     if random_names:
         mean = {"by_length": {}, "retrieval_heads": policy.num_retrieval, "seeds": len(random_names)}
         for length in table[random_names[0]]["by_length"]:
