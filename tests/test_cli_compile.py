@@ -88,3 +88,26 @@ def test_impossible_budget_fails_cleanly(checkpoint, tmp_path, capsys, extra, ma
     assert rc == 2 and not out.exists()
     last = err.splitlines()[-1]  # earlier lines are transformers' loading bars
     assert last.startswith("headpolicy compile: BudgetError") and match in last
+
+
+def test_compile_chooses_only_full_attention_layers_of_a_hybrid_model(tmp_path):
+    """Gemma 3 style: the middle layer slides on its own; the budget counts the other layers' heads."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=6, query_pre_attn_scalar=16,
+        layer_types=["full_attention", "sliding_attention", "full_attention"], max_position_embeddings=2048,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    ckpt = tmp_path / "tiny-gemma3"
+    Gemma3ForCausalLM(cfg).save_pretrained(ckpt)
+    _byte_tokenizer().save_pretrained(ckpt)
+    out = tmp_path / "p.yaml"
+    assert main(["compile", str(ckpt), "-o", str(out), "--budget", "0.5", "--method", "attention_mass", *FAST]) == 0
+    policy = HeadPolicy.load(out)
+    assert policy.model.native_windows == (None, 6, None)
+    assert policy.num_retrieval == 2  # half of the 4 heads in the 2 full-attention layers
+    assert [(h.kind, h.sink, h.window) for h in policy.layers[1]] == [("streaming", 0, 6)] * 2

@@ -118,13 +118,16 @@ def compile_policy(
     s.check()
     codec = T.as_codec(tokenizer)
     info = describe_model(model, name)
+    # Only full-attention layers are chosen for; a hybrid model's own sliding-window layers
+    # stay as they are (ModelInfo.native_windows), so budgets count the other heads only.
+    chosen = info.policy_layers
     secs: dict[str, float] = {}
     if s.budget is not None:  # fail before profiling, not after
-        n = info.num_layers * info.num_kv_heads
-        if budget_heads(s.budget, n) < s.min_per_layer * info.num_layers:
+        n = len(chosen) * info.num_kv_heads
+        if budget_heads(s.budget, n) < s.min_per_layer * len(chosen):
             raise BudgetError(
-                f"a budget of {budget_heads(s.budget, n)} retrieval heads cannot give each of {info.num_layers} "
-                f"layers {s.min_per_layer} (needs at least {s.min_per_layer * info.num_layers}); "
+                f"a budget of {budget_heads(s.budget, n)} retrieval heads cannot give each of {len(chosen)} "
+                f"layers {s.min_per_layer} (needs at least {s.min_per_layer * len(chosen)}); "
                 "lower --min-per-layer or raise the budget"
             )
     t_all = time.perf_counter()
@@ -145,6 +148,12 @@ def compile_policy(
     final = combine(scores) if len(scores) > 1 else scores[names[0]]
     secs["score"] = time.perf_counter() - t
 
+    def expand(sub: np.ndarray) -> np.ndarray:
+        """A [len(chosen), kv_heads] selection as a [layers, kv_heads] table."""
+        table = np.zeros(final.shape, dtype=bool)
+        table[chosen] = sub
+        return table
+
     def make(table: np.ndarray, results=None) -> HeadPolicy:
         return HeadPolicy.from_kinds(info, table.tolist(), sink=s.sink, window=s.window, scores=final, results=results)
 
@@ -164,7 +173,7 @@ def compile_policy(
     t = time.perf_counter()
     trace: list[dict] = []
     if s.budget is not None:
-        table = select_budget(final, s.budget, min_per_layer=s.min_per_layer)
+        table = expand(select_budget(final[chosen], s.budget, min_per_layer=s.min_per_layer))
         budget = s.budget
         policy_acc = evaluate(table) if held else None
     else:
@@ -172,14 +181,14 @@ def compile_policy(
         if not grid:
             raise BudgetError(f"no budget in the search grid is <= --max-budget {s.max_budget}")
         found = select_closed_loop(
-            final,
-            evaluate,
+            final[chosen],
+            lambda sub: evaluate(expand(sub)),
             full_accuracy=full_acc,
             tolerance=s.target_drop,
             budgets=grid,
             min_per_layer=s.min_per_layer,
         )
-        table, budget, policy_acc, trace = found.table, found.budget, found.accuracy, found.trace
+        table, budget, policy_acc, trace = expand(found.table), found.budget, found.accuracy, found.trace
     secs["select"] = time.perf_counter() - t
     secs["total"] = time.perf_counter() - t_all
 
