@@ -20,6 +20,7 @@ from headpolicy.errors import (
 from headpolicy.models import describe_model, fingerprint, load_model
 from headpolicy.policies.importers import ImportFormatError, import_policy
 from headpolicy.policies.schema import HeadPolicy, HeadSpec, ModelInfo, Provenance
+from headpolicy.profiler.compile import CompileSettings, compile_policy
 from headpolicy.runtime.apply import applied_policy, apply
 from headpolicy.runtime.cache import SplitKVCache
 
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AlreadyAppliedError",
     "BudgetError",
+    "CompileSettings",
     "HeadPolicy",
     "HeadPolicyError",
     "HeadSpec",
@@ -42,6 +44,7 @@ __all__ = [
     "applied_policy",
     "apply",
     "attach",
+    "compile_policy",
     "import_policy",
     "save_pretrained",
     "describe_model",
