@@ -88,17 +88,21 @@ class Codec:
 
 
 class CharCodec(Codec):
-    """A tokenizer-free codec for tiny random models: one id per character, `offset + ord(c) % span`."""
+    """A tokenizer-free codec for tiny random models: printable ASCII, one id per character.
+
+    Character c gets id `offset + (ord(c) - 32) % span`; it round-trips while the vocabulary
+    covers it (97 ids with offset 3 cover ' ' .. '}').
+    """
 
     def __init__(self, vocab_size: int, offset: int = 3):
         self.size, self.offset = vocab_size, offset
         self.span = vocab_size - offset
 
     def encode(self, text: str) -> list[int]:
-        return [self.offset + ord(c) % self.span for c in text]
+        return [self.offset + (ord(c) - 32) % self.span for c in text]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return "".join(chr(i - self.offset) if 32 <= i - self.offset < 127 else "?" for i in ids)
+        return "".join(chr(32 + i - self.offset) if 0 <= i - self.offset < min(self.span, 95) else "?" for i in ids)
 
     @property
     def vocab_size(self) -> int:
