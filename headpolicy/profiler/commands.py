@@ -39,7 +39,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="alias (smollm2-135m), checkpoint directory, or .gguf file")
     p.add_argument("-o", "--output", required=True, help="policy YAML to write (atomically)")
     p.add_argument("--method", default=d.method, choices=[*scorer_names(), "hybrid"],
-                   help=f"head scorer (default {d.method}: mean of normalised retrieval + attention_mass)")  # fmt: skip
+                   help=f"head scorer (default {d.method}, from bench/scorers.py; see README \"Scorers\")")  # fmt: skip
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--budget", type=float, help="fraction of KV heads that stay retrieval (skips the search)")
     sel.add_argument("--target-drop", type=float, default=d.target_drop,
@@ -110,6 +110,11 @@ def run_compile(args: argparse.Namespace) -> int:
         }
         write_json(Path(args.json), report_data)
     print(summary_table(policy, out), file=sys.stdout)
+    members = {k: v for k, v in report.scores.items() if k not in ("hybrid", "ensemble")}
+    if len(members) > 1:  # hybrid / ensemble: how much do the combined scorers agree?
+        from headpolicy.profiler.scorers.ensemble import agreement, format_agreement
+
+        print(format_agreement(agreement(members)), file=sys.stdout)
     return 0
 
 

@@ -28,6 +28,8 @@ from headpolicy.policies.schema import HeadPolicy, Provenance
 from headpolicy.policies.select import DEFAULT_GRID, budget_heads, select_budget, select_closed_loop
 from headpolicy.profiler import tasks as T
 from headpolicy.profiler.scorers import get_scorer, scorer_names
+from headpolicy.profiler.scorers.ensemble import MEMBERS as ENSEMBLE
+from headpolicy.profiler.scorers.ensemble import fuse
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ HYBRID = ("retrieval", "attention_mass")
 
 @dataclass
 class CompileSettings:
-    method: str = "hybrid"  # a scorer name or "hybrid"
+    method: str = "echo_induction"  # a scorer name or "hybrid"; default from bench/scorers.py (README "Scorers")
     budget: float | None = None  # fraction of KV heads kept retrieval; None = closed loop
     target_drop: float = 2.0  # closed loop: allowed held-out accuracy drop, in points
     sink: int = 64
@@ -137,7 +139,7 @@ def compile_policy(
     tasks = scoring_tasks(codec, s, pool)
     secs["tasks"] = time.perf_counter() - t
 
-    names = list(HYBRID) if s.method == "hybrid" else [s.method]
+    names = list(HYBRID) if s.method == "hybrid" else list(ENSEMBLE) if s.method == "ensemble" else [s.method]
     scores: dict[str, np.ndarray] = {}
     t = time.perf_counter()
     for n in names:
@@ -145,7 +147,10 @@ def compile_policy(
         todo = sum(task.kind in scorer.kinds for task in tasks)
         with _bar(todo, f"score {n}", progress) as bar:
             scores[n] = scorer(model, tasks, sink=s.sink, window=s.window, progress=bar)
-    final = combine(scores) if len(scores) > 1 else scores[names[0]]
+    if s.method == "ensemble":
+        final = fuse(scores)  # rank fusion (scorers/ensemble.py); members kept for the agreement report
+    else:
+        final = combine(scores) if len(scores) > 1 else scores[names[0]]
     secs["score"] = time.perf_counter() - t
 
     def expand(sub: np.ndarray) -> np.ndarray:
@@ -225,4 +230,4 @@ def compile_policy(
     policy = make(table, results).replace(provenance=provenance)
     log.info("compiled: %d/%d retrieval heads, KV %.1f%% at %d", policy.num_retrieval, policy.num_heads,
              100 * results["kv_fraction"], ctx)  # fmt: skip
-    return CompileReport(policy, scores | ({"hybrid": final} if len(scores) > 1 else {}), secs)
+    return CompileReport(policy, scores | ({s.method: final} if len(scores) > 1 else {}), secs)
