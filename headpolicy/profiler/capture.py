@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from headpolicy.runtime.attention import padding_mask
+
 CAPTURE_NAME = "headpolicy_capture"
 CHUNK = 128  # query rows per probability block
 
@@ -74,15 +76,8 @@ def capture_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
-def _padding_mask(*, batch_size, kv_length, kv_offset=0, attention_mask=None, **kwargs):
-    """Hand the capture function the 2D padding mask (or None); causality is applied inside."""
-    if attention_mask is None:
-        return None
-    return attention_mask[:, kv_offset : kv_offset + kv_length].bool()
-
-
 AttentionInterface.register(CAPTURE_NAME, capture_attention)
-AttentionMaskInterface.register(CAPTURE_NAME, _padding_mask)
+AttentionMaskInterface.register(CAPTURE_NAME, padding_mask)
 
 
 @contextlib.contextmanager

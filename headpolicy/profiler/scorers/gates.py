@@ -47,7 +47,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from headpolicy.profiler.capture import kv_group
 from headpolicy.profiler.tasks import NEEDLE_KINDS
-from headpolicy.runtime.attention import streaming_attention
+from headpolicy.runtime.attention import padding_mask, streaming_attention
 
 from . import register_scorer
 
@@ -117,14 +117,8 @@ def gated_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.transpose(1, 2).contiguous(), None
 
 
-def _padding_mask(*, batch_size, kv_length, kv_offset=0, attention_mask=None, **kwargs):
-    if attention_mask is None:
-        return None
-    return attention_mask[:, kv_offset : kv_offset + kv_length].bool()
-
-
 AttentionInterface.register(GATES_NAME, gated_attention)
-AttentionMaskInterface.register(GATES_NAME, _padding_mask)
+AttentionMaskInterface.register(GATES_NAME, padding_mask)
 
 
 @contextlib.contextmanager
