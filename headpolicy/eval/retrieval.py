@@ -77,21 +77,30 @@ def run_task(model, codec, task: Task, *, extra_tokens: int = 1) -> Outcome:
     return Outcome(task, correct, text, _cache_bytes(cache))
 
 
-def run_tasks(model, codec, tasks: Sequence[Task], *, progress=None) -> list[Outcome]:
-    outs = []
+def run_tasks(model, codec, tasks: Sequence[Task], *, progress=None, max_misses: int | None = None) -> list[Outcome]:
+    """Run `tasks` in order; with `max_misses`, stop after the first miss beyond it."""
+    outs, misses = [], 0
     for t in tasks:
         outs.append(run_task(model, codec, t))
+        misses += not outs[-1].correct
         if progress is not None:
             progress.update(1)
+        if max_misses is not None and misses > max_misses:
+            break
     return outs
+
+
+def outcomes(model, codec, tasks: Sequence[Task], *, policy=None, progress=None, max_misses=None) -> list[Outcome]:
+    """`run_tasks` on `model`, or on a copy with `policy` applied."""
+    m = model if policy is None else policy_model(model, policy)
+    try:
+        return run_tasks(m, codec, tasks, progress=progress, max_misses=max_misses)
+    finally:
+        if m is not model:
+            del m
 
 
 def accuracy(model, codec, tasks: Sequence[Task], *, policy=None, progress=None) -> float:
     """Percent of `tasks` answered correctly (0-100), with `policy` applied to a copy if given."""
-    m = model if policy is None else policy_model(model, policy)
-    try:
-        outs = run_tasks(m, codec, tasks, progress=progress)
-    finally:
-        if m is not model:
-            del m
+    outs = outcomes(model, codec, tasks, policy=policy, progress=progress)
     return 100.0 * sum(o.correct for o in outs) / max(len(outs), 1)

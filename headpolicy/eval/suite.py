@@ -1,6 +1,7 @@
 """The eval suite: a policy against the full cache and baselines at the same sink/window.
 
-Configurations, each run on the same passkey tasks (lengths x depths, sampled haystack):
+Configurations, each run on the same tasks (passkey and multikey x lengths x depths, on a
+haystack the model sampled itself, long enough that no haystack repeats):
 
     full        the unmodified model (full KV cache)
     policy      the policy under test (headpolicy.apply, split cache)
@@ -26,15 +27,15 @@ from headpolicy.profiler import tasks as T
 @dataclass
 class SuiteSettings:
     lengths: tuple[int, ...] = (2048, 4096)
-    depths: tuple[float, ...] = (0.25, 0.75)
-    kinds: tuple[str, ...] = ("passkey",)
+    depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    kinds: tuple[str, ...] = ("passkey", "multikey")
     random_seeds: int = 2
     seed: int = 1  # task/haystack seed; compile uses 0
-    haystack_tokens: int = 192
+    haystack_tokens: int | None = None  # sampled pool size; default: the longest task
 
 
 def suite_tasks(model, codec, s: SuiteSettings) -> list[T.Task]:
-    pool = T.sample_haystack(model, codec, s.haystack_tokens, seed=s.seed)
+    pool = T.sample_haystack(model, codec, s.haystack_tokens or max(s.lengths), seed=s.seed)
     return T.task_grid(codec, kinds=s.kinds, lengths=s.lengths, depths=s.depths, seed=s.seed, pool=pool)
 
 
@@ -118,11 +119,21 @@ def summarise(runs: dict[str, dict], s: SuiteSettings, policy) -> dict:
             full = table["full"]["by_length"][length]["kv_bytes"]
             cell["kv_fraction"] = cell["kv_bytes"] / full if full else None
     return {
-        "settings": {"lengths": list(s.lengths), "depths": list(s.depths), "kinds": list(s.kinds),
-                     "random_seeds": s.random_seeds, "seed": s.seed},  # fmt: skip
-        "policy": {"model": policy.model.name, "retrieval_heads": policy.num_retrieval,
-                   "num_heads": policy.num_heads, "sink": policy.sink, "window": policy.window,
-                   "method": policy.provenance.method},  # fmt: skip
+        "settings": {
+            "lengths": list(s.lengths),
+            "depths": list(s.depths),
+            "kinds": list(s.kinds),
+            "random_seeds": s.random_seeds,
+            "seed": s.seed,
+        },
+        "policy": {
+            "model": policy.model.name,
+            "retrieval_heads": policy.num_retrieval,
+            "num_heads": policy.num_heads,
+            "sink": policy.sink,
+            "window": policy.window,
+            "method": policy.provenance.method,
+        },
         "configs": table,
     }
 

@@ -114,15 +114,21 @@ def as_codec(tok_or_codec) -> Codec:
 
 
 # ---- haystacks -------------------------------------------------------------------------------
-@torch.no_grad()
-def sample_haystack(model, codec, n_tokens: int = 192, *, seed: int = 0, rows: int = 4) -> list[int]:
-    """Text the model samples itself (top-k 40, seeded), digits removed, as one id list.
+ROW_TOKENS = 128  # tokens sampled per row: rows run as one batch, so wide and short is fast
 
-    `rows` sequences are sampled in one batch and joined with blank lines; the pool is tiled
-    when a haystack needs more tokens than it holds.
+
+@torch.no_grad()
+def sample_haystack(model, codec, n_tokens: int = 4096, *, seed: int = 0, rows: int | None = None) -> list[int]:
+    """At least ~`n_tokens` of text the model samples itself (top-k 40, seeded), digits removed.
+
+    `rows` sequences (default: one per `ROW_TOKENS` tokens) are sampled in one batch from
+    the same opener and joined with blank lines. Sample at least as many tokens as the
+    longest haystack needs: tasks then cut a window out of the pool instead of tiling it
+    (a repeating haystack is one the model can solve by copying, or fail on by confusion).
     """
     codec = as_codec(codec)
     openers = ["Once upon a time", "The history of", "In the morning", "Scientists have", "My favourite"]
+    rows = rows or max(1, -(-n_tokens // ROW_TOKENS))
     per_row = max(8, -(-n_tokens // rows))
     pool: list[int] = []
     device = next(model.parameters()).device
@@ -150,18 +156,23 @@ def sample_haystack(model, codec, n_tokens: int = 192, *, seed: int = 0, rows: i
 
 
 def _filler_tokens(codec: Codec, n: int, pool: Sequence[int] | None, rng: random.Random) -> list[int]:
+    """`n` filler ids: the repeated sentence, or a window of the pool at a random offset.
+
+    The pool is tiled only when it is shorter than `n` (then the haystack repeats itself).
+    """
     if n <= 0:
         return []
     if pool is None:
         base = codec.encode(FILLER_TEXT)
-        start = 0
-    else:
-        base = list(pool)
-        if not base:
-            raise ValueError("the sampled haystack pool is empty")
-        start = rng.randrange(len(base))
-    reps = -(-(n + start) // len(base))
-    return (base * reps)[start : start + n]
+        return (base * -(-n // len(base)))[:n]
+    base = list(pool)
+    if not base:
+        raise ValueError("the sampled haystack pool is empty")
+    if len(base) >= n:
+        start = rng.randrange(len(base) - n + 1)
+        return base[start : start + n]
+    start = rng.randrange(len(base))
+    return (base * -(-(n + start) // len(base)))[start : start + n]
 
 
 def _boundary(codec: Codec, filler: Sequence[int], pos: int, radius: int = 24) -> int:

@@ -68,3 +68,23 @@ def test_task_tensor_teacher_forcing():
     t = T.passkey(CODEC, 700, 0.5, seed=0)
     x = t.tensor(with_answer=True)
     assert x.shape == (1, 700 + len(t.answer_ids)) and x.dtype == torch.long
+
+
+def test_sampled_haystack_pool_covers_the_request_in_rows():
+    model = tiny_llama(vocab=97)
+    pool = T.sample_haystack(model, CODEC, 300, seed=0)  # default rows: one per ROW_TOKENS tokens
+    assert len(pool) >= 0.9 * 300  # eos and digit tokens are dropped
+    assert CODEC.decode(pool).count("Once upon a time") == -(-300 // T.ROW_TOKENS)  # each row starts with it
+
+
+def test_a_long_enough_pool_is_cut_not_tiled():
+    import random
+
+    rng = random.Random(0)
+    pool = [rng.randrange(3, 97) for _ in range(2000)]
+    for seed in range(5):
+        got = T._filler_tokens(CODEC, 700, pool, random.Random(seed))
+        starts = [s for s in range(len(pool) - 699) if pool[s : s + 700] == got]
+        assert starts, "the filler is one contiguous window of the pool"
+    short = T._filler_tokens(CODEC, 700, pool[:300], random.Random(0))
+    assert len(short) == 700  # shorter pools are tiled

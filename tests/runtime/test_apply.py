@@ -109,9 +109,7 @@ def test_cache_bytes_equal_formula_and_allocation(dtype):
             tokens = 1 * T + 3 * min(T, sink + window)  # 1 retrieval head, 3 streaming heads
             assert cache.kv_bytes() == 2 * head_dim * esize * tokens == policy.kv_bytes(T, dtype_bytes=esize)
             held = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-            held += [
-                t for layer in cache.layers for s in layer.streams for t in (s.k, s.v)
-            ]
+            held += [t for layer in cache.layers for s in layer.streams for t in (s.k, s.v)]
             # every tensor owns exactly its storage: no hidden over-allocation
             assert all(t.untyped_storage().nbytes() == t.nbytes for t in held)
             ids = torch.randint(3, 97, (1, 1))
