@@ -3,7 +3,7 @@
 Every task is a prompt (token ids), the answer the model should produce next, and the
 span of prompt positions that holds the tokens the answer copies (the *needle*):
 
-    passkey      one "The pass key is 12345." line hidden at `depth` in a haystack; asked at the end
+    passkey      one "The pass key number is 12345." line hidden at `depth` in a haystack; asked at the end
     multikey     several "The key for <name> is 12345." lines; one of them is asked
     repeat       random tokens r, then r again (for echo / induction heads); needle = first copy
 
@@ -228,11 +228,14 @@ def passkey(codec, length: int, depth: float, seed: int, *, pool: Sequence[int] 
     rng = random.Random(f"passkey/{length}/{depth}/{seed}")
     value = _value(rng, digits)
     answer = codec.encode(" " + value)
-    needle = codec.encode(" The pass key is") + answer + codec.encode(". Remember it. ")
-    needle += codec.encode(value) + codec.encode(" is the pass key.\n")
-    question = codec.encode("\n\nWhat is the pass key? The pass key is")
+    # "pass key *number*": with a bare "pass key" a small model often answers what a pass key
+    # is ("a key that is used to unlock ...") instead of retrieving it (SmolLM2-135M: 3/9 vs
+    # 8/9 at 2K tokens), which measures its semantics, not its retrieval.
+    needle = codec.encode(" The pass key number is") + answer + codec.encode(". Remember it. ")
+    needle += codec.encode(value) + codec.encode(" is the pass key number.\n")
+    question = codec.encode("\n\nWhat is the pass key number? The pass key number is")
     ids, (start,) = _assemble(codec, length, depth, rng, pool, [(depth, needle)], question)
-    at = start + len(codec.encode(" The pass key is"))
+    at = start + len(codec.encode(" The pass key number is"))
     return Task(
         "passkey", tuple(ids), tuple(answer), (at, at + len(answer)), length, depth, seed, value,
         "repeat" if pool is None else "sampled",
