@@ -18,9 +18,12 @@ the table); this assumes accuracy does not drop when heads are added.
 `--resume` keeps the baselines and scorers already in the results file and runs the rest.
 
 Default choice ("best per minute of profiling"): a scorer's *gain* is its mean accuracy over
-budgets and lengths minus the all-streaming baseline's. Among scorers whose gain is at least
-half the best gain (a fast scorer that does not help is not a bargain), the one with the
-largest gain per minute of profiling wins.
+budgets and lengths minus the all-streaming baseline's. A minute of profiling is a minute of
+`headpolicy compile`: the scorer's own time plus what every compile spends besides scoring
+(loading the model, sampling the haystack, the full model's held-out run; `shared_seconds`,
+measured here or read from a compile report with `--report --shared-from FILE`). Among
+scorers whose gain is at least half the best gain (a fast scorer that does not help is not a
+bargain), the one with the largest gain per minute wins.
 
     python bench/scorers.py                      # ~30 min on 2 idle CPU cores
     python bench/scorers.py --depths 0.5 --gates-max-steps 20 --tag quick
@@ -73,18 +76,21 @@ def parse() -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="reuse baselines and scorers already in the results file")
     p.add_argument("--report", action="store_true", help="no model: recompute the summary of the results file")
     p.add_argument("--merge", nargs="*", default=[], help="with --report: add scorers from these results files")
+    p.add_argument("--shared-from", help="with --report: take shared_seconds from this `compile --json` report")
     return p.parse_args()
 
 
-def choose_default(rows: dict, streaming_acc: float) -> dict:
+def choose_default(rows: dict, streaming_acc: float, shared_seconds: float = 0.0) -> dict:
     """The module docstring's rule, on {scorer: {"accuracy": mean %, "seconds": profiling s}}."""
     gains = {n: r["accuracy"] - streaming_acc for n, r in rows.items()}
     best = max(gains.values())
     eligible = [n for n, g in gains.items() if g >= 0.5 * best and g > 0]
-    per_min = {n: gains[n] / max(rows[n]["seconds"] / 60.0, 1e-9) for n in eligible}
+    per_min = {n: gains[n] / max((rows[n]["seconds"] + shared_seconds) / 60.0, 1e-9) for n in eligible}
     choice = max(per_min, key=per_min.get) if per_min else max(gains, key=gains.get)
     return {
-        "rule": "largest (mean accuracy - streaming) per profiling minute among scorers with >= half the best gain",
+        "rule": "largest (mean accuracy - streaming) per compile minute (scorer + shared seconds) among scorers "
+        "with >= half the best gain",
+        "shared_seconds": round(shared_seconds, 1),
         "gain_points": {n: round(g, 2) for n, g in gains.items()},
         "gain_per_minute": {n: round(v, 2) for n, v in per_min.items()},
         "choice": choice,
@@ -125,6 +131,7 @@ def main() -> int:
     info = describe_model(model, args.model)
     cs = CompileSettings(sink=args.sink, window=args.window)
     tasks = scoring_tasks(codec, cs, haystack_pool(model, codec, cs))
+    shared = time.perf_counter() - t_start  # + the full model's held-out run, below
     # held out by seed: other pass keys, another sampled haystack, longer tasks
     eval_pool = T.sample_haystack(model, codec, max(args.lengths), seed=1)
     held = T.task_grid(codec, kinds=T.NEEDLE_KINDS, lengths=args.lengths, depths=args.depths, seed=1, pool=eval_pool)
@@ -183,6 +190,8 @@ def main() -> int:
         if old["settings"]["eval_lengths"] != args.lengths or old["settings"]["eval_depths"] != args.depths:
             raise SystemExit(f"--resume: {out_path} was run with other eval lengths/depths")
         result["baselines"] = old["baselines"]
+        if "shared_seconds" in old:
+            result["shared_seconds"] = old["shared_seconds"]
         result["settings"]["note"] = "; ".join(x for x in (old["settings"].get("note"), args.note) if x)
         for name, row in old["scorers"].items():
             result["scorers"][name] = row
@@ -197,6 +206,7 @@ def main() -> int:
         full_acc = {str(n): 100.0 * sum(t.name() in names for t in held if t.length == n)
                     / sum(t.length == n for t in held) for n in args.lengths}  # fmt: skip
     answered = [t for t in held if t.name() in names]
+    result.setdefault("shared_seconds", round(shared + time.perf_counter() - t, 1))
     stream = streaming_policy(info, sink=args.sink, window=args.window)
     result["baselines"]["full"] = {
         "accuracy": full_acc,
@@ -287,7 +297,7 @@ def finalize(result: dict) -> dict:
     }
     for n, r in rows.items():
         result["scorers"][n]["mean_accuracy"] = round(r["accuracy"], 2)
-    result["default"] = choose_default(rows, streaming_mean)
+    result["default"] = choose_default(rows, streaming_mean, result.get("shared_seconds", 0.0))
     scores = {n: np.asarray(r["scores"]) for n, r in result["scorers"].items()}
     if len(scores) > 1:
         result["agreement"] = agreement(scores, result["settings"]["budgets"])
@@ -347,6 +357,11 @@ def report(args: argparse.Namespace) -> int:
         if extra["settings"]["eval_lengths"] != result["settings"]["eval_lengths"]:
             raise SystemExit(f"{other} was evaluated at other lengths")
         result["scorers"].update({n: r for n, r in extra["scorers"].items() if n not in result["scorers"]})
+    if args.shared_from:
+        rep = json.loads(Path(args.shared_from).read_text())
+        sec = rep["seconds"]
+        result["shared_seconds"] = round(rep["results"]["load_seconds"] + sec["tasks"] + sec["heldout_full"], 1)
+        result["settings"]["shared_from"] = args.shared_from
     finish(result, out_path)
     return 0
 

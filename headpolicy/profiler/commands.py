@@ -11,24 +11,23 @@ from pathlib import Path
 from headpolicy.cli import command
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(x) for x in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1024,2048, got {text!r}") from None
-    if not out:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return out
+def _number_list(kind: type, example: str):
+    """An argparse type for comma/space separated numbers of `kind`."""
+
+    def parse(text: str) -> tuple:
+        try:
+            out = tuple(kind(x) for x in text.replace(",", " ").split())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers like {example}, got {text!r}") from None
+        if not out:
+            raise argparse.ArgumentTypeError("expected at least one number")
+        return out
+
+    return parse
 
 
-def float_list(text: str) -> tuple[float, ...]:
-    try:
-        out = tuple(float(x) for x in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 0.1,0.5, got {text!r}") from None
-    if not out:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return out
+int_list = _number_list(int, "1024,2048")
+float_list = _number_list(float, "0.1,0.5")
 
 
 def _configure(p: argparse.ArgumentParser) -> None:

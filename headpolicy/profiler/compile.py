@@ -46,7 +46,7 @@ HYBRID = ("retrieval", "attention_mass")
 
 @dataclass
 class CompileSettings:
-    method: str = "echo_induction"  # a scorer name or "hybrid"; default from bench/scorers.py (README "Scorers")
+    method: str = "attention_mass"  # a scorer name, "hybrid" or "ensemble"; default from bench/scorers.py (README)
     budget: float | None = None  # fraction of KV heads kept retrieval; None = closed loop
     target_drop: float = 2.0  # closed loop: allowed held-out accuracy drop, in points
     sink: int = 64
