@@ -25,7 +25,7 @@ measured here or read from a compile report with `--report --shared-from FILE`).
 scorers whose gain is at least half the best gain (a fast scorer that does not help is not a
 bargain), the one with the largest gain per minute wins.
 
-    python bench/scorers.py                      # ~30 min on 2 idle CPU cores
+    python bench/scorers.py                      # ~40 min on 2 idle CPU cores
     python bench/scorers.py --depths 0.5 --gates-max-steps 20 --tag quick
 """
 
@@ -344,7 +344,7 @@ def finish(result: dict, out_path: Path) -> None:
         print(format_agreement(result["agreement"]))
     print(markdown_table(result))
     d = result["default"]
-    print(f"default: {d['choice']}  (gain per profiling minute: {d['gain_per_minute']})")
+    print(f"default: {d['choice']}  (gain per compile minute: {d['gain_per_minute']})")
     print(f"wrote {out_path}")
 
 
