@@ -45,18 +45,25 @@ import torch
 
 from headpolicy import describe_model, load_model
 from headpolicy.eval.baselines import streaming_policy
+from headpolicy.eval.commands import write_json
 from headpolicy.eval.retrieval import outcomes
 from headpolicy.policies.schema import HeadPolicy
 from headpolicy.policies.select import select_budget
 from headpolicy.profiler import tasks as T
-from headpolicy.profiler.compile import HYBRID, CompileSettings, combine, haystack_pool, scoring_tasks
+from headpolicy.profiler.compile import (
+    COMBINED,
+    HYBRID,
+    CompileSettings,
+    combined_scores,
+    haystack_pool,
+    scoring_tasks,
+)
 from headpolicy.profiler.scorers import get_scorer
-from headpolicy.profiler.scorers.ensemble import MEMBERS, agreement, format_agreement, fuse
+from headpolicy.profiler.scorers.ensemble import MEMBERS, agreement, format_agreement
 from headpolicy.profiler.scorers.gates import GateSettings, train_gates
 
 RESULTS = Path(__file__).parent / "results"
 SCORERS = ("retrieval", "attention_mass", "echo_induction", "hybrid", "ensemble", "gates")
-COMBINED = {"hybrid": HYBRID, "ensemble": MEMBERS}  # score maps built from other scorers' maps
 
 
 def parse() -> argparse.Namespace:
@@ -169,16 +176,17 @@ def main() -> int:
     }
 
     def save() -> None:
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(out_path)
+        write_json(out_path, result)
+
+    def per_length(good: set[str]) -> dict:
+        """Percent of each length's eval tasks whose name is in `good`."""
+        return {str(n): 100.0 * sum(t.name() in good for t in held if t.length == n) / sum(t.length == n for t in held)
+                for n in args.lengths}  # fmt: skip
 
     answered: list = held  # until the full model has run
 
     def evaluate(policy) -> dict:
-        good = {o.task.name() for o in outcomes(model, codec, answered, policy=policy) if o.correct}
-        return {str(n): 100.0 * sum(t.name() in good for t in held if t.length == n) / sum(t.length == n for t in held)
-                for n in args.lengths}  # fmt: skip
+        return per_length({o.task.name() for o in outcomes(model, codec, answered, policy=policy) if o.correct})
 
     def kv(policy) -> dict:
         return {str(n): round(policy.kv_fraction(n), 4) for n in args.lengths}
@@ -203,8 +211,7 @@ def main() -> int:
         full_acc, names = result["baselines"]["full"]["accuracy"], set(result["baselines"]["full"]["answered"])
     else:
         names = {o.task.name() for o in outcomes(model, codec, held) if o.correct}
-        full_acc = {str(n): 100.0 * sum(t.name() in names for t in held if t.length == n)
-                    / sum(t.length == n for t in held) for n in args.lengths}  # fmt: skip
+        full_acc = per_length(names)
     answered = [t for t in held if t.name() in names]
     result.setdefault("shared_seconds", round(shared + time.perf_counter() - t, 1))
     stream = streaming_policy(info, sink=args.sink, window=args.window)
@@ -231,8 +238,7 @@ def main() -> int:
             missing = [m for m in members if m not in scores]
             if missing:
                 raise SystemExit(f"{name} needs its members scored first: {missing}")
-            parts = {m: scores[m] for m in members}
-            scores[name] = fuse(parts) if name == "ensemble" else combine(parts)
+            scores[name] = combined_scores(name, {m: scores[m] for m in members})
             seconds[name] = sum(seconds[m] for m in members)
         elif name == "gates":
             run = train_gates(model, tasks, sink=args.sink, window=args.window, settings=gate_settings)
@@ -335,10 +341,7 @@ def markdown_table(result: dict) -> str:
 
 
 def finish(result: dict, out_path: Path) -> None:
-    finalize(result)
-    tmp = out_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out_path)
+    write_json(out_path, finalize(result))
     print(format_table(result))
     if "agreement" in result:
         print(format_agreement(result["agreement"]))

@@ -111,3 +111,21 @@ def test_compile_chooses_only_full_attention_layers_of_a_hybrid_model(tmp_path):
     assert policy.model.native_windows == (None, 6, None)
     assert policy.num_retrieval == 2  # half of the 4 heads in the 2 full-attention layers
     assert [(h.kind, h.sink, h.window) for h in policy.layers[1]] == [("streaming", 0, 6)] * 2
+
+
+@pytest.mark.parametrize("method", ["hybrid", "ensemble"])
+def test_compile_with_a_combined_method_reports_member_agreement(checkpoint, tmp_path, capsys, method):
+    import numpy as np
+
+    from headpolicy.profiler.compile import COMBINED
+
+    out, raw = tmp_path / "p.yaml", tmp_path / "scores.json"
+    args = ["-o", str(out), "--budget", "0.5", "--method", method, "--scores-json", str(raw), "--no-verify", *FAST]
+    assert main(["compile", str(checkpoint), *args]) == 0
+    policy = HeadPolicy.load(out)
+    assert policy.provenance.method == method and policy.num_retrieval == 2
+    scores = json.loads(raw.read_text())
+    assert set(scores) == {*COMBINED[method], method}
+    combined = np.asarray(scores[method])
+    assert np.allclose([h.score for row in policy.layers for h in row], combined.reshape(-1), atol=1e-5)
+    assert "scorer agreement" in capsys.readouterr().out

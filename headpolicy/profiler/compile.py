@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # `hybrid` = mean of these scorers' scores, each divided by its maximum first.
 HYBRID = ("retrieval", "attention_mass")
+# Methods whose score map is built from other scorers' maps: method -> members.
+COMBINED = {"hybrid": HYBRID, "ensemble": ENSEMBLE}
 
 
 @dataclass
@@ -123,6 +125,12 @@ def combine(scores: dict[str, np.ndarray]) -> np.ndarray:
     return np.mean(parts, axis=0)
 
 
+def combined_scores(method: str, members: dict[str, np.ndarray]) -> np.ndarray:
+    """The score map of a COMBINED method from its members' maps: rank fusion for
+    `ensemble` (scorers/ensemble.py), the mean of max-normalised maps for `hybrid`."""
+    return fuse(members) if method == "ensemble" else combine(members)
+
+
 def compile_policy(
     model, tokenizer, settings: CompileSettings | None = None, *, progress: bool = False, name: str | None = None
 ) -> CompileReport:
@@ -154,7 +162,7 @@ def compile_policy(
     tasks = scoring_tasks(codec, s, pool)
     secs["tasks"] = time.perf_counter() - t
 
-    names = list(HYBRID) if s.method == "hybrid" else list(ENSEMBLE) if s.method == "ensemble" else [s.method]
+    names = list(COMBINED.get(s.method, [s.method]))
     scores: dict[str, np.ndarray] = {}
     t = time.perf_counter()
     for n in names:
@@ -162,10 +170,7 @@ def compile_policy(
         todo = sum(task.kind in scorer.kinds for task in tasks)
         with _bar(todo, f"score {n}", progress) as bar:
             scores[n] = scorer(model, tasks, sink=s.sink, window=s.window, progress=bar)
-    if s.method == "ensemble":
-        final = fuse(scores)  # rank fusion (scorers/ensemble.py); members kept for the agreement report
-    else:
-        final = combine(scores) if len(scores) > 1 else scores[names[0]]
+    final = combined_scores(s.method, scores) if s.method in COMBINED else scores[s.method]
     secs["score"] = time.perf_counter() - t
 
     def expand(sub: np.ndarray) -> np.ndarray:
@@ -254,4 +259,4 @@ def compile_policy(
     policy = make(table, results).replace(provenance=provenance)
     log.info("compiled: %d/%d retrieval heads, KV %.1f%% at %d", policy.num_retrieval, policy.num_heads,
              100 * results["kv_fraction"], ctx)  # fmt: skip
-    return CompileReport(policy, scores | ({s.method: final} if len(scores) > 1 else {}), secs)
+    return CompileReport(policy, scores | ({s.method: final} if s.method in COMBINED else {}), secs)
