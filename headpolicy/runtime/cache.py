@@ -213,6 +213,10 @@ class SplitKVView:
     def shape(self):  # for code that peeks at key_states.shape
         return self.new_k.shape
 
+    def new_kv(self, group: StreamGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's keys and values of one streaming group's heads: [B, Hg, S, D] each."""
+        return self.new_k[:, group.start : group.stop], self.new_v[:, group.start : group.stop]
+
     def attend(self, q: torch.Tensor, attention_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
         """q: [B, Hq, S, D] -> [B, Hq, S, D]; also commits the new tokens to the streaming buffers."""
         layer = self.layer
@@ -247,7 +251,7 @@ class SplitKVView:
         outs = self._retrieval(q, q_rank, k_rank, scale)
         for stream in self.layer.streams:
             g = stream.group
-            kg, vg = self.new_k[:, g.start : g.stop], self.new_v[:, g.start : g.stop]
+            kg, vg = self.new_kv(g)
             idx, cand_rank = first_sink_tokens(q_rank, g.sink, min(q.shape[2], g.sink))
             candidates = (gather_slots(kg, idx), gather_slots(vg, idx), cand_rank)
             local_rank = torch.where(q_rank >= g.sink, q_rank, torch.full_like(q_rank, -1))
@@ -261,7 +265,7 @@ class SplitKVView:
         """Store one new token per row: in place when no row is padded, else by rank."""
         for stream in self.layer.streams:
             g = stream.group
-            kg, vg = self.new_k[:, g.start : g.stop], self.new_v[:, g.start : g.stop]
+            kg, vg = self.new_kv(g)
             if k_rank is None:
                 stream.append(kg, vg, self.layer.seen - 1)
             else:
@@ -293,8 +297,7 @@ class SplitKVView:
         if q.shape[2] > 1:  # fresh prefill: every token is in new_k/new_v
             out = prefill_kernel(layer.plan, q, self.new_k, self.new_v, key_mask, scale)
             for stream in layer.streams:
-                g = stream.group
-                stream.commit(self.new_k[:, g.start : g.stop], self.new_v[:, g.start : g.stop], q_rank)
+                stream.commit(*self.new_kv(stream.group), q_rank)
             return out
         self._commit_step(q_rank, k_rank)
         from headpolicy.codegen import ops  # noqa: F401  (registers torch.ops.headpolicy.*)
