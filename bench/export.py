@@ -46,12 +46,12 @@ def full_policy(model) -> HeadPolicy:
 @torch.no_grad()
 def run_torch(model, ids: torch.Tensor, n_decode: int, cache) -> dict:
     t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - t0
     cache, tok, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
     for _ in range(n_decode):
         t0 = time.perf_counter()
-        out = model(tok, past_key_values=cache, use_cache=True)
+        out = model(tok, cache=cache, use_cache=True)
         steps.append(time.perf_counter() - t0)
         tok = out.logits[:, -1:].argmax(-1)
     kv = (

@@ -206,10 +206,11 @@ def run_context(cfg, T, methods) -> list[dict]:
         order = torch.empty_like(ranks)
         order[(ranks - s) % max(w, 1)] = ranks
         ring_rank = order.repeat(B, 1)
+        slots = torch.cat([torch.arange(ns, device=dev), order])  # the group's one buffer: sink slots, then the ring
         args = (
             qd, torch.full((B,), T - 1, device=dev), kf[:, :R].contiguous(), vf[:, :R].contiguous(), None,
-            [kf[:, R:, :ns].contiguous()], [vf[:, R:, :ns].contiguous()], [torch.arange(ns, device=dev).repeat(B, 1)],
-            [kf[:, R:, order].contiguous()], [vf[:, R:, order].contiguous()], [ring_rank], [s], [w], scale,
+            [kf[:, R:, slots].contiguous()], [vf[:, R:, slots].contiguous()],
+            [torch.cat([torch.arange(ns, device=dev).repeat(B, 1), ring_rank], dim=1)], [s], [w], scale,
         )  # fmt: skip
         split_bytes = 2 * B * (R * T + Hs * (ns + nr)) * D * el
         with codegen.backend("triton"):

@@ -47,11 +47,11 @@ def dynamic_cache_bytes(cache: DynamicCache) -> int:
 def run(model, ids: torch.Tensor, cache, new_tokens: int) -> dict:
     """Prefill, then greedy-decode `new_tokens` one at a time; time both phases."""
     t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
     t1 = time.perf_counter()
     tok = out.logits[:, -1:].argmax(-1)
     for _ in range(new_tokens):
-        out = model(tok, past_key_values=cache, use_cache=True)
+        out = model(tok, cache=cache, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
     t2 = time.perf_counter()
     return {"prefill_s": t1 - t0, "decode_tok_s": new_tokens / (t2 - t1)}

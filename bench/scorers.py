@@ -45,22 +45,15 @@ import torch
 
 from headpolicy import describe_model, load_model
 from headpolicy.eval.baselines import streaming_policy
-from headpolicy.eval.commands import write_json
-from headpolicy.eval.retrieval import outcomes
+from headpolicy.io import write_json
 from headpolicy.policies.schema import HeadPolicy
 from headpolicy.policies.select import select_budget
 from headpolicy.profiler import tasks as T
-from headpolicy.profiler.compile import (
-    COMBINED,
-    HYBRID,
-    CompileSettings,
-    combined_scores,
-    haystack_pool,
-    scoring_tasks,
-)
+from headpolicy.profiler.compile import CompileSettings, haystack_pool, scoring_tasks
 from headpolicy.profiler.scorers import get_scorer
-from headpolicy.profiler.scorers.ensemble import MEMBERS, agreement, format_agreement
+from headpolicy.profiler.scorers.ensemble import HYBRID, MEMBERS, agreement, format_agreement
 from headpolicy.profiler.scorers.gates import GateSettings, train_gates
+from headpolicy.runtime.generate import answers, applied_copy
 
 RESULTS = Path(__file__).parent / "results"
 SCORERS = ("retrieval", "attention_mass", "echo_induction", "hybrid", "ensemble", "gates")
@@ -186,7 +179,8 @@ def main() -> int:
     answered: list = held  # until the full model has run
 
     def evaluate(policy) -> dict:
-        return per_length({o.task.name() for o in outcomes(model, codec, answered, policy=policy) if o.correct})
+        outs = answers(applied_copy(model, policy), codec.decode, answered)
+        return per_length({o.task.name() for o in outs if o.correct})
 
     def kv(policy) -> dict:
         return {str(n): round(policy.kv_fraction(n), 4) for n in args.lengths}
@@ -210,7 +204,7 @@ def main() -> int:
     if "full" in result["baselines"]:
         full_acc, names = result["baselines"]["full"]["accuracy"], set(result["baselines"]["full"]["answered"])
     else:
-        names = {o.task.name() for o in outcomes(model, codec, held) if o.correct}
+        names = {o.task.name() for o in answers(model, codec.decode, held) if o.correct}
         full_acc = per_length(names)
     answered = [t for t in held if t.name() in names]
     result.setdefault("shared_seconds", round(shared + time.perf_counter() - t, 1))
@@ -233,12 +227,13 @@ def main() -> int:
             continue
         t = time.perf_counter()
         extra = {}
-        if name in COMBINED:
-            members = COMBINED[name]
+        combined = get_scorer(name)
+        if combined.members:
+            members = combined.members
             missing = [m for m in members if m not in scores]
             if missing:
                 raise SystemExit(f"{name} needs its members scored first: {missing}")
-            scores[name] = combined_scores(name, {m: scores[m] for m in members})
+            scores[name] = combined.combine({m: scores[m] for m in members})
             seconds[name] = sum(seconds[m] for m in members)
         elif name == "gates":
             run = train_gates(model, tasks, sink=args.sink, window=args.window, settings=gate_settings)

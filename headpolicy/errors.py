@@ -27,6 +27,10 @@ class BudgetError(HeadPolicyError, ValueError):
     """A budget or accuracy target that no policy can meet."""
 
 
+class PromptError(HeadPolicyError, ValueError):
+    """A prompt the model cannot answer as given: empty, or longer than the model's context."""
+
+
 class AlreadyAppliedError(HeadPolicyError, RuntimeError):
     """`apply` was called on a model that already carries a policy."""
 
@@ -41,6 +45,10 @@ class CodegenDisabledError(CodegenError):
 
 class KernelCompileError(CodegenError):
     """A generated kernel could not be written, imported or compiled (or Triton is missing)."""
+
+
+class OutputError(HeadPolicyError, OSError):
+    """A result file or folder cannot be written (read-only folder, a directory in the way...)."""
 
 
 class ExportError(HeadPolicyError, RuntimeError):

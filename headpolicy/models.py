@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from headpolicy.errors import ModelSourceError, UnsupportedModelError
+from headpolicy.policies.plan import kv_rows, query_rows
 from headpolicy.policies.schema import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -101,21 +102,20 @@ def resolve_source(source: str | Path) -> tuple[str, Path, str | None]:
     )
 
 
-def load_model(
+def load_source(
     source: str | Path = DEFAULT_MODEL,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
-    apply_policy: bool = True,
     config_overrides: dict | None = None,
 ):
-    """Load (model, tokenizer) from an alias, a checkpoint directory, or a .gguf file.
+    """Load the plain (model, tokenizer) from an alias, a checkpoint directory, or a .gguf file.
 
-    Never touches the network. The tokenizer pads on the left (for batched generation).
-    A checkpoint directory holding `head_policy.yaml` (see `headpolicy attach`) gets that
-    policy applied, and logged, unless apply_policy=False. `config_overrides` replace
-    config.json entries, e.g. {"sliding_window": None} for a model with its own window.
+    Never touches the network and applies nothing: `headpolicy.load_model`
+    (runtime/checkpoint.py) also applies a checkpoint's attached policy. The tokenizer pads
+    on the left (for batched generation). `config_overrides` replace config.json entries,
+    e.g. {"sliding_window": None} for a model with its own window.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,10 +139,6 @@ def load_model(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if apply_policy and gguf is None:
-        from headpolicy.checkpoint import apply_attached
-
-        apply_attached(model, directory)
     return model, tokenizer
 
 
@@ -201,15 +197,31 @@ class Adapter:
             return None
         return windows[0]
 
+    def head_permutation(
+        self, attn: nn.Module, perm, group: int, head_dim: int
+    ) -> dict[str, tuple[torch.Tensor, int]]:
+        """{parameter name under `attn`: (index, dim)}: `index_select(dim, index)` on each of these
+        parameters reorders the KV heads (and their query groups) so new head i is old head perm[i].
+
+        The one description of a head permutation: `permute_kv_heads` applies it to the module,
+        the `permute_heads` graph pass to the exported graph's weights.
+        """
+        q_rows, kv = query_rows(perm, group, head_dim), kv_rows(perm, head_dim)
+        out: dict[str, tuple[torch.Tensor, int]] = {}
+        for name, rows in (("q_proj", q_rows), ("k_proj", kv), ("v_proj", kv)):
+            out[f"{name}.weight"] = (rows, 0)
+            if getattr(attn, name).bias is not None:
+                out[f"{name}.bias"] = (rows, 0)
+        out["o_proj.weight"] = (q_rows, 1)  # o_proj reads the query heads' outputs: its columns
+        return out
+
     @torch.no_grad()
-    def permute_kv_heads(self, attn: nn.Module, perm: list[int], group: int, head_dim: int) -> None:
-        """Reorder KV heads (and their query groups) so new head i is old head perm[i]."""
-        q, k, v, o = self.projections(attn)
-        kv_rows = _head_rows(perm, head_dim)
-        q_rows = _query_rows(perm, group, head_dim)
-        for lin, rows in ((q, q_rows), (k, kv_rows), (v, kv_rows)):
-            _permute_rows(lin, rows)
-        o.weight.copy_(o.weight[:, q_rows.to(o.weight.device)])
+    def permute_kv_heads(self, attn: nn.Module, perm, group: int, head_dim: int) -> None:
+        """Reorder KV heads (and their query groups) in place so new head i is old head perm[i]."""
+        params = dict(attn.named_parameters())
+        for name, (index, dim) in self.head_permutation(attn, perm, group, head_dim).items():
+            p = params[name]
+            p.copy_(p.index_select(dim, index.to(p.device)))
 
 
 @dataclass(frozen=True)
@@ -234,29 +246,14 @@ class FusedQKVAdapter(Adapter):
         w = attn.qkv_proj.weight
         return w[:n_q], w[n_q : n_q + n_kv], w[n_q + n_kv :], attn.o_proj.weight
 
-    @torch.no_grad()
-    def permute_kv_heads(self, attn: nn.Module, perm: list[int], group: int, head_dim: int) -> None:
+    def head_permutation(self, attn: nn.Module, perm, group: int, head_dim: int):
         n_q, n_kv = self._split(attn)
-        kv_rows = _head_rows(perm, head_dim)
-        q_rows = _query_rows(perm, group, head_dim)
-        _permute_rows(attn.qkv_proj, torch.cat([q_rows, n_q + kv_rows, n_q + n_kv + kv_rows]))
-        o = attn.o_proj
-        o.weight.copy_(o.weight[:, q_rows.to(o.weight.device)])
-
-
-def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
-
-
-def _query_rows(kv_perm: list[int], group: int, head_dim: int) -> torch.Tensor:
-    """Rows of the query heads of each KV head in `kv_perm`, group by group (GQA: h // group)."""
-    return _head_rows([p * group + g for p in kv_perm for g in range(group)], head_dim)
-
-
-def _permute_rows(lin: nn.Linear, rows: torch.Tensor) -> None:
-    lin.weight.copy_(lin.weight[rows.to(lin.weight.device)])
-    if lin.bias is not None:
-        lin.bias.copy_(lin.bias[rows.to(lin.bias.device)])
+        q_rows, kv = query_rows(perm, group, head_dim), kv_rows(perm, head_dim)
+        rows = torch.cat([q_rows, n_q + kv, n_q + n_kv + kv])
+        out = {"qkv_proj.weight": (rows, 0), "o_proj.weight": (q_rows, 1)}
+        if attn.qkv_proj.bias is not None:
+            out["qkv_proj.bias"] = (rows, 0)
+        return out
 
 
 _ADAPTERS: dict[str, Adapter] = {}
@@ -306,6 +303,13 @@ def get_adapter(model: nn.Module) -> Adapter:
 
 # ---- identity -----------------------------------------------------------------------------------
 _SAMPLE = 2048
+_IDENTITY = "_headpolicy_identity"  # set by keep_identity, read only here
+
+
+def keep_identity(model: nn.Module, info: ModelInfo) -> None:
+    """Record `info` as the model's identity before its weights are permuted in place (by `apply`),
+    so `fingerprint` and `describe_model` keep describing the checkpoint it was loaded from."""
+    setattr(model, _IDENTITY, info)
 
 
 @torch.no_grad()
@@ -313,12 +317,12 @@ def fingerprint(model: nn.Module) -> str:
     """A stable hash of the model's shape and (a strided sample of) its attention weights.
 
     Weights are hashed after rounding to bfloat16, so float32 and bfloat16 loads of the same
-    checkpoint agree. Once a policy is applied the weights are permuted, so the fingerprint
-    taken before is kept and returned.
+    checkpoint agree. Once a policy is applied the weights are permuted, so the identity
+    recorded before (`keep_identity`) is returned.
     """
-    applied = getattr(model, "_headpolicy", None)
-    if applied is not None:
-        return applied.info.fingerprint
+    kept = getattr(model, _IDENTITY, None)
+    if kept is not None:
+        return kept.fingerprint
     adapter = get_adapter(model)
     h = hashlib.sha256()
     c = adapter.text_config(model)
@@ -336,10 +340,10 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def describe_model(model: nn.Module, name: str | None = None) -> ModelInfo:
-    """The ModelInfo a policy for this model carries."""
-    applied = getattr(model, "_headpolicy", None)
-    if applied is not None:
-        return applied.info
+    """The ModelInfo a policy for this model carries (the one recorded before `apply` permuted it)."""
+    kept = getattr(model, _IDENTITY, None)
+    if kept is not None:
+        return kept
     adapter = get_adapter(model)
     layers, n_heads, n_kv, head_dim = adapter.head_counts(model)
     cfg = model.config

@@ -3,7 +3,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headpolicy import HeadPolicy, describe_model
-from headpolicy.runtime.plan import LayerPlan, StreamGroup
+from headpolicy.policies.plan import LayerPlan, StreamGroup
+from headpolicy.runtime import attention
+from headpolicy.runtime.state import set_layer_plan
 
 
 def tiny_llama(
@@ -39,6 +41,18 @@ def make_plan(num_retrieval, groups, group_size) -> LayerPlan:
         out.append(StreamGroup(pos, pos + n, sink, window))
         pos += n
     return LayerPlan(0, tuple(range(pos)), num_retrieval, tuple(out), group_size)
+
+
+def attend(plan, q, key, value, mask, scale) -> torch.Tensor:
+    """The registered headpolicy attention function on one layer that follows `plan`.
+
+    key/value: plain [B, Hkv, T, D] tensors or a SplitKVCache step (what update() returned).
+    Returns [B, Hq, S, D] (transformers gets [B, S, Hq, D]).
+    """
+    module = torch.nn.Module()
+    set_layer_plan(module, plan)
+    out, _ = attention.headpolicy_attention(module, q, key, value, mask, scaling=scale)
+    return out.transpose(1, 2)
 
 
 @pytest.fixture

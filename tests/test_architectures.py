@@ -40,6 +40,7 @@ from headpolicy import (
 )
 from headpolicy.models import get_adapter, supported_architectures
 from headpolicy.runtime.attention import REFERENCE_ATTN_NAME
+from headpolicy.runtime.state import applied
 from tests.conftest import policy_for
 
 VOCAB, SINK, WINDOW = 97, 4, 8
@@ -133,12 +134,12 @@ def decode_logits(model, ids, mask, pos, prompt, cache):
     """Prefill `prompt` tokens, then feed the rest one at a time. Returns logits [B, T, V]."""
     out = [
         model(
-            ids[:, :prompt], attention_mask=mask[:, :prompt], position_ids=pos[:, :prompt], past_key_values=cache
+            ids[:, :prompt], attention_mask=mask[:, :prompt], position_ids=pos[:, :prompt], cache=cache
         ).logits
     ]
     for t in range(prompt, ids.shape[1]):
         step = model(
-            ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1], past_key_values=cache
+            ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1], cache=cache
         )
         out.append(step.logits)
     return torch.cat(out, dim=1)
@@ -168,7 +169,7 @@ def test_mixed_policy_matches_reference(name):
     model = tiny(name)
     policy = mixed_policy(model)
     apply(model, policy)
-    assert any(not p.is_identity for p in model._headpolicy.plans)
+    assert any(not p.is_identity for p in applied(model).plans)
     ref = reference_copy(model)
     ids, mask, pos = batch(length=3 * WINDOW + 10)  # decoding runs 3x past the window
     with torch.no_grad():

@@ -17,8 +17,10 @@ from headpolicy import (
     fingerprint,
     load_model,
 )
-from headpolicy.checkpoint import POLICY_FILE, attach, attached_policy, save_pretrained
 from headpolicy.cli import main
+from headpolicy.policies.schema import CHECKPOINT_FILE as POLICY_FILE
+from headpolicy.runtime.apply import save_pretrained
+from headpolicy.runtime.checkpoint import attach, attached_policy
 from tests.conftest import policy_for, tiny_llama
 
 RETRIEVAL = [[False, True], [True, False]]  # retrieval heads not first: apply permutes both layers

@@ -117,7 +117,7 @@ def test_compile_chooses_only_full_attention_layers_of_a_hybrid_model(tmp_path):
 def test_compile_with_a_combined_method_reports_member_agreement(checkpoint, tmp_path, capsys, method):
     import numpy as np
 
-    from headpolicy.profiler.compile import COMBINED
+    from headpolicy.profiler.scorers import get_scorer
 
     out, raw = tmp_path / "p.yaml", tmp_path / "scores.json"
     args = ["-o", str(out), "--budget", "0.5", "--method", method, "--scores-json", str(raw), "--no-verify", *FAST]
@@ -125,7 +125,7 @@ def test_compile_with_a_combined_method_reports_member_agreement(checkpoint, tmp
     policy = HeadPolicy.load(out)
     assert policy.provenance.method == method and policy.num_retrieval == 2
     scores = json.loads(raw.read_text())
-    assert set(scores) == {*COMBINED[method], method}
+    assert set(scores) == {*get_scorer(method).members, method}
     combined = np.asarray(scores[method])
     assert np.allclose([h.score for row in policy.layers for h in row], combined.reshape(-1), atol=1e-5)
     assert "scorer agreement" in capsys.readouterr().out

@@ -14,7 +14,7 @@ What is here
                 per process. HEADPOLICY_DISABLE_CODEGEN=1 or `set_enabled(False)` makes that
                 raise CodegenDisabledError; a missing Triton raises KernelCompileError.
 - kernels.py    launchers (shape/stride checks, split-K choice, launch).
-- reference.py  the PyTorch references of the two ops (dense, built on runtime/reference.py).
+- reference.py  the PyTorch references of the two ops (dense, built on policies/rule.py).
 - ops.py        the custom ops `torch.ops.headpolicy.prefill_attention` and
                 `torch.ops.headpolicy.decode_attention`, with fake implementations.
 - aot.py        compile the generated kernels for a CUDA arch without a GPU
@@ -36,28 +36,28 @@ forces PyTorch. Choose with `set_backend(name)`, `with backend(name):` or
 HEADPOLICY_KERNEL_BACKEND. The choice happens inside the op at run time, so eager code,
 torch.export graphs and torch.compile (the op is opaque to it) all follow it.
 
-How the runtime dispatches to them (one layer, plan = LayerPlan, heads in permuted order)
-----------------------------------------------------------------------------------------
-Prefill of a fresh sequence (no cache yet, or a plain K/V holding every token), left padding:
+How the runtime calls them (runtime/attention.py `_kernel`, one layer, plan = policies.plan.LayerPlan)
+----------------------------------------------------------------------------------------------------
+Prefill of a fresh sequence (no cache yet, or plain K/V holding every token), left padding:
 
-    from headpolicy.codegen import ops              # registers torch.ops.headpolicy.*
-    retrieval, sink, window = plan_tables(plan)     # runtime/attention.py
-    pad = None if key_mask is None else (~key_mask).sum(-1)            # [B] left-pad counts
-    out = torch.ops.headpolicy.prefill_attention(
-        q, k, v, pad, retrieval.tolist(), sink.tolist(), window.tolist(), scale)  # [B, Hq, S, D]
+    retrieval, sink, window = plan.head_table        # built once per plan
+    out = torch.ops.headpolicy.prefill_attention(q, k, v, pad, retrieval, sink, window, scale)
 
-(the queries are the last S of the T slots, so S < T also works when k/v hold every token).
-Then commit the new tokens to the split cache as today.
+(pad: [B] left-padding counts or None; the queries are the last S of the T slots.)
 
-Decode (S == 1) over a SplitKVCache layer: commit the new token first (a ring slot it
-overwrites holds rank q_rank - window, which the query may not attend anyway), then
+Decode (S == 1) over a SplitKVCache layer, the new token already committed (a ring slot it
+overwrites holds rank q_rank - window, which the query may not attend anyway):
 
-    out = torch.ops.headpolicy.decode_attention(*layer.decode_op_args(q, q_rank[:, 0], k_rank, scale))
+    out = torch.ops.headpolicy.decode_attention(
+        q, q_rank, layer.keys, layer.values, k_rank,
+        [s.k for s in layer.streams], [s.v ...], [s.rank ...], plan.group_sinks, plan.group_windows, scale)
 
 (q [B, Hq, 1, D], q_rank [B]; the retrieval part [B, R, T, D] with key ranks [B, T] or None;
-each streaming group's one buffer [B, Hg, <= sink + window, D] with ranks, passed as the
-op's ring part, its sink part empty: ranks tell sink tokens from ring tokens.)
+each streaming group's one buffer [B, Hg, <= sink + window, D] with ranks: sink tokens and
+ring tokens share it, the ranks tell them apart.)
 
+Specs (every compile-time constant of a kernel) are built once per layout and cached
+(kernels.prefill_spec / kernels.decode_spec), so a decode step does no planning.
 Chunked prefill on top of a split cache (S > 1 with a cache) keeps the PyTorch path.
 """
 

@@ -47,11 +47,9 @@ def compile_for_target(
         for flag in (False, True) if trace else (False,):
             out[f"prefill_kernel[TRACE={flag}]"] = _compile(mod.prefill_kernel, types, {"TRACE": flag}, target, w, s)
         return out
-    types = dict(Q=ptr, KA=ptr, VA=ptr, KB=ptr, VB=ptr, QRANK="*i64", RA="*i64", RB="*i64",
-                 O_PART="*fp32", LSE_PART="*fp32", qk_scale="fp32")  # fmt: skip
+    types = dict(Q=ptr, K=ptr, V=ptr, QRANK="*i64", R="*i64", O_PART="*fp32", LSE_PART="*fp32", qk_scale="fp32")
     for run in spec.runs:
-        consts = dict(HAS_RANK_A=not run.retrieval, HAS_B=not run.retrieval, IS_RETRIEVAL=run.retrieval,
-                      SINK=run.sink, WINDOW=max(1, run.window))  # fmt: skip
+        consts = dict(HAS_RANK=not run.retrieval, IS_RETRIEVAL=run.retrieval, SINK=run.sink, WINDOW=max(1, run.window))
         out[f"decode_split_kernel[{run.tag}]"] = _compile(mod.decode_split_kernel, types, consts, target, w, s)
     types = dict(O_PART="*fp32", LSE_PART="*fp32", OUT=ptr)
     out["decode_combine_kernel"] = _compile(mod.decode_combine_kernel, types, {"BLOCK_S": 8}, target, 1, s)

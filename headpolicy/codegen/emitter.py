@@ -16,13 +16,13 @@ import logging
 import os
 import string
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 from headpolicy.codegen import templates
 from headpolicy.codegen.spec import TL_DTYPES, DecodeSpec, HeadRun, PrefillSpec, template_hash
-from headpolicy.errors import CodegenDisabledError, KernelCompileError
+from headpolicy.errors import CodegenDisabledError, KernelCompileError, OutputError
+from headpolicy.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +128,9 @@ def write_source(spec: PrefillSpec | DecodeSpec) -> Path:
     if path.exists() and path.read_text() == source:
         return path
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise KernelCompileError(
-            f"cannot write kernel source {path}: {e}; set HEADPOLICY_KERNEL_CACHE to a writable directory"
-        ) from e
+        atomic_write(path, source)
+    except OutputError as e:
+        raise KernelCompileError(f"{e}; set HEADPOLICY_KERNEL_CACHE to a writable directory") from e
     log.info("headpolicy codegen: wrote %s", path)
     return path
 

@@ -14,7 +14,7 @@ import os
 import torch
 
 from headpolicy.codegen.emitter import load_kernels
-from headpolicy.codegen.spec import DecodeSpec, PrefillSpec, dtype_tag, head_runs, next_pow2
+from headpolicy.codegen.spec import DecodeSpec, PrefillSpec, as_list, dtype_tag, head_runs, next_pow2
 
 LOG2E = math.log2(math.e)
 MAX_SPLITS = 128
@@ -95,15 +95,25 @@ def default_blocks(head_dim: int, device, dtype: str = "f16") -> dict:
 
 
 def prefill_spec(q: torch.Tensor, k: torch.Tensor, retrieval, sink, window, **blocks) -> PrefillSpec:
-    cfg = default_blocks(q.shape[-1], q.device, dtype_tag(q.dtype)) | {
-        k_: v_ for k_, v_ in blocks.items() if v_ is not None
-    }
+    """The PrefillSpec of a layer's head table for these tensors (built once per table and shape)."""
+    blocks = tuple(sorted((k_, v_) for k_, v_ in blocks.items() if v_ is not None))
+    table = (tuple(bool(x) for x in as_list(retrieval)), tuple(int(x) for x in as_list(sink)),
+             tuple(int(x) for x in as_list(window)))  # fmt: skip
+    upcast = _upcast_matmul(q.dtype)
+    return _prefill_spec(q.shape[-1], q.shape[1] // k.shape[1], table, q.dtype, q.device.type, blocks, upcast)
+
+
+@functools.lru_cache(maxsize=256)
+def _prefill_spec(
+    head_dim: int, group: int, table: tuple, dtype: torch.dtype, device_type: str, blocks: tuple, upcast: bool
+):
+    cfg = default_blocks(head_dim, device_type, dtype_tag(dtype)) | dict(blocks)
     return PrefillSpec(
-        head_dim=q.shape[-1],
-        group_size=q.shape[1] // k.shape[1],
-        runs=head_runs(retrieval, sink, window),
-        dtype=dtype_tag(q.dtype),
-        upcast_matmul=_upcast_matmul(q.dtype),
+        head_dim=head_dim,
+        group_size=group,
+        runs=head_runs(*table),
+        dtype=dtype_tag(dtype),
+        upcast_matmul=upcast,
         **cfg,
     )
 
@@ -193,6 +203,27 @@ def _num_splits(n_blocks: int, programs: int, device: torch.device) -> int:
     return max(1, min(want, triton_cdiv(n_blocks, 4), MAX_SPLITS))
 
 
+@functools.lru_cache(maxsize=256)
+def decode_spec(
+    head_dim: int, group_size: int, num_retrieval: int, groups: tuple, dtype: torch.dtype, device_type: str,
+    block_n: int | None = None,
+    upcast: bool = False,
+) -> DecodeSpec:
+    """The DecodeSpec of one layer's cache layout, built once per layout (cached)."""
+    cfg = default_blocks(head_dim, device_type, dtype_tag(dtype))
+    return DecodeSpec(
+        head_dim=head_dim,
+        group_size=group_size,
+        num_retrieval=num_retrieval,
+        groups=groups,
+        dtype=dtype_tag(dtype),
+        block_n=block_n or cfg["block_n"],
+        num_warps=min(4, cfg["num_warps"]),  # a [BLOCK_G, BLOCK_N] tile: 4 warps are plenty
+        num_stages=cfg["num_stages"],
+        upcast_matmul=upcast,
+    )
+
+
 @_on_tensor_device
 def decode_triton(
     q: torch.Tensor,
@@ -200,12 +231,9 @@ def decode_triton(
     k_full: torch.Tensor,
     v_full: torch.Tensor,
     full_rank: torch.Tensor | None,
-    sink_k: list[torch.Tensor],
-    sink_v: list[torch.Tensor],
-    sink_rank: list[torch.Tensor],
-    ring_k: list[torch.Tensor],
-    ring_v: list[torch.Tensor],
-    ring_rank: list[torch.Tensor],
+    group_k: list[torch.Tensor],
+    group_v: list[torch.Tensor],
+    group_rank: list[torch.Tensor],
     group_sink: list[int],
     group_window: list[int],
     scale: float,
@@ -221,72 +249,51 @@ def decode_triton(
     if S != 1:
         raise ValueError(f"decode: expects one query per row, got q {tuple(q.shape)}")
     n_groups = len(group_sink)
-    lists = (sink_k, sink_v, sink_rank, ring_k, ring_v, ring_rank, group_window)
+    lists = (group_k, group_v, group_rank, group_window)
     if any(len(x) != n_groups for x in lists):
         raise ValueError(f"decode: per-group lists must all have {n_groups} entries, got {[len(x) for x in lists]}")
     R = k_full.shape[1]
-    kv_heads = R + sum(t.shape[1] for t in sink_k)
+    kv_heads = R + sum(t.shape[1] for t in group_k)
     if kv_heads == 0 or Hq % kv_heads:
         raise ValueError(f"decode: {Hq} query heads do not divide over {kv_heads} KV heads")
-    for name, t in [("k_full", k_full), ("v_full", v_full), *[("sink_k", t) for t in sink_k],
-                    *[("ring_k", t) for t in ring_k], *[("ring_v", t) for t in ring_v]]:  # fmt: skip
+    for name, t in [("k_full", k_full), ("v_full", v_full), *[("group_k", t) for t in group_k],
+                    *[("group_v", t) for t in group_v]]:  # fmt: skip
         if t.dim() != 4 or t.shape[0] != B or t.shape[3] != D or t.dtype != q.dtype:
             raise ValueError(f"decode: {name} must be [B={B}, H, N, D={D}] {q.dtype}, got {tuple(t.shape)} {t.dtype}")
-    _check_device(q, q_rank, k_full, v_full, *sink_k, *ring_k)
-    G = Hq // kv_heads
-    cfg = default_blocks(D, q.device, dtype_tag(q.dtype))
-    spec = DecodeSpec(
-        head_dim=D,
-        group_size=G,
-        num_retrieval=R,
-        groups=tuple((t.shape[1], int(s), int(w)) for t, s, w in zip(sink_k, group_sink, group_window, strict=True)),
-        dtype=dtype_tag(q.dtype),
-        block_n=block_n or cfg["block_n"],
-        num_warps=min(4, cfg["num_warps"]),  # a [BLOCK_G, BLOCK_N] tile: 4 warps are plenty
-        num_stages=cfg["num_stages"],
-        upcast_matmul=_upcast_matmul(q.dtype),
-    )
+    _check_device(q, q_rank, k_full, v_full, *group_k)
+    groups = tuple((t.shape[1], int(s), int(w)) for t, s, w in zip(group_k, group_sink, group_window, strict=True))
+    spec = decode_spec(D, Hq // kv_heads, R, groups, q.dtype, q.device.type, block_n, _upcast_matmul(q.dtype))
     mod = load_kernels(spec)
     bn = spec.block_n
     q3 = _last_contiguous(q[:, :, 0])  # [B, Hq, D]
     q_rank = q_rank.reshape(B).to(device=q.device, dtype=torch.int64).contiguous()  # read as QRANK + b
 
-    # parts: (A k, v, rank | None, B k, v, rank | None, first KV head, heads, run)
-    parts = []
-    if R:
-        parts.append((k_full, v_full, full_rank, None, None, None, 0))
+    # parts in cache order: (k, v, rank | None, first KV head); a retrieval part without padding has no ranks
+    parts = [(k_full, v_full, full_rank, 0)] if R else []
     pos = R
-    for i in range(n_groups):
-        parts.append((sink_k[i], sink_v[i], sink_rank[i], ring_k[i], ring_v[i], ring_rank[i], pos))
-        pos += sink_k[i].shape[1]
-    plans = []
-    for (ka, va, ra, kb, vb, rb, h0), run in zip(parts, spec.runs, strict=True):
-        heads = ka.shape[1]
-        na, nb = ka.shape[2], (kb.shape[2] if kb is not None else 0)
-        n_blocks = triton_cdiv(na, bn) + triton_cdiv(nb, bn)
+    for k, v, rank in zip(group_k, group_v, group_rank, strict=True):
+        parts.append((k, v, rank, pos))
+        pos += k.shape[1]
+    launches = []
+    for (k, v, rank, h0), run in zip(parts, spec.runs, strict=True):
+        heads, n = k.shape[1], k.shape[2]
+        n_blocks = triton_cdiv(n, bn)
         splits = num_splits if num_splits is not None else _num_splits(n_blocks, B * heads, q.device)
         per = max(1, triton_cdiv(n_blocks, max(1, splits)))
-        plans.append((ka, va, ra, kb, vb, rb, h0, heads, na, nb, per, max(1, triton_cdiv(n_blocks, per)), run))
-    max_splits = max(p[11] for p in plans)
+        launches.append((k, v, rank, h0, heads, n, per, max(1, triton_cdiv(n_blocks, per)), run))
+    max_splits = max(x[7] for x in launches)
     o_part = torch.empty(B * Hq, max_splits, D, dtype=torch.float32, device=q.device)
     lse_part = torch.full((B * Hq, max_splits), float("-inf"), dtype=torch.float32, device=q.device)
-    for ka, va, ra, kb, vb, rb, h0, heads, na, nb, per, splits, run in plans:
+    for k, v, rank, h0, heads, n, per, splits, run in launches:
         if heads == 0:
             continue
-        ka, va = _nonempty(_last_contiguous(ka)), _nonempty(_last_contiguous(va))
-        ra_t = _nonempty(_last_contiguous(ra)) if ra is not None else q_rank
-        has_b = kb is not None and nb > 0
-        if has_b:
-            kb, vb, rb = _last_contiguous(kb), _last_contiguous(vb), _last_contiguous(rb)
-        else:
-            kb, vb, rb = ka, va, ra_t
+        k, v = _nonempty(_last_contiguous(k)), _nonempty(_last_contiguous(v))
+        r = _nonempty(_last_contiguous(rank)) if rank is not None else q_rank
         mod.decode_split_kernel[(B * heads, splits)](
-            q3, q_rank, ka, va, ra_t, kb, vb, rb, o_part, lse_part,
-            q3.stride(0), q3.stride(1),
-            *ka.stride()[:3], *va.stride()[:3], ra_t.stride(0) if ra is not None else 0,
-            *kb.stride()[:3], *vb.stride()[:3], rb.stride(0) if has_b else 0,
-            na, nb, heads, h0, Hq, per, max_splits, scale * LOG2E,
-            HAS_RANK_A=ra is not None, HAS_B=has_b, IS_RETRIEVAL=run.retrieval, SINK=run.sink,
+            q3, q_rank, k, v, r, o_part, lse_part,
+            q3.stride(0), q3.stride(1), *k.stride()[:3], *v.stride()[:3], r.stride(0) if rank is not None else 0,
+            n, heads, h0, Hq, per, max_splits, scale * LOG2E,
+            HAS_RANK=rank is not None, IS_RETRIEVAL=run.retrieval, SINK=run.sink,
             WINDOW=max(1, run.window), num_warps=mod.NUM_WARPS, num_stages=mod.NUM_STAGES,
         )  # fmt: skip
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)

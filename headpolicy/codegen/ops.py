@@ -51,7 +51,8 @@ def backend(name: str):
         set_backend(previous)
 
 
-def _use_kernels(t: Tensor) -> bool:
+def use_kernels(t: Tensor) -> bool:
+    """Whether work on `t` runs the generated kernels (the backend choice above; the one place it is made)."""
     name = get_backend()
     return name == "triton" or (name == "auto" and t.is_cuda)
 
@@ -83,7 +84,7 @@ def prefill_attention(
         raise ValueError(
             f"prefill_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, S, D], Hq % Hkv == 0"
         )
-    if _use_kernels(q):
+    if use_kernels(q):
         from headpolicy.codegen.kernels import prefill_triton
 
         return prefill_triton(q, k, v, pad, retrieval, sink, window, scale)
@@ -104,35 +105,30 @@ def decode_attention(
     k_full: Tensor,
     v_full: Tensor,
     full_rank: Tensor | None,
-    sink_k: list[Tensor],
-    sink_v: list[Tensor],
-    sink_rank: list[Tensor],
-    ring_k: list[Tensor],
-    ring_v: list[Tensor],
-    ring_rank: list[Tensor],
+    group_k: list[Tensor],
+    group_v: list[Tensor],
+    group_rank: list[Tensor],
     group_sink: list[int],
     group_window: list[int],
     scale: float,
 ) -> Tensor:
-    """One decode step over the split KV cache (cache.py layout), new token already stored.
+    """One decode step over the split KV cache (runtime/cache.py layout), new token already stored.
 
     q: [B, Hq, 1, D], heads ordered [retrieval | group 0 | group 1 | ...] like the cache;
     q_rank: [B] int, rank of the query token (-1: padding row -> zeros);
     k_full, v_full: [B, R, T, D] retrieval heads (R may be 0); full_rank: [B, T] key ranks
       (-1 = padding) or None when slot t has rank t;
-    per streaming group g (lists of equal length, one entry per group):
-      sink_k/sink_v [B, Hg, Ns, D] + sink_rank [B, Ns]; ring_k/ring_v [B, Hg, Nr, D] + ring_rank [B, Nr]
-      (rank -1 = empty slot); group_sink[g], group_window[g] its rule;
+    per streaming group g (lists of equal length): its buffer group_k/group_v [B, Hg, N, D] with
+      ranks group_rank [B, N] (-1 = empty slot; sink tokens and ring tokens share the buffer, the
+      ranks tell them apart), and its rule group_sink[g], group_window[g];
     scale: softmax scale. Returns [B, Hq, 1, D] in q.dtype.
     """
-    args = (q, q_rank, k_full, v_full, full_rank, sink_k, sink_v, sink_rank, ring_k, ring_v, ring_rank,
-            group_sink, group_window, scale)  # fmt: skip
-    lists = dict(sink_k=sink_k, sink_v=sink_v, sink_rank=sink_rank, ring_k=ring_k, ring_v=ring_v,
-                 ring_rank=ring_rank, group_window=group_window)  # fmt: skip
+    args = (q, q_rank, k_full, v_full, full_rank, group_k, group_v, group_rank, group_sink, group_window, scale)
+    lists = dict(group_k=group_k, group_v=group_v, group_rank=group_rank, group_window=group_window)
     if any(len(x) != len(group_sink) for x in lists.values()):
         sizes = ", ".join(f"{name}={len(x)}" for name, x in lists.items())
         raise ValueError(f"decode_attention: one entry per streaming group ({len(group_sink)}) needed, got {sizes}")
-    if _use_kernels(q):
+    if use_kernels(q):
         from headpolicy.codegen.kernels import decode_triton
 
         return decode_triton(*args)
@@ -140,8 +136,7 @@ def decode_attention(
 
 
 @decode_attention.register_fake
-def _decode_fake(q, q_rank, k_full, v_full, full_rank, sink_k, sink_v, sink_rank, ring_k, ring_v, ring_rank,
-                 group_sink, group_window, scale):  # fmt: skip
+def _decode_fake(q, q_rank, k_full, v_full, full_rank, group_k, group_v, group_rank, group_sink, group_window, scale):
     torch._check(q.shape[2] == 1, lambda: "decode_attention takes one query per row")
-    torch._check(len(sink_k) == len(group_sink) == len(group_window), lambda: "one sink/window per group")
+    torch._check(len(group_k) == len(group_sink) == len(group_window), lambda: "one sink/window per group")
     return torch.empty_like(q)

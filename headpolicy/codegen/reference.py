@@ -1,4 +1,4 @@
-"""PyTorch references for the two custom ops, built on runtime/reference.py (the semantics).
+"""PyTorch references for the two custom ops, built on policies/rule.py (the semantics).
 
 Dense and simple on purpose: these are what CPU runs and what the kernels are tested against.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from headpolicy.runtime.reference import masked_attention, reference_attention
+from headpolicy.policies.rule import masked_attention, reference_attention, visible
 
 
 def pad_to_key_valid(pad: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor | None:
@@ -34,37 +34,24 @@ def prefill_reference(q, k, v, pad, retrieval, sink, window, scale) -> torch.Ten
     )
 
 
-def _rank_rule(q_rank, k_rank, retrieval: bool, sink: int, window: int) -> torch.Tensor:
-    """Mask [B, 1, 1, N] of the headpolicy rule for one query per row: q_rank [B], k_rank [B, N]."""
-    qr, kr = q_rank[:, None], k_rank
-    m = (kr >= 0) & (qr >= 0) & (kr <= qr)
-    if not retrieval:
-        m = m & ((kr < sink) | (qr - kr < window))
-    return m[:, None, None, :]
-
-
 def decode_reference(
-    q, q_rank, k_full, v_full, full_rank, sink_k, sink_v, sink_rank, ring_k, ring_v, ring_rank,
-    group_sink, group_window, scale,
-) -> torch.Tensor:  # fmt: skip
+    q, q_rank, k_full, v_full, full_rank, group_k, group_v, group_rank, group_sink, group_window, scale
+) -> torch.Tensor:
     """One query per row over the split cache (see ops.decode_attention). Returns [B, Hq, 1, D]."""
     B, Hq, _, D = q.shape
     R = k_full.shape[1]
-    kv_heads = R + sum(t.shape[1] for t in sink_k)
+    kv_heads = R + sum(t.shape[1] for t in group_k)
     G = Hq // kv_heads
-    q_rank = q_rank.reshape(B).long()
+    qr = q_rank.reshape(B, 1, 1, 1).long()
     outs = []
     if R:
         T = k_full.shape[2]
         kr = full_rank.long() if full_rank is not None else torch.arange(T, device=q.device).expand(B, T)
-        outs.append(masked_attention(q[:, : R * G], k_full, v_full, _rank_rule(q_rank, kr, True, 0, 1), scale))
+        outs.append(masked_attention(q[:, : R * G], k_full, v_full, visible(qr, kr[:, None, None, :]), scale))
     pos = R
-    for i, (s, w) in enumerate(zip(group_sink, group_window, strict=True)):
-        hg = sink_k[i].shape[1]
-        k = torch.cat([sink_k[i], ring_k[i]], dim=2)
-        v = torch.cat([sink_v[i], ring_v[i]], dim=2)
-        kr = torch.cat([sink_rank[i], ring_rank[i]], dim=1).long()
-        qg = q[:, pos * G : (pos + hg) * G]
-        outs.append(masked_attention(qg, k, v, _rank_rule(q_rank, kr, False, int(s), int(w)), scale))
+    for k, v, rank, s, w in zip(group_k, group_v, group_rank, group_sink, group_window, strict=True):
+        hg = k.shape[1]
+        mask = visible(qr, rank.long()[:, None, None, :], int(s), int(w))
+        outs.append(masked_attention(q[:, pos * G : (pos + hg) * G], k, v, mask, scale))
         pos += hg
     return torch.cat(outs, dim=1)

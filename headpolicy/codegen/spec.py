@@ -50,8 +50,8 @@ class HeadRun:
 
 def head_runs(retrieval, sink, window) -> tuple[HeadRun, ...]:
     """Run-length encode a per-KV-head table (lists or 1-D tensors of equal length)."""
-    retrieval = [bool(x) for x in _as_list(retrieval)]
-    sink, window = [int(x) for x in _as_list(sink)], [int(x) for x in _as_list(window)]
+    retrieval = [bool(x) for x in as_list(retrieval)]
+    sink, window = [int(x) for x in as_list(sink)], [int(x) for x in as_list(window)]
     if not (len(retrieval) == len(sink) == len(window)) or not retrieval:
         raise ValueError(
             f"per-KV-head table needs equal, non-zero lengths, got retrieval={len(retrieval)}, "
@@ -69,7 +69,7 @@ def head_runs(retrieval, sink, window) -> tuple[HeadRun, ...]:
     return tuple(runs)
 
 
-def _as_list(x):
+def as_list(x):
     return x.tolist() if isinstance(x, torch.Tensor) else list(x)
 
 

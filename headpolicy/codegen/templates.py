@@ -174,11 +174,12 @@ DECODE = '''\
 #   cache parts (KV heads in cache order):
 $table_comment
 #
-# Formula. One query per row, rank qr[b]. Each part is one or two key segments (A, B) with
-# per-key ranks (-1 = empty); query head hq of KV head h may attend a key of rank j iff
+# Formula. One query per row, rank qr[b]. Each part is one key segment with per-key ranks
+# (-1 = empty; a retrieval part without padding has none: slot t is rank t); query head hq of
+# KV head h may attend a key of rank j iff
 #     j >= 0 and qr >= 0 and j <= qr and (retrieval part or j < sink or qr - j < window)
-# Split-K: program (b, h, split) covers a run of key blocks of A ++ B and writes the
-# normalised partial output and its log2-sum-exp; decode_combine_kernel merges the splits.
+# Split-K: program (b, h, split) covers a run of key blocks and writes the normalised
+# partial output and its log2-sum-exp; decode_combine_kernel merges the splits.
 # All GROUP query heads of a KV head share one program, so each key block is loaded once.
 
 import triton
@@ -226,15 +227,14 @@ def _decode_blocks(acc, m_i, l_i, q, qr, k_base, v_base, r_base, stride_kt, stri
 
 
 @triton.jit
-def decode_split_kernel(Q, QRANK, KA, VA, RA, KB, VB, RB, O_PART, LSE_PART,
+def decode_split_kernel(Q, QRANK, K, V, R, O_PART, LSE_PART,
                         stride_qb, stride_qh,
-                        stride_kab, stride_kah, stride_kat, stride_vab, stride_vah, stride_vat, stride_rab,
-                        stride_kbb, stride_kbh, stride_kbt, stride_vbb, stride_vbh, stride_vbt, stride_rbb,
-                        NA, NB, heads, head_offset, num_q_heads, blocks_per_split, max_splits, qk_scale,
-                        HAS_RANK_A: tl.constexpr, HAS_B: tl.constexpr, IS_RETRIEVAL: tl.constexpr,
-                        SINK: tl.constexpr, WINDOW: tl.constexpr):
-    """Grid (B * heads, splits). Q: [B, Hq, D]; KA/VA: [B, heads, NA, D], RA: [B, NA] (or unused);
-    KB/VB: [B, heads, NB, D], RB: [B, NB]. Writes O_PART [B*Hq, max_splits, D], LSE_PART [B*Hq, max_splits]."""
+                        stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_rb,
+                        N, heads, head_offset, num_q_heads, blocks_per_split, max_splits, qk_scale,
+                        HAS_RANK: tl.constexpr, IS_RETRIEVAL: tl.constexpr, SINK: tl.constexpr,
+                        WINDOW: tl.constexpr):
+    """Grid (B * heads, splits). Q: [B, Hq, D]; K/V: [B, heads, N, D]; R: [B, N] (read iff HAS_RANK).
+    Writes O_PART [B*Hq, max_splits, D], LSE_PART [B*Hq, max_splits]."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)  # batch offsets can pass 2**31 elements at long contexts
@@ -247,22 +247,15 @@ def decode_split_kernel(Q, QRANK, KA, VA, RA, KB, VB, RB, O_PART, LSE_PART,
     q = tl.load(Q + b * stride_qb + hq[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
     qr = tl.load(QRANK + b)
 
-    n_a = (NA + BLOCK_N - 1) // BLOCK_N
-    n_b = (NB + BLOCK_N - 1) // BLOCK_N
+    n_blocks = (N + BLOCK_N - 1) // BLOCK_N
     blk_lo = pid_s * blocks_per_split
-    blk_hi = tl.minimum(blk_lo + blocks_per_split, n_a + n_b)
+    blk_hi = tl.minimum(blk_lo + blocks_per_split, n_blocks)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     acc, m_i, l_i = _decode_blocks(
-        acc, m_i, l_i, q, qr, KA + b * stride_kab + hk * stride_kah, VA + b * stride_vab + hk * stride_vah,
-        RA + b * stride_rab, stride_kat, stride_vat, NA, blk_lo, tl.minimum(blk_hi, n_a), qk_scale,
-        HAS_RANK_A, IS_RETRIEVAL, SINK, WINDOW)
-    if HAS_B:
-        acc, m_i, l_i = _decode_blocks(
-            acc, m_i, l_i, q, qr, KB + b * stride_kbb + hk * stride_kbh, VB + b * stride_vbb + hk * stride_vbh,
-            RB + b * stride_rbb, stride_kbt, stride_vbt, NB, tl.maximum(blk_lo, n_a) - n_a, blk_hi - n_a,
-            qk_scale, True, IS_RETRIEVAL, SINK, WINDOW)
+        acc, m_i, l_i, q, qr, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+        R + b * stride_rb, stride_kt, stride_vt, N, blk_lo, blk_hi, qk_scale, HAS_RANK, IS_RETRIEVAL, SINK, WINDOW)
 
     has = l_i > 0.0
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))

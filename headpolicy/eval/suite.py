@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from headpolicy.eval.baselines import random_policy, streaming_policy
-from headpolicy.eval.retrieval import policy_model, run_tasks
+from headpolicy.models import describe_model
 from headpolicy.profiler import tasks as T
+from headpolicy.runtime.generate import answers, applied_copy
 
 
 @dataclass
@@ -43,8 +44,6 @@ def run_suite(model, tokenizer, policy, settings: SuiteSettings | None = None, *
     """Run every configuration; returns plain data (JSON-ready)."""
     from tqdm.auto import tqdm
 
-    from headpolicy.models import describe_model
-
     s = settings or SuiteSettings()
     codec = T.as_codec(tokenizer)
     info = describe_model(model)
@@ -62,9 +61,9 @@ def run_suite(model, tokenizer, policy, settings: SuiteSettings | None = None, *
     bar = tqdm(total=len(configs) * len(tasks), desc="eval", disable=not progress, dynamic_ncols=True)
     for name, pol in configs:
         t0 = time.perf_counter()
-        m = model if pol is None else policy_model(model, pol)
+        m = model if pol is None else applied_copy(model, pol)
         bar.set_description(f"eval {name}")
-        outs = run_tasks(m, codec, tasks, progress=bar)
+        outs = answers(m, codec.decode, tasks, progress=bar)
         del m
         cells = [
             {"kind": o.task.kind, "length": o.task.length, "depth": o.task.depth, "correct": o.correct,

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
 from headpolicy.errors import ExportError
+from headpolicy.io import atomic_directory, atomic_write
 from headpolicy.models import describe_model
 from headpolicy.passes.pipeline import CompiledStep, compile_step, export_program
 from headpolicy.policies.schema import HeadPolicy
@@ -76,25 +75,15 @@ def export_artifact(
         from torch.export.pt2_archive._package import package_pt2
 
         programs = {mode: export_program(step) for mode, step in steps.items()}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.stem}.tmp.pt2")
-        package_pt2(tmp, exported_programs=programs, extra_files={"manifest.json": json.dumps(meta, indent=2)})
-        os.replace(tmp, out)
-        return out
+        extra = {"manifest.json": json.dumps(meta, indent=2)}
+        # package_pt2 writes to a path or a file object: the archive goes through the atomic writer
+        return atomic_write(out, writer=lambda f: package_pt2(f, exported_programs=programs, extra_files=extra))
     from headpolicy.passes.onnx_export import export_onnx
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         for mode, step in steps.items():
             export_onnx(step, tmp / f"{mode}.onnx")
         (tmp / "manifest.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -102,7 +91,7 @@ def load_pt2(path: str | os.PathLike):
     """(programs {"prefill", "decode"}, manifest) from a .pt2 archive written by export_artifact."""
     from torch.export.pt2_archive._package import load_pt2 as _load
 
-    import headpolicy.passes.ops  # noqa: F401  (the ops must be registered before loading)
+    import headpolicy.passes.graph_ops  # noqa: F401  (the ops must be registered before loading)
 
     contents = _load(path)
     extra = contents.extra_files.get("manifest.json")

@@ -19,10 +19,10 @@ import torch
 import torch.fx
 
 from headpolicy.passes import layout
+from headpolicy.passes.graph_ops import SDPA
 from headpolicy.passes.manager import PassContext, register_pass
-from headpolicy.passes.ops import SDPA
 from headpolicy.passes.split_attention import SplitSite
-from headpolicy.runtime.plan import StreamGroup
+from headpolicy.policies.plan import StreamGroup
 
 log = logging.getLogger(__name__)
 

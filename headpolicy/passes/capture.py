@@ -48,6 +48,7 @@ class Captured:
     gm: torch.fx.GraphModule
     mode: str
     example_args: tuple[torch.Tensor, ...]
+    step: nn.Module  # the exported wrapper: the graph names modules and weights as they sit under it
 
 
 def capture(model: nn.Module, mode: str, *, last_logits_only: bool = False, example_len: int = 8) -> Captured:
@@ -76,7 +77,7 @@ def capture(model: nn.Module, mode: str, *, last_logits_only: bool = False, exam
         raise ExportError(f"torch.export failed on the {mode} step: {' '.join(str(e).split())[:400]}") from e
     gm = flatten_calling_convention(ep.module())
     log.info("captured %s graph: %d nodes", mode, len(gm.graph.nodes))
-    return Captured(gm, mode, args)
+    return Captured(gm, mode, args, step)
 
 
 def flatten_calling_convention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

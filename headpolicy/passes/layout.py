@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from headpolicy.policies.rule import ring_slot
+
 
 def positions(x: torch.Tensor) -> torch.Tensor:
     """Positions 0..T-1 of the T tokens along dim 2 of x: [B, H, T, D] -> int64 [T]."""
@@ -54,7 +56,7 @@ def ring_fill(k: torch.Tensor, sink: int, window: int) -> torch.Tensor:
 
 def ring_write(past: torch.Tensor, new: torch.Tensor, n: torch.Tensor, sink: int, window: int) -> torch.Tensor:
     """Write the token at position n into its slot. past: [B, H, C, D], new: [B, H, 1, D], n: [1]."""
-    slot = torch.where(n < sink, n, sink + torch.remainder(n - sink, window))
+    slot = ring_slot(n, sink, window)
     hit = torch.arange(past.shape[2], device=past.device) == slot  # [C]
     return torch.where(hit[None, None, :, None], new, past)
 

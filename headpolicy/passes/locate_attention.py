@@ -1,30 +1,27 @@
-"""Pass `locate_attention`: bind each sdpa node to its layer and to its q/k/v/projection producers.
+"""Pass `locate_attention`: bind each sdpa node to its layer and to the q/k/v it reads.
 
-Matches `aten.scaled_dot_product_attention` whose `nn_module_stack` names a decoder layer
-(`...layers.N...`). k/v are traced back through transformers' GQA expansion
-(unsqueeze(2) -> expand -> reshape) to the per-KV-head tensors after RoPE, which is where
-the cache and the split ops want them. Changes no node; provides `attention_sites`.
+Matches `aten.scaled_dot_product_attention` whose `nn_module_stack` holds one of the model's
+attention modules, as the model adapter names them (`ctx.layout`, models.Adapter: no
+projection or layer names are assumed, so fused projections such as Phi-3's qkv_proj work).
+k/v are traced back through transformers' GQA expansion (unsqueeze(2) -> expand -> reshape)
+to the per-KV-head tensors after RoPE, which is where the cache and the split ops want them.
+Changes no node; provides `attention_sites`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 
 from headpolicy.errors import ExportError, PolicyMismatchError
-from headpolicy.passes.manager import PassContext, register_pass
-from headpolicy.passes.ops import SDPA
+from headpolicy.passes.graph_ops import SDPA
+from headpolicy.passes.manager import AttentionLayout, PassContext, register_pass
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
 
 @dataclass
 class AttentionSite:
@@ -38,21 +35,19 @@ class AttentionSite:
     scale: float
     num_heads: int
     num_kv_heads: int
-    projections: dict[str, torch.fx.Node]  # q_proj/k_proj/v_proj/o_proj -> aten.linear node
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
 
-def module_path(node: torch.fx.Node) -> str:
+def layer_of(node: torch.fx.Node, layout: AttentionLayout) -> int | None:
+    """The layer whose attention module the node was traced in (innermost match), or None."""
     stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
-
-
-def layer_of(node: torch.fx.Node) -> int | None:
-    m = _LAYER.search(module_path(node))
-    return int(m.group(1)) if m else None
+    for path, _ in reversed(list(stack.values())):
+        if path in layout.layer_of_path:
+            return layout.layer_of_path[path]
+    return None
 
 
 def shape(node: torch.fx.Node) -> tuple:
@@ -81,21 +76,15 @@ def unexpand_kv(node: torch.fx.Node, num_kv_heads: int) -> torch.fx.Node | None:
     return None
 
 
-def find_sites(gm: torch.fx.GraphModule, num_kv_heads: int) -> list[AttentionSite]:
-    linears: dict[tuple[int, str], torch.fx.Node] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target == aten.linear.default:
-            path = module_path(node)
-            li, name = layer_of(node), path.rsplit(".", 1)[-1]
-            if li is not None and name in PROJECTIONS:
-                linears[(li, name)] = node
+def find_sites(gm: torch.fx.GraphModule, layout: AttentionLayout, num_kv_heads: int) -> list[AttentionSite]:
     sites = []
     for node in gm.graph.nodes:
         if match_sdpa(node) is None:
             continue
-        li = layer_of(node)
+        li = layer_of(node, layout)
         if li is None:
-            raise ExportError(f"attention node {node.name} belongs to no decoder layer ({module_path(node)!r})")
+            stack = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+            raise ExportError(f"attention node {node.name} belongs to no attention module of the model (in {stack})")
         q, k, v = node.args[:3]
         k0, v0 = unexpand_kv(k, num_kv_heads), unexpand_kv(v, num_kv_heads)
         if k0 is None or v0 is None:
@@ -103,19 +92,15 @@ def find_sites(gm: torch.fx.GraphModule, num_kv_heads: int) -> list[AttentionSit
                 f"layer {li}: cannot find the {num_kv_heads} KV heads behind {k.name} {shape(k)}; "
                 "expected transformers' repeat_kv (unsqueeze -> expand -> reshape) or unexpanded K/V"
             )
-        projections = {p: linears.get((li, p)) for p in PROJECTIONS}
-        if any(n is None for n in projections.values()):
-            missing = [p for p, n in projections.items() if n is None]
-            raise ExportError(f"layer {li}: no {', '.join(missing)} linear found (fused projections unsupported)")
         scale = node.kwargs.get("scale") or shape(q)[-1] ** -0.5
-        sites.append(AttentionSite(li, node, q, k0, v0, float(scale), shape(q)[1], num_kv_heads, projections))
+        sites.append(AttentionSite(li, node, q, k0, v0, float(scale), shape(q)[1], num_kv_heads))
     return sites
 
 
 @register_pass("locate_attention", requires={"graph"}, provides={"attention_sites"})
 def locate_attention(ctx: PassContext) -> int:
     num_kv = ctx.plans[0].num_kv_heads if ctx.plans else 0
-    sites = find_sites(ctx.gm, num_kv) if ctx.plans else []
+    sites = find_sites(ctx.gm, ctx.layout, num_kv) if ctx.plans else []
     layers = [s.layer for s in sites]
     if sites and sorted(layers) != list(range(len(ctx.plans))):
         raise PolicyMismatchError(f"the graph has attention in layers {layers}, the policy has {len(ctx.plans)} layers")

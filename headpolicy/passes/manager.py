@@ -15,14 +15,42 @@ from typing import Any
 
 import networkx as nx
 import torch.fx
+from torch import nn
 
 from headpolicy.errors import ExportError
-from headpolicy.runtime.plan import LayerPlan
+from headpolicy.models import Adapter
+from headpolicy.policies.plan import LayerPlan
 
 log = logging.getLogger(__name__)
 
 # Facts that capture provides before any pass runs.
 CAPTURED = frozenset({"graph"})
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where the captured model keeps attention, as its adapter (models.Adapter) says.
+
+    paths[l]: the graph's name (fully qualified, from the captured step) of layer l's attention
+    module; modules[l]: that module. Passes find layers and weights through these, never by
+    projection or layer names.
+    """
+
+    adapter: Adapter
+    paths: tuple[str, ...]
+    modules: tuple[nn.Module, ...]
+    head_dim: int
+
+    @property
+    def layer_of_path(self) -> dict[str, int]:
+        return {p: i for i, p in enumerate(self.paths)}
+
+    @classmethod
+    def of(cls, root: nn.Module, model: nn.Module, adapter: Adapter, head_dim: int) -> AttentionLayout:
+        """The layout of `model`'s attention modules, named as under `root` (the captured step)."""
+        names = {id(m): n for n, m in root.named_modules()}
+        modules = tuple(adapter.attention_modules(model))
+        return cls(adapter, tuple(names[id(m)] for m in modules), modules, head_dim)
 
 
 @dataclass
@@ -32,6 +60,7 @@ class PassContext:
     gm: torch.fx.GraphModule
     mode: str  # "prefill" | "decode"
     plans: tuple[LayerPlan, ...]
+    layout: AttentionLayout | None = None
     skip_noop: bool = True  # leave layers whose heads are all retrieval on the native sdpa
     facts: dict[str, Any] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from headpolicy.errors import ExportError
-from headpolicy.passes.ops import RETRIEVAL_OP, STREAMING_OP
+from headpolicy.passes.graph_ops import RETRIEVAL_OP, STREAMING_OP
 from headpolicy.passes.pipeline import CompiledStep
 
 log = logging.getLogger(__name__)

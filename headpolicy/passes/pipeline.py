@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from headpolicy.errors import ExportError
-from headpolicy.models import describe_model
+from headpolicy.models import describe_model, get_adapter
 from headpolicy.passes import bind_cache, locate_attention, permute_heads, split_attention  # noqa: F401 (register)
 from headpolicy.passes.bind_cache import CacheEntry
-from headpolicy.passes.capture import MAX_LEN, capture
-from headpolicy.passes.manager import PassContext, run_passes
+from headpolicy.passes.capture import MAX_LEN, Captured, capture
+from headpolicy.passes.manager import AttentionLayout, PassContext, run_passes
+from headpolicy.policies.plan import plan_layers
 from headpolicy.policies.schema import HeadPolicy
-from headpolicy.runtime.plan import plan_layers
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def compile_step(
     info = describe_model(model)
     policy.check_model(info, check_fingerprint=check_fingerprint)
     cap = capture(model, mode, last_logits_only=last_logits_only)
-    ctx = PassContext(cap.gm, mode, tuple(plan_layers(policy)), skip_noop=skip_noop)
+    ctx = pass_context(cap, model, policy, skip_noop=skip_noop)
     with torch.no_grad():
         run_passes(ctx, passes)
     for mod in ctx.gm.modules():  # an unlifted ExportedProgram module refuses .eval()
@@ -93,6 +93,12 @@ def compile_step(
     return CompiledStep(
         ctx.gm, mode, list(ctx.facts.get("cache_spec", [])), dict(ctx.counts), info.num_layers, info.head_dim
     )
+
+
+def pass_context(cap: Captured, model: nn.Module, policy: HeadPolicy, *, skip_noop: bool = True) -> PassContext:
+    """The context passes run in: the captured graph, the policy's plans, the model's attention layout."""
+    layout = AttentionLayout.of(cap.step, model, get_adapter(model), policy.model.head_dim)
+    return PassContext(cap.gm, cap.mode, tuple(plan_layers(policy)), layout=layout, skip_noop=skip_noop)
 
 
 def export_program(step: CompiledStep) -> torch.export.ExportedProgram:

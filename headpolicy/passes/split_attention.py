@@ -21,10 +21,10 @@ import torch
 import torch.fx
 
 from headpolicy.passes import layout
+from headpolicy.passes.graph_ops import RETRIEVAL_OP, STREAMING_OP
 from headpolicy.passes.locate_attention import AttentionSite
 from headpolicy.passes.manager import PassContext, register_pass
-from headpolicy.passes.ops import RETRIEVAL_OP, STREAMING_OP
-from headpolicy.runtime.plan import LayerPlan, StreamGroup
+from headpolicy.policies.plan import LayerPlan, StreamGroup
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten

@@ -39,6 +39,8 @@ import numpy as np
 
 from headpolicy.errors import BudgetError, PolicyError
 from headpolicy.policies.schema import HeadPolicy, ModelInfo, Provenance
+from headpolicy.policies.select import select_budget
+from headpolicy.version import __version__
 
 
 class ImportFormatError(PolicyError):
@@ -125,7 +127,7 @@ def import_policy(
         table = pattern.table
         selection = {"listed": True}
     elif budget is not None:
-        table = _top_budget(pattern.scores, budget)
+        table = select_budget(pattern.scores, budget)
         selection = {"budget": float(budget)}
     else:
         t = f.default_threshold if threshold is None else threshold
@@ -141,8 +143,6 @@ def import_policy(
     }
     if pattern.notes:
         settings.update(pattern.notes)
-    from headpolicy import __version__
-
     provenance = Provenance(tool="headpolicy", version=__version__, method=f"import:{f.name}", settings=settings)
     scores = None if pattern.scores is None else pattern.scores.tolist()
     return HeadPolicy.from_kinds(
@@ -165,19 +165,6 @@ def sha256_file(path: Path) -> str:
 
 def _pick(*values):
     return next(v for v in values if v is not None)
-
-
-def _top_budget(scores: np.ndarray, budget: float) -> np.ndarray:
-    """Exactly round-half-up(budget * N) heads, best score first, ties to the lower (layer, head)."""
-    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0.0 <= budget <= 1.0:
-        raise BudgetError(f"budget must be a fraction of KV heads in [0, 1], got {budget!r}")
-    L, H = scores.shape
-    count = int(math.floor(budget * L * H + 0.5))
-    flat = scores.reshape(-1)
-    order = np.lexsort((np.arange(L * H), -flat))[:count]  # lexsort: last key is primary
-    table = np.zeros(L * H, dtype=bool)
-    table[order] = True
-    return table.reshape(L, H)
 
 
 # ---- readers ------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from headpolicy.errors import PolicyMismatchError
+from headpolicy.io import atomic_write
 from headpolicy.policies.schema import HeadPolicy
+from headpolicy.policies.stats import spearman
 
 CONTEXTS = (1024, 4096, 32768, 131072)
 
@@ -138,43 +140,12 @@ def save_heatmap(policy: HeadPolicy, out: str | os.PathLike, *, title: str | Non
             fontsize=9,
         )
         fig.tight_layout()
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
+        return atomic_write(out, writer=lambda f: fig.savefig(f, format="png"))
     finally:
         plt.close(fig)
-    return out
 
 
 # ---- diff -------------------------------------------------------------------------------------------
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of a 1D array, ties get the mean of their ranks (scipy's 'average')."""
-    x = np.asarray(x, dtype=np.float64).reshape(-1)
-    order = np.argsort(x, kind="stable")
-    sorted_x = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    start = 0
-    for i in range(1, len(x) + 1):
-        if i == len(x) or sorted_x[i] != sorted_x[start]:
-            ranks[order[start:i]] = (start + i + 1) / 2.0  # mean of ranks start+1 .. i
-            start = i
-    return ranks
-
-
-def spearman(a, b) -> float:
-    """Spearman rank correlation of two equal-length samples (ties averaged); NaN if one is constant."""
-    a, b = np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)
-    if a.shape != b.shape:
-        raise ValueError(f"spearman needs samples of equal length, got {a.size} and {b.size}")
-    if a.size < 2:
-        return float("nan")
-    ra, rb = rankdata(a) - (a.size + 1) / 2.0, rankdata(b) - (b.size + 1) / 2.0
-    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
-
-
 @dataclass(frozen=True)
 class HeadChange:
     layer: int

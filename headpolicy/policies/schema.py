@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +32,10 @@ from typing import Any, Literal
 import yaml
 
 from headpolicy.errors import PolicyError, PolicyMismatchError
+from headpolicy.io import atomic_write
 
 SCHEMA = "headpolicy/v1"
+CHECKPOINT_FILE = "head_policy.yaml"  # a policy shipped inside a checkpoint directory (`headpolicy attach`)
 RETRIEVAL: Literal["retrieval"] = "retrieval"
 STREAMING: Literal["streaming"] = "streaming"
 KINDS = (RETRIEVAL, STREAMING)
@@ -288,21 +289,8 @@ class HeadPolicy:
         return _parse_policy(data)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a temporary file in the same folder, then rename over `path`."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.to_yaml()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write the YAML atomically (io.atomic_write); returns the path written."""
+        return atomic_write(path, self.to_yaml())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadPolicy:

@@ -1,11 +1,18 @@
-"""Headpolicy attention ops (PyTorch path) and the function registered with transformers.
+"""All headpolicy attention maths: prefill and decode, PyTorch ops and the generated kernels.
 
-After `apply`, each layer's KV heads are ordered [retrieval heads | streaming group 0 | ...].
-Retrieval heads run ordinary causal attention over every cached token. Streaming heads
-run *local* attention: each query sees the sink tokens plus its last `window` tokens, which
-is computed chunk by chunk so prefill costs O(S * (sink + window)) instead of O(S^2).
+After `apply`, each layer's KV heads are ordered [retrieval heads | streaming group 0 | ...]
+(policies/plan.py). Retrieval heads run ordinary causal attention over every cached token.
+Streaming heads run *local* attention under the sink/window rule (policies/rule.py): each
+query sees the sink tokens plus its last `window` tokens, computed chunk by chunk so a
+prefill costs O(S * (sink + window)) instead of O(S^2). Positions are ranks among the real
+tokens of a row (rule.token_ranks); padding must be on the left.
 
-All positions are ranks among real tokens (see reference.py); padding must be on the left.
+Entry points, one per phase:
+    prefill(plan, q, ...)   S >= 1 new tokens attend the cached ones and each other
+    decode(plan, q, layer)  one new token per row, already committed to the split cache
+`headpolicy_attention` is the function transformers calls (registered below): it routes a
+layer's call to them, and commits the streaming tokens to the cache (runtime/cache.py) at
+the right moment. `_kernel` is the one place that hands work to the generated Triton kernels.
 """
 
 from __future__ import annotations
@@ -15,15 +22,23 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from headpolicy.runtime.reference import reference_attention, token_ranks
+import headpolicy.codegen.ops  # noqa: F401  (registers torch.ops.headpolicy.prefill/decode_attention)
+from headpolicy.codegen.ops import use_kernels
+from headpolicy.policies.plan import LayerPlan
+from headpolicy.policies.rule import reference_attention, token_ranks, visible
+from headpolicy.runtime.cache import SplitKVLayer, SplitKVStep
+from headpolicy.runtime.state import layer_plan
 
 ATTN_NAME = "headpolicy"
 REFERENCE_ATTN_NAME = "headpolicy_reference"
 CHUNK = 256  # streaming queries per block: keys per block stay ~ sink + window + CHUNK
 
+Segment = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # k [B, H, N, D], v, rank [B, N] (-1 = empty)
 
+
+# ---- building blocks -----------------------------------------------------------------------------
 def check_key_mask(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
-    """The 2D padding mask [B, T] transformers hands to a custom attention function, or None."""
+    """The 2D padding mask [B, T] transformers hands a custom attention function; None when no row is padded."""
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, length):
@@ -31,74 +46,28 @@ def check_key_mask(attention_mask: torch.Tensor | None, batch: int, length: int)
             f"headpolicy attention expects a 2D padding mask of shape {(batch, length)}, "
             f"got {tuple(attention_mask.shape)}; 4D/custom masks are not supported"
         )
-    return attention_mask.bool()
+    mask = attention_mask.bool()
+    return None if bool(mask.all()) else mask
 
 
-def retrieval_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_rank: torch.Tensor | None,
-    q_rank: torch.Tensor | None,
-    scale: float,
+def retrieval_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_rank: torch.Tensor | None, q_rank: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Causal attention over all T keys for queries in the last S slots.
 
-    q: [B, Hq, S, D]; k, v: [B, H, T, D] with Hq % H == 0; k_rank [B, T] / q_rank [B, S]
-    are None when there is no padding. Returns [B, Hq, S, D].
+    q: [B, Hq, S, D]; k, v: [B, H, T, D] with Hq % H == 0; k_rank [B, T] is None when no row
+    is padded (then q_rank [B, S] is not read). Returns [B, Hq, S, D].
     """
     S, T = q.shape[2], k.shape[2]
     if k_rank is None:
         if S == 1 or S == T:
             return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, scale=scale, enable_gqa=True)
-        k_pos = torch.arange(T, device=q.device)
-        mask = k_pos[None, :] <= (T - S + torch.arange(S, device=q.device))[:, None]  # [S, T]
+        slots = torch.arange(T, device=q.device)
+        mask = visible(slots[T - S :, None], slots[None, :])  # [S, T]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    kr, qr = k_rank[:, None, None, :], q_rank[:, None, :, None]
-    mask = (kr >= 0) & (kr <= qr)  # [B, 1, S, T]
+    mask = visible(q_rank[:, None, :, None], k_rank[:, None, None, :])  # [B, 1, S, T]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.nan_to_num(0.0)  # padding queries see no key
-
-
-def streaming_attention(
-    q: torch.Tensor,
-    q_rank: torch.Tensor,
-    fixed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    local: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    sink: int,
-    window: int,
-    scale: float,
-    chunk: int | None = None,
-) -> torch.Tensor:
-    """Sink + window attention, one block of `chunk` (default CHUNK) queries at a time.
-
-    q: [B, Hq, S, D], q_rank: [B, S].
-    fixed: segments (k [B, H, N, D], v, rank [B, N]) that every block sees whole: the sink
-      tokens (ranks < sink) and, when decoding, the ring of recent tokens.
-    local: (k [B, H, L, D], v, rank [B, L]) in slot order whose last S slots are the queries'
-      own tokens; ranks < sink must be -1 there (those tokens live in a sink segment).
-    Rank -1 marks empty/padding entries. Returns [B, Hq, S, D].
-    """
-    S = q.shape[2]
-    chunk = chunk or CHUNK
-    lk, lv, lr = local
-    offset = lk.shape[2] - S
-    fk = torch.cat([f[0] for f in fixed], dim=2) if fixed else lk[:, :, :0]
-    fv = torch.cat([f[1] for f in fixed], dim=2) if fixed else lv[:, :, :0]
-    fr = torch.cat([f[2] for f in fixed], dim=1) if fixed else lr[:, :0]
-    outs = []
-    for a in range(0, S, chunk):
-        b = min(S, a + chunk)
-        lo, hi = max(0, offset + a - window + 1), offset + b
-        k = torch.cat([fk, lk[:, :, lo:hi]], dim=2)
-        v = torch.cat([fv, lv[:, :, lo:hi]], dim=2)
-        kr = torch.cat([fr, lr[:, lo:hi]], dim=1)[:, None, :]  # [B, 1, N]
-        qr = q_rank[:, a:b, None]  # [B, s, 1]
-        mask = (kr >= 0) & (kr <= qr) & ((kr < sink) | (qr - kr < window))
-        outs.append(
-            F.scaled_dot_product_attention(q[:, :, a:b], k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=True)
-        )
-    return torch.cat(outs, dim=2).nan_to_num(0.0)
 
 
 def first_sink_tokens(rank: torch.Tensor, sink: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,114 +85,212 @@ def gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], D))
 
 
-def use_kernels(q: torch.Tensor) -> bool:
-    """Generated Triton kernels on CUDA (codegen backend "auto"), or anywhere when forced to "triton".
+def _chunked_local(
+    q: torch.Tensor, q_rank: torch.Tensor, fixed: list[Segment], local: Segment, sink: int, window: int, scale: float
+) -> torch.Tensor:
+    """Sink + window attention, CHUNK queries at a time.
 
-    Otherwise the PyTorch ops below run: on CPU they beat the kernels' dense reference.
+    fixed: segments every block sees whole (the sink tokens, the cached buffer); local: the new
+    tokens in slot order, whose last S are the queries' own (ranks < sink are -1 there: those
+    tokens are in a fixed segment). Returns [B, Hq, S, D].
     """
-    from headpolicy.codegen.ops import get_backend
+    S = q.shape[2]
+    lk, lv, lr = local
+    offset = lk.shape[2] - S
+    fk = torch.cat([f[0] for f in fixed], dim=2)
+    fv = torch.cat([f[1] for f in fixed], dim=2)
+    fr = torch.cat([f[2] for f in fixed], dim=1)
+    outs = []
+    for a in range(0, S, CHUNK):
+        b = min(S, a + CHUNK)
+        lo, hi = max(0, offset + a - window + 1), offset + b
+        k = torch.cat([fk, lk[:, :, lo:hi]], dim=2)
+        v = torch.cat([fv, lv[:, :, lo:hi]], dim=2)
+        kr = torch.cat([fr, lr[:, lo:hi]], dim=1)[:, None, :]  # [B, 1, N]
+        mask = visible(q_rank[:, a:b, None], kr, sink, window)  # [B, s, N]
+        outs.append(
+            F.scaled_dot_product_attention(q[:, :, a:b], k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+        )
+    return torch.cat(outs, dim=2).nan_to_num(0.0)
 
-    name = get_backend()
-    return name == "triton" or (name == "auto" and q.is_cuda)
 
+def streaming_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_rank: torch.Tensor,
+    q_rank: torch.Tensor,
+    sink: int,
+    window: int,
+    scale: float,
+    past: Segment | None = None,
+) -> torch.Tensor:
+    """Sink + window attention of one streaming group over new tokens, plus what it cached before.
 
-def prefill_kernel(plan, q, k, v, key_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """The generated prefill kernel (torch.ops.headpolicy.prefill_attention) for one layer."""
-    from headpolicy.codegen import ops  # noqa: F401  (registers torch.ops.headpolicy.*)
-
-    retrieval, sink, window = plan_tables(plan)
-    pad = None if key_mask is None else (~key_mask).sum(-1)
-    return torch.ops.headpolicy.prefill_attention(
-        q, k, v, pad, retrieval.tolist(), sink.tolist(), window.tolist(), scale
-    )
-
-
-def policy_attention_dense(module, q, k, v, key_mask, scale) -> torch.Tensor:
-    """Headpolicy attention when K/V arrive as plain tensors holding every token (no split cache).
-
-    q: [B, Hq, S, D]; k, v: [B, Hkv, T, D] in the permuted head order. Returns [B, Hq, S, D].
+    q: [B, Hq, S, D], the last S of the L new tokens k, v [B, H, L, D] with ranks k_rank [B, L]
+    (-1 = padding); q_rank [B, S]. past: the group's cache buffer before these tokens
+    (runtime/cache.StreamBuffer), or None. Returns [B, Hq, S, D].
     """
-    plan = module.headpolicy_plan
-    B, _, S, _ = q.shape
-    T = k.shape[2]
-    key_mask = check_key_mask(key_mask, B, T)
-    padded = key_mask is not None and not bool(key_mask.all())
-    if use_kernels(q):
-        return prefill_kernel(plan, q, k, v, key_mask if padded else None, scale)
-    ranks = token_ranks(key_mask if padded else None, B, T, device=q.device)
-    q_rank = ranks[:, T - S :]
+    idx, sink_rank = first_sink_tokens(k_rank, sink, min(k.shape[2], sink))
+    sinks = (gather_slots(k, idx), gather_slots(v, idx), sink_rank)
+    local_rank = torch.where(k_rank >= sink, k_rank, torch.full_like(k_rank, -1))
+    fixed = [sinks] if past is None else [past, sinks]
+    return _chunked_local(q, q_rank, fixed, (k, v, local_rank), sink, window, scale)
+
+
+# ---- the two phases -----------------------------------------------------------------------------------
+def prefill(
+    plan: LayerPlan,
+    q: torch.Tensor,
+    scale: float,
+    *,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    k_rank: torch.Tensor | None,
+    new_k: torch.Tensor,
+    new_v: torch.Tensor,
+    new_rank: torch.Tensor,
+    q_rank: torch.Tensor,
+    past: list[Segment] | None = None,
+) -> torch.Tensor:
+    """One layer's attention for S >= 1 queries, the last S of the L new tokens.
+
+    q: [B, Hq, S, D]. keys/values [B, R, T, D]: what the retrieval heads see (every token so far),
+    k_rank [B, T] or None when no row is padded. new_k/new_v [B, Hkv, L, D]: the new tokens of
+    all KV heads, with ranks new_rank [B, L]; q_rank [B, S]. past: each streaming group's cache
+    buffer before this call, or None when nothing was cached (then new_k holds every token).
+    Returns [B, Hq, S, D].
+    """
+    if past is None and use_kernels(q):  # a fresh sequence: the prefill kernel sees every token at once
+        return _kernel("prefill", plan, q, scale, k=new_k, v=new_v, k_rank=k_rank)
     G, R = plan.group_size, plan.num_retrieval
     outs = []
     if R:
-        kr, qr = (ranks, q_rank) if padded else (None, None)
-        outs.append(retrieval_attention(q[:, : R * G], k[:, :R], v[:, :R], kr, qr, scale))
-    for g in plan.groups:
-        kg, vg = k[:, g.start : g.stop], v[:, g.start : g.stop]
-        idx, sink_rank = first_sink_tokens(ranks, g.sink, min(T, g.sink))
-        sink_seg = (gather_slots(kg, idx), gather_slots(vg, idx), sink_rank)
-        local_rank = torch.where(ranks >= g.sink, ranks, torch.full_like(ranks, -1))
+        outs.append(retrieval_heads(q[:, : R * G], keys, values, k_rank, q_rank, scale))
+    for i, g in enumerate(plan.groups):
+        kg, vg = new_k[:, g.start : g.stop], new_v[:, g.start : g.stop]
         qg = q[:, g.start * G : g.stop * G]
-        outs.append(streaming_attention(qg, q_rank, [sink_seg], (kg, vg, local_rank), g.sink, g.window, scale))
+        seg = None if past is None else past[i]
+        outs.append(streaming_heads(qg, kg, vg, new_rank, q_rank, g.sink, g.window, scale, past=seg))
     return torch.cat(outs, dim=1)
 
 
-def headpolicy_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The function transformers calls for every attention layer once a policy is applied.
+def decode(
+    plan: LayerPlan, q: torch.Tensor, layer: SplitKVLayer, q_rank: torch.Tensor, k_rank: torch.Tensor | None, scale
+) -> torch.Tensor:
+    """One new token per row over the split cache, that token already committed.
 
-    query: [B, Hq, S, D]; key/value: plain [B, Hkv, T, D] tensors, or the SplitKVView that
-    SplitKVCache.update returned. Returns ([B, S, Hq, D], None) like transformers' own.
+    q: [B, Hq, 1, D], q_rank [B, 1]; k_rank [B, T] of the retrieval part, None when no row is
+    padded: then every buffered key is one the query may attend, so no mask is built.
     """
+    if use_kernels(q):
+        return _kernel("decode", plan, q, scale, layer=layer, q_rank=q_rank, k_rank=k_rank)
+    G, R = plan.group_size, plan.num_retrieval
+    outs = []
+    if R:
+        outs.append(retrieval_heads(q[:, : R * G], layer.keys, layer.values, k_rank, q_rank, scale))
+    for s in layer.streams:
+        g = s.group
+        qg = q[:, g.start * G : g.stop * G]
+        if k_rank is None:
+            outs.append(F.scaled_dot_product_attention(qg, s.k, s.v, scale=scale, enable_gqa=True))
+            continue
+        mask = visible(q_rank[:, None, :, None], s.rank[:, None, None, :], g.sink, g.window)
+        out = F.scaled_dot_product_attention(qg, s.k, s.v, attn_mask=mask, scale=scale, enable_gqa=True)
+        outs.append(out.nan_to_num(0.0))
+    return torch.cat(outs, dim=1)
+
+
+def _kernel(phase: str, plan: LayerPlan, q: torch.Tensor, scale: float, **parts) -> torch.Tensor:
+    """The generated kernels (torch.ops.headpolicy.*, codegen/ops.py), with the plan's prebuilt tables."""
+    if phase == "prefill":
+        k_rank = parts["k_rank"]
+        pad = None if k_rank is None else (k_rank < 0).sum(-1)  # left padding: slots before rank 0
+        retrieval, sink, window = plan.head_table
+        return torch.ops.headpolicy.prefill_attention(q, parts["k"], parts["v"], pad, retrieval, sink, window, scale)
+    return torch.ops.headpolicy.decode_attention(*decode_op_args(plan, q, parts["layer"], parts["q_rank"],
+                                                                 parts["k_rank"], scale))  # fmt: skip
+
+
+def decode_op_args(plan: LayerPlan, q, layer: SplitKVLayer, q_rank, k_rank, scale) -> tuple:
+    """Arguments of torch.ops.headpolicy.decode_attention for one layer's step (q_rank [B, 1])."""
+    s = layer.streams
+    return (
+        q, q_rank[:, 0], layer.keys, layer.values, k_rank,
+        [x.k for x in s], [x.v for x in s], [x.rank for x in s], plan.group_sinks, plan.group_windows, scale,
+    )  # fmt: skip
+
+
+# ---- the function transformers calls ------------------------------------------------------------------
+def headpolicy_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of one layer of an applied model (registered as attn_implementation "headpolicy").
+
+    query: [B, Hq, S, D]; key/value: the SplitKVStep that SplitKVCache.update returned, or plain
+    [B, Hkv, T, D] tensors holding every token (no cache, or another Cache class).
+    Returns ([B, S, Hq, D], None) like transformers' own attention functions.
+    """
+    plan = layer_plan(module)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if hasattr(key, "attend"):  # a SplitKVView: the split cache attends and commits the new tokens
-        out = key.attend(query, attention_mask, scale)
+    B, _, S, _ = query.shape
+    if isinstance(key, SplitKVStep):
+        out = _attend_step(plan, query, key, attention_mask, scale)
     else:
-        out = policy_attention_dense(module, query, key, value, attention_mask, scale)
+        T = key.shape[2]
+        key_mask = check_key_mask(attention_mask, B, T)
+        ranks = token_ranks(key_mask, B, T, device=query.device)
+        R = plan.num_retrieval
+        out = prefill(plan, query, scale, keys=key[:, :R], values=value[:, :R], k_rank=None if key_mask is None
+                      else ranks, new_k=key, new_v=value, new_rank=ranks, q_rank=ranks[:, T - S :])  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 
-def plan_tables(plan, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-KV-head (retrieval, sink, window) tensors [Hkv] of a LayerPlan, in permuted order."""
-    H = plan.num_kv_heads
-    retrieval = torch.zeros(H, dtype=torch.bool, device=device)
-    retrieval[: plan.num_retrieval] = True
-    sink = torch.zeros(H, dtype=torch.long, device=device)
-    window = torch.ones(H, dtype=torch.long, device=device)
-    for g in plan.groups:
-        sink[g.start : g.stop], window[g.start : g.stop] = g.sink, g.window
-    return retrieval, sink, window
+def _attend_step(plan: LayerPlan, q: torch.Tensor, step: SplitKVStep, attention_mask, scale: float) -> torch.Tensor:
+    """A step over the split cache: attend, and commit the step's streaming tokens in order."""
+    layer = step.layer
+    B, _, S, _ = q.shape
+    T = layer.seen
+    key_mask = check_key_mask(attention_mask, B, T)
+    if key_mask is None:  # no padding anywhere: every row has the same ranks
+        k_rank = None
+        q_rank = torch.arange(T - S, T, device=q.device).expand(B, S)
+    else:
+        k_rank = token_ranks(key_mask, B, T, device=q.device)
+        q_rank = k_rank[:, T - S :]
+    commit_rank = None if key_mask is None else q_rank
+    if S == 1:  # decode: the token is committed first (a ring slot it overwrites is out of its window)
+        layer.commit(step, commit_rank)
+        return decode(plan, q, layer, q_rank, k_rank, scale)
+    past = None if T == S else [(s.k, s.v, s.rank) for s in layer.streams]
+    out = prefill(plan, q, scale, keys=layer.keys, values=layer.values, k_rank=k_rank, new_k=step.new_k,
+                  new_v=step.new_v, new_rank=q_rank, q_rank=q_rank, past=past)  # fmt: skip
+    layer.commit(step, commit_rank)
+    return out
 
 
 def headpolicy_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Dense masked reference (reference.py) behind the same interface; needs K/V holding every token."""
-    if hasattr(key, "attend"):
+    """The dense masked reference (policies/rule.py) behind the same interface; needs K/V holding every token."""
+    if isinstance(key, SplitKVStep):
         raise ValueError("the reference attention needs full K/V: use a DynamicCache, not a SplitKVCache")
     B, T = key.shape[0], key.shape[2]
-    retrieval, sink, window = plan_tables(module.headpolicy_plan, query.device)
-    out = reference_attention(
-        query,
-        key,
-        value,
-        retrieval=retrieval,
-        sink=sink,
-        window=window,
-        key_valid=check_key_mask(attention_mask, B, T),
-        scale=scaling,
-    )
+    retrieval, sink, window = layer_plan(module).table_tensors(query.device)
+    out = reference_attention(query, key, value, retrieval=retrieval, sink=sink, window=window,
+                              key_valid=check_key_mask(attention_mask, B, T), scale=scaling)  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 
 def padding_mask(*, batch_size, kv_length, kv_offset=0, attention_mask=None, **kwargs) -> torch.Tensor | None:
-    """Mask builder for transformers: hand the attention function the 2D padding mask [B, kv_length].
+    """Mask builder for transformers: the 2D padding mask [B, kv_length], or None when no row is padded.
 
     Causality and the sink/window rule are applied inside the attention ops, from token ranks;
-    a 4D [B, 1, S, T] mask would cost O(S*T) memory for nothing.
+    a 4D [B, 1, S, T] mask would cost O(S*T) memory for nothing. Built once per forward, so
+    the "is anything padded" test runs once, not in every layer.
     """
     if attention_mask is None:
         return None
     mask = attention_mask[:, kv_offset : kv_offset + kv_length].bool()
     if mask.shape != (batch_size, kv_length):
         raise ValueError(f"padding mask of shape {tuple(attention_mask.shape)} does not cover {kv_length} keys")
-    return mask
+    return None if bool(mask.all()) else mask
 
 
 for _name, _fn in ((ATTN_NAME, headpolicy_attention), (REFERENCE_ATTN_NAME, headpolicy_reference_attention)):

@@ -5,16 +5,10 @@ import torch
 from codegen_helpers import TOL, kernel_devices
 
 from headpolicy.codegen.reference import decode_reference
-from headpolicy.runtime.attention import plan_tables
+from headpolicy.policies.rule import reference_attention, token_ranks
+from headpolicy.runtime.attention import decode_op_args
 from headpolicy.runtime.cache import SplitKVLayer
-from headpolicy.runtime.reference import reference_attention, token_ranks
-from tests.conftest import make_plan
-
-
-def decode_args(layer, q, q_rank, k_rank, scale):
-    """The runtime's own call (SplitKVLayer.decode_op_args) for one layer."""
-    return layer.decode_op_args(q, q_rank, k_rank, scale)
-
+from tests.conftest import attend, make_plan
 
 PLANS = {
     "mixed-gqa": make_plan(1, [(2, 3, 5), (1, 0, 1)], 2),
@@ -37,18 +31,18 @@ def test_decode_over_split_cache_matches_dense_reference(triton_backend, device,
     mask = torch.ones(B, T, dtype=torch.long, device=device)
     if padded:
         mask[1, :3] = 0  # row 1 is left-padded by 3 slots
-    retrieval, sink, window = plan_tables(plan, device)
+    retrieval, sink, window = plan.table_tensors(device)
     layer = SplitKVLayer(plan)
     with torch.no_grad():
         view, _ = layer.update(k[:, :, :11], v[:, :, :11])
-        view.attend(q[:, :, :11], mask[:, :11], 0.4)  # PyTorch prefill; commits the streaming part
+        attend(plan, q[:, :, :11], view, view, mask[:, :11], 0.4)  # PyTorch prefill; commits the streaming part
         for t in range(11, T):
             view, _ = layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
-            view.attend(q[:, :, t : t + 1], mask[:, : t + 1], 0.4)  # commits token t
+            attend(plan, q[:, :, t : t + 1], view, view, mask[:, : t + 1], 0.4)  # commits token t
             ranks = token_ranks(mask[:, : t + 1], B, t + 1, device=device)
             k_rank = ranks if padded else None
             out = torch.ops.headpolicy.decode_attention(
-                *decode_args(layer, q[:, :, t : t + 1], ranks[:, -1], k_rank, 0.4)
+                *decode_op_args(plan, q[:, :, t : t + 1], layer, ranks[:, -1:], k_rank, 0.4)
             )
             ref = reference_attention(
                 q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1],
@@ -58,7 +52,7 @@ def test_decode_over_split_cache_matches_dense_reference(triton_backend, device,
 
 
 def synthetic(B, G, D, R, T, groups, dtype, device, seed=0):
-    """Hand-made split cache: padded retrieval ranks, empty sinks, rings with empty (-1) slots.
+    """Hand-made split cache: padded retrieval ranks, group buffers with empty (-1) slots.
 
     groups: list of (heads, sink, window, sink ranks [B][Ns], ring ranks [B][Nr])."""
     g = torch.Generator().manual_seed(seed)
@@ -69,14 +63,15 @@ def synthetic(B, G, D, R, T, groups, dtype, device, seed=0):
     full_rank = torch.arange(T, device=device).repeat(B, 1)
     full_rank[1:] -= 4  # rows >= 1 are left-padded by 4
     full_rank[full_rank < 0] = -1
-    args = [q, q_rank, rnd(B, R, T, D), rnd(B, R, T, D), full_rank, [], [], [], [], [], [], [], [], 0.3]
+    args = [q, q_rank, rnd(B, R, T, D), rnd(B, R, T, D), full_rank, [], [], [], [], [], 0.3]
     for heads, sink, window, sr, rr in groups:
-        sr, rr = (torch.tensor(x, dtype=torch.long, device=device).view(B, -1) for x in (sr, rr))
-        for i, x in enumerate([rnd(B, heads, sr.shape[1], D), rnd(B, heads, sr.shape[1], D), sr,
-                               rnd(B, heads, rr.shape[1], D), rnd(B, heads, rr.shape[1], D), rr]):  # fmt: skip
-            args[5 + i].append(x)
-        args[11].append(sink)
-        args[12].append(window)
+        # one buffer per group: the sink slots, then the ring (ranks tell them apart)
+        rank = torch.tensor([a + b for a, b in zip(sr, rr, strict=True)], dtype=torch.long, device=device).view(B, -1)
+        args[5].append(rnd(B, heads, rank.shape[1], D))
+        args[6].append(rnd(B, heads, rank.shape[1], D))
+        args[7].append(rank)
+        args[8].append(sink)
+        args[9].append(window)
     return args
 
 

@@ -25,8 +25,7 @@ def decode_inputs(B=2, D=16, G=2, T=13, seed=0):
     full_rank = torch.arange(T).repeat(B, 1)
     return (
         q, torch.tensor([T - 1, T - 1])[:B], r(B, 1, T, D), r(B, 1, T, D), full_rank,
-        [r(B, 2, 2, D)], [r(B, 2, 2, D)], [torch.tensor([[0, 1]] * B)],
-        [r(B, 2, 3, D)], [r(B, 2, 3, D)], [torch.tensor([[T - 2, T - 1, T - 3]] * B)],
+        [r(B, 2, 5, D)], [r(B, 2, 5, D)], [torch.tensor([[0, 1, T - 2, T - 1, T - 3]] * B)],
         [2], [3], 0.5,
     )  # fmt: skip
 
@@ -38,7 +37,7 @@ def test_schemas():
     )
     schema = str(torch.ops.headpolicy.decode_attention.default._schema)
     assert schema.startswith("headpolicy::decode_attention(Tensor q, Tensor q_rank, Tensor k_full")
-    assert "Tensor[] sink_k" in schema and "Tensor[] ring_rank" in schema
+    assert "Tensor[] group_k" in schema and "Tensor[] group_rank" in schema and "sink_k" not in schema
 
 
 def test_opcheck_reference_backend():
@@ -86,12 +85,11 @@ def test_torch_export_keeps_the_ops():
     class Attn(torch.nn.Module):
         def forward(self, q, k, v, pad, *dec):
             a = torch.ops.headpolicy.prefill_attention(q, k, v, pad, *TABLE, 0.3)
-            b = torch.ops.headpolicy.decode_attention(*dec[:5], [dec[5]], [dec[6]], [dec[7]], [dec[8]], [dec[9]],
-                                                      [dec[10]], [2], [3], 0.5)  # fmt: skip
+            b = torch.ops.headpolicy.decode_attention(*dec[:5], [dec[5]], [dec[6]], [dec[7]], [2], [3], 0.5)
             return a, b
 
     d = decode_inputs()
-    flat = (*d[:5], d[5][0], d[6][0], d[7][0], d[8][0], d[9][0], d[10][0])
+    flat = (*d[:5], d[5][0], d[6][0], d[7][0])
     args = (*prefill_inputs(), *flat)
     ep = torch.export.export(Attn(), args)
     targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
@@ -121,6 +119,6 @@ def test_bad_tables_are_clear_errors():
     with pytest.raises(ValueError, match="one entry per KV head \\(3\\)"):
         torch.ops.headpolicy.prefill_attention(q, k, v, pad, [True, False], [0, 2], [1, 4], 0.3)
     args = list(decode_inputs())
-    args[12] = [3, 3]  # group_window: two entries for one group
+    args[9] = [3, 3]  # group_window: two entries for one group
     with pytest.raises(ValueError, match="one entry per streaming group"):
         torch.ops.headpolicy.decode_attention(*args)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from codegen_helpers import TOL, kernel_devices
 
 from headpolicy.codegen.reference import prefill_reference
-from headpolicy.runtime.reference import headpolicy_mask, token_ranks
+from headpolicy.policies.rule import headpolicy_mask, token_ranks
 
 R = (True, 0, 1)  # a retrieval head
 

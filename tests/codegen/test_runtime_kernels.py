@@ -42,9 +42,9 @@ def test_prefill_and_decode_through_kernels_match_pytorch(triton_backend, monkey
     with torch.no_grad():
         for i in range(1 + 2 * policy.window + 3):  # past the window: the ring wraps
             kw = dict(attention_mask=mask, position_ids=pos, use_cache=True)
-            out = model(step, past_key_values=kernel_cache, **kw).logits
+            out = model(step, cache=kernel_cache, **kw).logits
             with ops.backend("reference"):  # the runtime's own PyTorch ops
-                exp = model(step, past_key_values=torch_cache, **kw).logits
+                exp = model(step, cache=torch_cache, **kw).logits
             real = mask[:, -step.shape[1] :].bool()
             torch.testing.assert_close(out[real], exp[real], atol=1e-4, rtol=1e-4, msg=f"step {i}")
             step = exp[:, -1:].argmax(-1)

@@ -4,7 +4,7 @@ import torch
 from transformers import AttentionInterface
 
 from headpolicy.models import get_adapter
-from headpolicy.runtime.reference import reference_attention
+from headpolicy.policies.rule import reference_attention
 
 REF_NAME = "headpolicy_test_reference"
 

@@ -56,10 +56,10 @@ def test_model_not_on_sdpa_is_refused(llama):
 
 
 def test_cli_export_pt2(tmp_path, monkeypatch, llama, capsys):
-    import headpolicy
+    import headpolicy.models
 
     policy_path = policy_for(llama, MIXED).save(tmp_path / "p.yaml")
-    monkeypatch.setattr(headpolicy, "load_model", lambda source: (llama, None))
+    monkeypatch.setattr(headpolicy.models, "load_source", lambda source: (llama, None))
     out = tmp_path / "out.pt2"
     assert cli.main(["export", "tiny", "--policy", str(policy_path), "--format", "pt2", "-o", str(out)]) == 0
     assert out.exists() and capsys.readouterr().out.strip() == str(out)

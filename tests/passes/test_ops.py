@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from headpolicy.passes import layout
-from headpolicy.passes.ops import retrieval_attention, streaming_attention
-from headpolicy.runtime.reference import reference_attention
+from headpolicy.passes.graph_ops import retrieval_attention, streaming_attention
+from headpolicy.policies.rule import reference_attention
 
 
 @pytest.mark.parametrize("S, sink, window", [(7, 2, 3), (300, 4, 50), (513, 0, 1), (260, 300, 7)])

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from headpolicy.passes.capture import capture, flatten_calling_convention
+from headpolicy.passes.graph_ops import RETRIEVAL_OP, SDPA, STREAMING_OP
 from headpolicy.passes.manager import PassContext, run_passes
-from headpolicy.passes.ops import RETRIEVAL_OP, SDPA, STREAMING_OP
-from headpolicy.runtime.plan import plan_layers
+from headpolicy.passes.pipeline import pass_context
+from headpolicy.policies.plan import plan_layers
 from tests.conftest import policy_for, tiny_llama
 from tests.passes.conftest import reference_logits, run_steps
 
@@ -21,8 +22,7 @@ def targets(gm):
 
 
 def context(model, policy, mode="prefill", skip_noop=True):
-    cap = capture(model, mode)
-    return PassContext(cap.gm, mode, tuple(plan_layers(policy)), skip_noop=skip_noop)
+    return pass_context(capture(model, mode), model, policy, skip_noop=skip_noop)
 
 
 class NoAttention(nn.Module):
@@ -49,7 +49,7 @@ def test_locate_attention_binds_layers_and_unexpanded_kv(llama):
     for layer, s in sites.items():
         assert s.sdpa.target == SDPA and s.num_heads == 6 and s.num_kv_heads == 2
         assert s.k.meta["val"].shape[1] == 2 and s.v.meta["val"].shape[1] == 2  # behind repeat_kv
-        assert f"layers.{layer}.self_attn.q_proj" in str(s.projections["q_proj"].meta["nn_module_stack"])
+        assert f"layers.{layer}.self_attn" in ctx.layout.paths[layer]  # found through the model adapter
     assert ctx.gm.code == before  # binding only
 
 

@@ -10,14 +10,8 @@ from hypothesis import strategies as st
 
 from headpolicy import HeadPolicy, ModelInfo, PolicyMismatchError
 from headpolicy.cli import main
-from headpolicy.policies.inspect import (
-    diff_policies,
-    format_diff,
-    format_inspect,
-    rankdata,
-    save_heatmap,
-    spearman,
-)
+from headpolicy.policies.inspect import diff_policies, format_diff, format_inspect, save_heatmap
+from headpolicy.policies.stats import rankdata, spearman
 
 INFO = ModelInfo("tiny", "LlamaForCausalLM", 4, 6, 3, 16, "sha256:0123")
 SCORES = [[0.9, 0.1, 0.3], [0.2, 0.8, 0.05], [0.0, 0.0, 0.4], [0.7, 0.6, 0.5]]

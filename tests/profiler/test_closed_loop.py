@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from headpolicy.eval import retrieval as R
 from headpolicy.profiler import scorers
 from headpolicy.profiler import tasks as T
 from headpolicy.profiler.compile import CompileSettings, compile_policy
+from headpolicy.runtime import generate as G
+from headpolicy.runtime.state import applied
 from tests.conftest import tiny_llama
 
 CODEC = T.CharCodec(97)
@@ -15,23 +16,23 @@ NEEDS = {1: [(0, 0), (1, 1)], 2: [(1, 1)]}  # depth index -> (layer, kv head) th
 
 @pytest.fixture
 def runs(monkeypatch):
-    """Scripted run_task and a fixed score map; returns (retrieval heads, task name) of every policy run."""
+    """Scripted answers and a fixed score map; returns (retrieval heads, task name) of every policy run."""
     log: list[tuple[int, str]] = []
 
-    def scripted(model, codec, task, **kw):
+    def scripted(model, decode, task, **kw):
         j = task.seed % 1000  # task_grid: seed * 1000 + depth index
-        applied = getattr(model, "_headpolicy", None)
-        if applied is None:  # the full model answers all but the depth-0 tasks
-            return R.Outcome(task, j != 0, "", 0)
-        log.append((applied.policy.num_retrieval, task.name()))
-        table = applied.policy.retrieval_table()
-        return R.Outcome(task, j in NEEDS and all(table[li][h] for li, h in NEEDS[j]), "", 0)
+        state = applied(model)
+        if state is None:  # the full model answers all but the depth-0 tasks
+            return G.Outcome(task, j != 0, "", 0)
+        log.append((state.policy.num_retrieval, task.name()))
+        table = state.policy.retrieval_table()
+        return G.Outcome(task, j in NEEDS and all(table[li][h] for li, h in NEEDS[j]), "", 0)
 
     fixed = np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32)  # (0,0) first, then (1,1)
-    monkeypatch.setattr(R, "run_task", scripted)
+    monkeypatch.setattr(G, "answer", scripted)
     scorers.get_scorer("attention_mass")  # load the registry before replacing an entry
     monkeypatch.setitem(scorers._SCORERS, "attention_mass",
-                        scorers.Scorer("attention_mass", lambda *a, **k: fixed, T.NEEDLE_KINDS, "fixed"))  # fmt: skip
+                        scorers.Scorer("attention_mass", "fixed", T.NEEDLE_KINDS, lambda *a, **k: fixed))  # fmt: skip
     return log
 
 

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from headpolicy.policies.rule import reference_attention
 from headpolicy.policies.select import rank_heads
+from headpolicy.policies.stats import spearman
 from headpolicy.profiler import tasks as T
 from headpolicy.profiler.scorers import get_scorer
 from headpolicy.profiler.scorers.gates import (
@@ -12,10 +14,8 @@ from headpolicy.profiler.scorers.gates import (
     gated,
     gated_attention,
     scaled_window,
-    spearman,
     train_gates,
 )
-from headpolicy.runtime.reference import reference_attention
 from tests.conftest import tiny_llama
 from tests.profiler.planted import planted_model
 
@@ -75,7 +75,7 @@ def test_registered_scorer_shows_loss_and_open_gates(planted):
 
     bar = Bar()
     tasks = needle_tasks(1) + [T.repeated_tokens(97, 64, 0)]
-    scores = get_scorer("gates").fn(model, tasks, sink=4, window=16, progress=bar, settings=GateSettings(max_steps=2))
+    scores = get_scorer("gates").measure(model, tasks, sink=4, window=16, progress=bar, settings=GateSettings(max_steps=2))
     assert scores.shape == (2, 2) and np.isfinite(scores).all()
     assert bar.n >= 1 and bar.total is not None
     assert set(bar.postfix) == {"loss", "open"} and bar.postfix["open"].endswith("/4")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from headpolicy.profiler import tasks as T
-from headpolicy.profiler.capture import Probe, attention_rows, capturing, reduce_to_kv
+from headpolicy.profiler.probes import Probe, attention_rows, capturing, reduce_to_kv
 from headpolicy.profiler.scorers import get_scorer, scorer_names
 from tests.profiler.planted import planted_model
 

@@ -20,14 +20,14 @@ def smollm2():
 
 @pytest.mark.ci
 def test_full_model_retrieves_and_retrieval_heads_exist(smollm2):
-    from headpolicy.eval.retrieval import run_task
     from headpolicy.profiler.scorers import get_scorer
+    from headpolicy.runtime.generate import answer
 
     model, tok = smollm2
     codec = T.Codec(tok)
     task = T.passkey(codec, 512, 0.5, seed=0)
     assert task.input_ids[task.needle[0] : task.needle[1]] == task.answer_ids
-    assert run_task(model, codec, task).correct
+    assert answer(model, codec.decode, task).correct
     scores = get_scorer("retrieval")(model, [task], sink=64, window=256)
     assert scores.shape == (30, 3)
     assert scores.max() > 0.5  # some head copies the pass key at most steps

@@ -57,8 +57,8 @@ def test_mixed_policy_matches_reference_every_decode_step(batch_lengths):
     step_ids = ids
     with torch.no_grad():
         for step in range(1 + 3 * policy.window + 5):
-            out = model(step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-            exp = ref(step_ids, attention_mask=mask, position_ids=pos, past_key_values=ref_cache, use_cache=True)
+            out = model(step_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+            exp = ref(step_ids, attention_mask=mask, position_ids=pos, cache=ref_cache, use_cache=True)
             real = mask[:, -step_ids.shape[1] :].bool()
             diff = (out.logits - exp.logits).abs()[real].max().item()
             assert diff <= 1e-4, f"step {step}: max |logit diff| {diff}"
@@ -75,7 +75,7 @@ def test_generate_uses_split_cache_and_matches_manual_loop():
     ref = reference_model(model)
     ids = torch.randint(3, 97, (1, 11))
     out = greedy(model, ids, 30)  # generate() builds a SplitKVCache itself
-    exp = greedy(ref, ids, 30, past_key_values=DynamicCache())
+    exp = greedy(ref, ids, 30, cache=DynamicCache())
     assert torch.equal(out, exp)
 
 
@@ -104,7 +104,7 @@ def test_cache_bytes_equal_formula_and_allocation(dtype):
     T = 0
     with torch.no_grad():
         for _ in range(20):
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, cache=cache, use_cache=True)
             T += ids.shape[1]
             tokens = 1 * T + 3 * min(T, sink + window)  # 1 retrieval head, 3 streaming heads
             assert cache.kv_bytes() == 2 * head_dim * esize * tokens == policy.kv_bytes(T, dtype_bytes=esize)
@@ -139,4 +139,4 @@ def test_mha_model():
     model = apply(copy.deepcopy(base), policy_for(base, [[False, True, False, True]] * 2, sink=2, window=5))
     ref = reference_model(model)
     ids = torch.randint(3, 97, (1, 9))
-    assert torch.equal(greedy(model, ids, 20), greedy(ref, ids, 20, past_key_values=DynamicCache()))
+    assert torch.equal(greedy(model, ids, 20), greedy(ref, ids, 20, cache=DynamicCache()))

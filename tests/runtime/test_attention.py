@@ -3,18 +3,10 @@
 import pytest
 import torch
 
+from headpolicy.policies.rule import reference_attention, token_ranks
 from headpolicy.runtime import attention
-from headpolicy.runtime.attention import plan_tables, policy_attention_dense
 from headpolicy.runtime.cache import SplitKVLayer
-from headpolicy.runtime.reference import reference_attention, token_ranks
-from tests.conftest import make_plan
-
-
-class FakeAttn(torch.nn.Module):
-    def __init__(self, plan):
-        super().__init__()
-        self.headpolicy_plan = plan
-
+from tests.conftest import attend, make_plan
 
 PLANS = {
     "mixed": make_plan(1, [(2, 3, 5)], 2),
@@ -32,7 +24,7 @@ def left_padding_mask(lengths, T):
 
 
 def reference(plan, q, k, v, mask, scale):
-    retrieval, sink, window = plan_tables(plan)
+    retrieval, sink, window = plan.table_tensors()
     return reference_attention(q, k, v, retrieval=retrieval, sink=sink, window=window, key_valid=mask, scale=scale)
 
 
@@ -58,7 +50,7 @@ def test_dense_path_matches_reference(monkeypatch, plan_name, S, padded):
     plan = PLANS[plan_name]
     q, k, v = rand_qkv(plan, 2, S)
     mask = left_padding_mask([S, max(1, S - 4)], S) if padded else None
-    out = policy_attention_dense(FakeAttn(plan), q, k, v, mask, 0.3)
+    out = attend(plan, q, k, v, mask, 0.3)
     ref = reference(plan, q, k, v, mask, 0.3)
     torch.testing.assert_close(real_rows(out, mask), real_rows(ref, mask), atol=1e-5, rtol=1e-5)
     assert torch.isfinite(out).all()
@@ -81,7 +73,7 @@ def test_split_cache_matches_reference_step_by_step(monkeypatch, plan_name, step
         stop = start + n
         view, _ = layer.update(k[:, :, start:stop], v[:, :, start:stop])
         step_mask = None if mask is None else mask[:, :stop]
-        out = view.attend(q[:, :, start:stop], step_mask, 0.5)
+        out = attend(plan, q[:, :, start:stop], view, view, step_mask, 0.5)
         ref = reference(plan, q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], step_mask, 0.5)
         m = None if mask is None else mask[:, start:stop]
         torch.testing.assert_close(real_rows(out, m), real_rows(ref, m), atol=1e-5, rtol=1e-5)
@@ -94,7 +86,7 @@ def test_streaming_buffers_never_exceed_sink_plus_window():
     q, k, v = rand_qkv(plan, 1, 40)
     for t in range(40):
         view, _ = layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
-        view.attend(q[:, :, t : t + 1], None, 1.0)
+        attend(plan, q[:, :, t : t + 1], view, view, None, 1.0)
         for stream in layer.streams:
             g = stream.group
             assert stream.size == min(t + 1, g.sink + g.window)

@@ -33,7 +33,7 @@ def test_gemma3_policy_covers_global_layers_and_reproduces_the_model():
         # Global layers are exact; the 15 sliding layers run headpolicy's chunked streaming path
         # instead of transformers' masked SDPA, which sums in another order: relative 1e-4.
         assert diff <= 1e-4 * logits.abs().max().item()
-        got = applied.generate(**enc, max_new_tokens=5, do_sample=False, past_key_values=cache)
+        got = applied.generate(**enc, max_new_tokens=5, do_sample=False, cache=cache)
     assert torch.equal(got, expected)
     T = got.shape[1] - 1  # every token but the last was fed through the cache (EOS may stop early)
     # 3 global layers keep everything, 15 sliding layers keep their last 512 tokens

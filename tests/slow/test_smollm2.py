@@ -40,7 +40,7 @@ def test_all_retrieval_policy_keeps_passkey_answer(smollm2):
     cache = SplitKVCache.for_model(applied)
     with torch.no_grad():
         assert (applied(**enc).logits - full_logits).abs().max().item() <= 1e-4
-        out = applied.generate(**enc, max_new_tokens=6, do_sample=False, past_key_values=cache)
+        out = applied.generate(**enc, max_new_tokens=6, do_sample=False, cache=cache)
     assert torch.equal(out, full)
     assert cache.kv_bytes() == 2 * 30 * 3 * 64 * 4 * (n + 5)  # every head keeps every token
 

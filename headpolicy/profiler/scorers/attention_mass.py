@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from headpolicy.profiler.capture import Probe, capturing, kv_group, reduce_to_kv
+from headpolicy.policies.rule import dropped
+from headpolicy.profiler.probes import Probe, capturing, kv_group, reduce_to_kv
 from headpolicy.profiler.tasks import NEEDLE_KINDS
 
 from . import register_scorer
@@ -31,8 +32,8 @@ class _MassProbe(Probe):
         T = probs.shape[-1]
         q = rows[:, None]  # capture runs full self-attention: query slot == position
         k = torch.arange(T, device=probs.device)[None, :]
-        dropped = (k >= self.sink) & (q - k >= self.window) & (k <= q)  # [n, T]
-        self.total[layer] += (probs * dropped).sum(-1).sum(dim=(0, 2)).double().cpu()
+        lost = dropped(q, k, self.sink, self.window)  # [n, T]
+        self.total[layer] += (probs * lost).sum(-1).sum(dim=(0, 2)).double().cpu()
         if layer == 0:
             self.n_rows += probs.shape[0] * len(rows)
 

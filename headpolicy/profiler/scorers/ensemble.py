@@ -1,4 +1,4 @@
-"""`ensemble`: several scorers combined by rank, and how much scorers agree.
+"""Combined scorers (`ensemble`: several scorers combined by rank; `hybrid`), and how much scorers agree.
 
 Scorers measure different things on different scales (a copy rate, an attention share, a
 gate), so they are combined by rank, never by value. The rule (`fuse`, default "rrf",
@@ -25,11 +25,12 @@ from itertools import combinations
 import numpy as np
 
 from headpolicy.policies.select import select_budget
+from headpolicy.policies.stats import rankdata, spearman
 
-from . import _SCORERS, get_scorer, register_scorer
-from .gates import rankdata, spearman
+from . import register_combination
 
 MEMBERS = ("retrieval", "attention_mass", "echo_induction")  # the training-free scorers
+HYBRID = ("retrieval", "attention_mass")
 RULES = ("rrf", "borda")
 RRF_SHARE = 0.05
 AGREEMENT_BUDGETS = (0.1, 0.2, 0.33, 0.5)
@@ -38,7 +39,7 @@ AGREEMENT_BUDGETS = (0.1, 0.2, 0.33, 0.5)
 def ranks_best_first(scores: np.ndarray) -> np.ndarray:
     """Rank of every head, 1 = highest score, ties share their mean rank. Same shape as `scores`."""
     s = np.asarray(scores, dtype=np.float64)
-    return (s.size - rankdata(s)).reshape(s.shape)  # rankdata: 0 = lowest
+    return (s.size + 1 - rankdata(s)).reshape(s.shape)  # rankdata: 1 = lowest
 
 
 def fuse(scores: Mapping[str, np.ndarray], rule: str = "rrf") -> np.ndarray:
@@ -58,38 +59,17 @@ def fuse(scores: Mapping[str, np.ndarray], rule: str = "rrf") -> np.ndarray:
     raise ValueError(f"unknown fusion rule {rule!r} (known: {', '.join(RULES)})")
 
 
-def member_kinds(members: Sequence[str] = MEMBERS) -> tuple[str, ...]:
-    kinds: list[str] = []
-    for m in members:
-        kinds += [k for k in _member(m).kinds if k not in kinds]
-    return tuple(kinds)
+@register_combination("ensemble", members=MEMBERS)
+def ensemble(maps: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Rank fusion (RRF) of the training-free scorers (retrieval, attention_mass, echo_induction)."""
+    return fuse(maps, "rrf")
 
 
-def _member(name: str):
-    if name == "ensemble":
-        raise ValueError("an ensemble cannot contain itself")
-    return get_scorer(name)
-
-
-def score_members(
-    model, tasks, *, sink, window, members: Sequence[str] = MEMBERS, progress=None
-) -> dict[str, np.ndarray]:
-    """Each member scorer's [L, Hkv] scores (members skip the tasks they do not read)."""
-    scorers = [_member(m) for m in members]
-    if progress is not None and hasattr(progress, "reset"):
-        progress.reset(total=sum(sum(t.kind in sc.kinds for t in tasks) for sc in scorers))
-    return {sc.name: sc(model, tasks, sink=sink, window=window, progress=progress) for sc in scorers}
-
-
-def _ensemble(model, tasks, *, sink, window, progress=None, members: Sequence[str] = MEMBERS, rule: str = "rrf"):
-    """Rank fusion of the training-free scorers (retrieval, attention_mass, echo_induction)."""
-    parts = score_members(model, tasks, sink=sink, window=window, members=members, progress=progress)
-    return fuse(parts, rule)
-
-
-# The training-free members read needle and repeat tasks; the registry needs the kinds up front.
-register_scorer("ensemble", kinds=("passkey", "multikey", "repeat"))(_ensemble)
-ensemble_score = _SCORERS["ensemble"]
+@register_combination("hybrid", members=HYBRID)
+def hybrid(maps: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Mean of the max-normalised retrieval and attention_mass maps (each in [0, 1] before averaging)."""
+    parts = [v / v.max() if v.max() > 0 else v for v in maps.values()]
+    return np.mean(parts, axis=0)
 
 
 def overlap(a: np.ndarray, b: np.ndarray, budget: float) -> float:

@@ -45,9 +45,11 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from headpolicy.profiler.capture import kv_group
+from headpolicy.policies.stats import spearman
+from headpolicy.profiler.probes import kv_group
 from headpolicy.profiler.tasks import NEEDLE_KINDS
-from headpolicy.runtime.attention import padding_mask, streaming_attention
+from headpolicy.runtime.attention import padding_mask, streaming_heads
+from headpolicy.runtime.state import applied
 
 from . import register_scorer
 
@@ -92,10 +94,7 @@ def _streaming(q, k, v, sink: int, window: int, scale: float) -> torch.Tensor:
     """The runtime's streaming op on an unpadded sequence. q: [B, Hq, S, D]; k, v: [B, Hkv, T, D]."""
     B, S, T = q.shape[0], q.shape[2], k.shape[2]
     ranks = torch.arange(T, device=q.device).expand(B, T)
-    n = min(sink, T)
-    sink_seg = (k[:, :, :n], v[:, :, :n], ranks[:, :n])
-    local_rank = torch.where(ranks >= sink, ranks, torch.full_like(ranks, -1))
-    return streaming_attention(q, ranks[:, T - S :], [sink_seg], (k, v, local_rank), sink, window, scale)
+    return streaming_heads(q, k, v, ranks, ranks[:, T - S :], sink, window, scale)
 
 
 def gated_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -124,7 +123,7 @@ AttentionMaskInterface.register(GATES_NAME, padding_mask)
 @contextlib.contextmanager
 def gated(model, gates: torch.Tensor, sink: int, window: int):
     """Run `model` inside the block with gated attention; weights frozen (requires_grad restored after)."""
-    if getattr(model, "_headpolicy", None) is not None:
+    if applied(model) is not None:
         raise ValueError("profile the unmodified model: this one already has a headpolicy applied")
     previous = model.config._attn_implementation
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -148,25 +147,6 @@ def scaled_window(sink: int, window: int, length: int) -> tuple[int, int]:
         return sink, window
     f = cap / (sink + window)
     return max(1, round(sink * f)), max(1, round(window * f))
-
-
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """Average ranks (0-based) of a flat array; ties share their mean rank."""
-    x = np.asarray(x, dtype=np.float64).reshape(-1)
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x))
-    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inv, weights=ranks)
-    return (sums / counts)[inv]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation of two equal-size arrays (1.0 when either is constant and they match)."""
-    ra, rb = rankdata(a), rankdata(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return 1.0 if np.array_equal(ra, rb) else 0.0
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def _final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
@@ -238,7 +218,7 @@ def train_gates(
             if step % s.check_every == 0:
                 cur = _scores(gates, pull)
                 if prev is not None:
-                    rhos.append(spearman(prev, cur))
+                    rhos.append(1.0 if np.array_equal(prev, cur) else float(np.nan_to_num(spearman(prev, cur))))
                     stable = stable + 1 if rhos[-1] >= s.stable_rho else 0
                 prev = cur
                 if step >= min_steps and stable >= s.patience:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from headpolicy.profiler.capture import Probe, capturing, kv_group, reduce_to_kv
+from headpolicy.profiler.probes import Probe, capturing, kv_group, reduce_to_kv
 from headpolicy.profiler.tasks import NEEDLE_KINDS
 
 from . import register_scorer

@@ -1,23 +1,20 @@
-"""CLI: `headpolicy eval MODEL --policy FILE` — the policy against full cache, streaming, random heads."""
+"""`headpolicy eval MODEL --policy FILE`: the policy against the full cache, all-streaming and random heads."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 from headpolicy.cli import command
-from headpolicy.profiler.commands import float_list, int_list
+from headpolicy.cli.args import add_model, float_list, int_list
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
     from headpolicy.eval.suite import SuiteSettings
 
     d = SuiteSettings()
-    p.add_argument("model", help="alias (smollm2-135m), checkpoint directory, or .gguf file")
+    add_model(p)
     p.add_argument("--policy", required=True, help="policy YAML to evaluate")
     p.add_argument("--lengths", type=int_list, default=d.lengths, help="prompt lengths in tokens, e.g. 2048,4096")
     p.add_argument("--depths", type=float_list, default=d.depths, help="needle depths, e.g. 0.25,0.75")
@@ -32,7 +29,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from headpolicy.errors import BudgetError
     from headpolicy.eval.suite import SuiteSettings, format_table, run_suite
-    from headpolicy.models import load_model
+    from headpolicy.io import write_json
+    from headpolicy.models import load_source
     from headpolicy.policies.schema import HeadPolicy
     from headpolicy.profiler.tasks import KINDS
 
@@ -44,7 +42,7 @@ def run_eval(args: argparse.Namespace) -> int:
     settings = SuiteSettings(lengths=args.lengths, depths=args.depths, kinds=kinds,
                              random_seeds=args.random_seeds, seed=args.seed)  # fmt: skip
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_source(args.model)
     result = run_suite(model, tok, policy, settings, progress=not args.quiet)
     result["policy"]["file"] = str(args.policy)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
@@ -53,12 +51,3 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(result))
     print(f"written {out}")
     return 0
-
-
-def write_json(path: Path, data) -> None:
-    """Atomic write: a temporary file beside `path`, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)

@@ -1,19 +1,20 @@
-"""Plain PyTorch reference for headpolicy attention: dense scores and an explicit mask.
+"""The sink/window rule: which keys a head may attend, written once.
 
-Every fast path (chunked streaming attention, split-cache decode, Triton kernels,
-exported graphs, ONNX) is tested against `reference_attention`.
+Every fast path (the split cache and its attention, the Triton kernels, the exported graph
+ops, ONNX) and every scorer uses these functions or is tested against `reference_attention`.
 
-Positions are *ranks*: the index of a token among the real (non-padding) tokens of
-its own sequence, -1 for padding. With left padding, rank = slot - pad_count, so a
-padded sequence is treated exactly like the same sequence without padding.
+Positions are *ranks*: the index of a token among the real (non-padding) tokens of its own
+sequence, -1 for padding or for an empty cache slot. With left padding, rank = slot -
+pad_count, so a padded sequence is treated exactly like the same sequence without padding.
 
 For a KV head h, query rank i may attend key rank j iff
 
     j >= 0  and  i >= 0  and  j <= i                      (real, causal)
     and ( retrieval[h]  or  j < sink[h]  or  i - j < window[h] )
 
-so a streaming head sees the first `sink` tokens plus the last `window` tokens
-(itself included) and a retrieval head sees everything.
+so a streaming head sees the first `sink` tokens plus the last `window` tokens (itself
+included) and a retrieval head sees everything. A streaming head therefore keeps
+min(T, sink + window) tokens; where it keeps them is `ring_slot`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 import torch
 
 
+# ---- ranks -----------------------------------------------------------------------------------
 def token_ranks(key_valid: torch.Tensor | None, batch: int, length: int, device=None) -> torch.Tensor:
     """Ranks of each slot among the real tokens of its row; -1 for padding.
 
@@ -35,7 +37,7 @@ def token_ranks(key_valid: torch.Tensor | None, batch: int, length: int, device=
     return torch.where(valid, ranks, torch.full_like(ranks, -1))
 
 
-# Mask pieces: tiny functions over broadcastable rank tensors, combined with `&` / `|`.
+# ---- mask pieces: tiny functions over broadcastable rank tensors, combined with & and | ---------
 def real(q_rank: torch.Tensor, k_rank: torch.Tensor) -> torch.Tensor:
     return (q_rank >= 0) & (k_rank >= 0)
 
@@ -44,14 +46,28 @@ def causal(q_rank: torch.Tensor, k_rank: torch.Tensor) -> torch.Tensor:
     return k_rank <= q_rank
 
 
-def sink_or_window(sink: torch.Tensor, window: torch.Tensor):
-    """The streaming rule; `sink`/`window` broadcast against the rank tensors."""
+def sink_or_window(sink, window):
+    """The streaming rule; `sink`/`window` are ints or tensors broadcasting against the ranks."""
 
     def mask(q_rank: torch.Tensor, k_rank: torch.Tensor) -> torch.Tensor:
         return (k_rank < sink) | (q_rank - k_rank < window)
 
     mask.__name__ = "sink_or_window"
     return mask
+
+
+def visible(q_rank: torch.Tensor, k_rank: torch.Tensor, sink=None, window=None) -> torch.Tensor:
+    """Keys a query may attend: real, causal and, for a streaming head (sink/window given), in
+    its sink or window. Ranks broadcast against each other; sink=None means a retrieval head."""
+    mask = real(q_rank, k_rank) & causal(q_rank, k_rank)
+    if sink is not None:
+        mask = mask & sink_or_window(sink, window)(q_rank, k_rank)
+    return mask
+
+
+def dropped(q_rank: torch.Tensor, k_rank: torch.Tensor, sink, window) -> torch.Tensor:
+    """Keys a full head attends but a streaming head with this sink/window does not."""
+    return visible(q_rank, k_rank) & ~sink_or_window(sink, window)(q_rank, k_rank)
 
 
 def headpolicy_mask(
@@ -61,7 +77,7 @@ def headpolicy_mask(
     sink: torch.Tensor,
     window: torch.Tensor,
 ) -> torch.Tensor:
-    """Boolean mask [B, Hkv, S, T] of the headpolicy rule.
+    """Boolean mask [B, Hkv, S, T] of the rule for a per-KV-head table.
 
     q_rank: [B, S], k_rank: [B, T], retrieval/sink/window: [Hkv] (bool / int).
     """
@@ -70,9 +86,25 @@ def headpolicy_mask(
     per_head = lambda x: x.to(qr.device)[None, :, None, None]
     keep_all = per_head(retrieval.bool())
     local = sink_or_window(per_head(sink), per_head(window))(qr, kr)
-    return real(qr, kr) & causal(qr, kr) & (keep_all | local)
+    return visible(qr, kr) & (keep_all | local)
 
 
+# ---- storage: how many tokens a streaming head keeps, and where ---------------------------------
+def kept_tokens(context: int, sink: int, window: int) -> int:
+    """Tokens a streaming head holds after `context` tokens."""
+    return min(context, sink + window)
+
+
+def ring_slot(rank, sink: int, window: int):
+    """Buffer slot of the token of rank `rank` (int or tensor): the first `sink` tokens in order,
+    then a ring of `window` slots, so right after token r is stored the buffer holds exactly
+    the keys r may attend."""
+    if isinstance(rank, int):
+        return rank if rank < sink else sink + (rank - sink) % window
+    return torch.where(rank < sink, rank, sink + torch.remainder(rank - sink, window))
+
+
+# ---- the dense reference ---------------------------------------------------------------------------
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""CLI: `headpolicy export MODEL --policy FILE --format {pt2,onnx} -o OUT`."""
+"""`headpolicy export MODEL --policy FILE --format {pt2,onnx} -o OUT`: the policy-rewritten model as a graph."""
 
 from __future__ import annotations
 
@@ -7,25 +7,27 @@ import sys
 import time
 
 from headpolicy.cli import command
+from headpolicy.cli.args import add_model, add_no_fingerprint_check
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="alias (smollm2-135m), checkpoint directory, or .gguf file")
+    add_model(p)
     p.add_argument("--policy", required=True, help="policy YAML to compile into the graph")
     p.add_argument("--format", choices=("pt2", "onnx"), default="onnx", help="pt2: one archive; onnx: a folder")
     p.add_argument("-o", "--output", required=True, help="output .pt2 file or ONNX folder")
-    p.add_argument("--no-fingerprint-check", action="store_true", help="export a policy made for other weights")
+    add_no_fingerprint_check(p, "export")
 
 
 @command(
     "export", help="export the policy-rewritten model (prefill + decode over a split KV cache)", configure=_configure
 )
 def run_export(args: argparse.Namespace) -> int:
-    from headpolicy import HeadPolicy, load_model
+    from headpolicy.models import load_source
     from headpolicy.passes.artifact import export_artifact
+    from headpolicy.policies.schema import HeadPolicy
 
     policy = HeadPolicy.load(args.policy)
-    model, _ = load_model(args.model)
+    model, _ = load_source(args.model)
     t0 = time.perf_counter()
     out = export_artifact(model, policy, args.format, args.output, check_fingerprint=not args.no_fingerprint_check)
     print(

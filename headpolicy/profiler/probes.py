@@ -1,4 +1,4 @@
-"""Attention capture without S x S maps: reduce what a scorer needs, layer by layer, on the fly.
+"""Probes: attention capture without S x S maps: reduce what a scorer needs, layer by layer, on the fly.
 
 `capturing(model, probe)` switches the model to the `headpolicy_capture` attention function
 (registered with transformers' AttentionInterface). That function computes the layer's
@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from headpolicy.models import get_adapter
 from headpolicy.runtime.attention import padding_mask
+from headpolicy.runtime.state import applied
 
 CAPTURE_NAME = "headpolicy_capture"
 CHUNK = 128  # query rows per probability block
@@ -83,7 +85,7 @@ AttentionMaskInterface.register(CAPTURE_NAME, padding_mask)
 @contextlib.contextmanager
 def capturing(model, probe: Probe):
     """Run `model` inside the block with attention capture feeding `probe`."""
-    if getattr(model, "_headpolicy", None) is not None:
+    if applied(model) is not None:
         raise ValueError("profile the unmodified model: this one already has a headpolicy applied")
     previous = model.config._attn_implementation
     model.set_attn_implementation(CAPTURE_NAME)
@@ -97,8 +99,6 @@ def capturing(model, probe: Probe):
 
 def kv_group(model) -> tuple[int, int, int]:
     """(num_layers, num_attention_heads, num_kv_heads) of a model, via its adapter."""
-    from headpolicy.models import get_adapter
-
     layers, heads, kv_heads, _ = get_adapter(model).head_counts(model)
     return layers, heads, kv_heads
 

@@ -1,4 +1,7 @@
-"""`headpolicy` command line. Each area registers its subcommands in its own `commands.py`.
+"""`headpolicy` command line: the only place that parses argv.
+
+One module per subcommand (cli/compile.py, cli/eval.py, ...), each registering itself with
+`@command`; shared argument types live in cli/args.py.
 
 Exit codes: 0 success; 2 bad input (a HeadPolicyError: the one-line reason is printed);
 1 anything unexpected.
@@ -14,14 +17,9 @@ from collections.abc import Callable
 
 from headpolicy.errors import HeadPolicyError
 
-# Modules that define subcommands with @command. Add yours here.
-COMMAND_MODULES = [
-    "headpolicy.runtime.commands",
-    "headpolicy.profiler.commands",
-    "headpolicy.eval.commands",
-    "headpolicy.passes.commands",
-    "headpolicy.policies.commands",
-]
+# The subcommand modules, in --help order. Add yours here.
+COMMAND_MODULES = [f"headpolicy.cli.{m}" for m in
+                   ("compile", "eval", "generate", "export", "import_", "inspect", "diff", "attach")]  # fmt: skip
 
 _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int], str]] = {}
 
@@ -39,7 +37,8 @@ def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser],
 def build_parser() -> argparse.ArgumentParser:
     for mod in COMMAND_MODULES:
         importlib.import_module(mod)
-    parser = argparse.ArgumentParser(prog="headpolicy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="headpolicy", description="profile a causal LM, decide which KV heads "
+                                     "keep the full cache, run it smaller")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (configure, run, help_text) in _COMMANDS.items():

@@ -1,33 +1,13 @@
-"""CLI: `headpolicy compile MODEL -o FILE` — profile a model and write its head policy."""
+"""`headpolicy compile MODEL -o FILE`: profile a model and write its head policy."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 from headpolicy.cli import command
-
-
-def _number_list(kind: type, example: str):
-    """An argparse type for comma/space separated numbers of `kind`."""
-
-    def parse(text: str) -> tuple:
-        try:
-            out = tuple(kind(x) for x in text.replace(",", " ").split())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected numbers like {example}, got {text!r}") from None
-        if not out:
-            raise argparse.ArgumentTypeError("expected at least one number")
-        return out
-
-    return parse
-
-
-int_list = _number_list(int, "1024,2048")
-float_list = _number_list(float, "0.1,0.5")
+from headpolicy.cli.args import add_model, float_list, int_list
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -35,9 +15,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     from headpolicy.profiler.scorers import scorer_names
 
     d = CompileSettings()
-    p.add_argument("model", help="alias (smollm2-135m), checkpoint directory, or .gguf file")
+    add_model(p)
     p.add_argument("-o", "--output", required=True, help="policy YAML to write (atomically)")
-    p.add_argument("--method", default=d.method, choices=[*scorer_names(), "hybrid"],
+    p.add_argument("--method", default=d.method, choices=scorer_names(),
                    help=f"head scorer (default {d.method}, from bench/scorers.py; see README \"Scorers\")")  # fmt: skip
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--budget", type=float, help="fraction of KV heads that stay retrieval (skips the search)")
@@ -62,7 +42,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 @command("compile", help="profile a model on synthetic retrieval tasks and write its head policy", configure=_configure)
 def run_compile(args: argparse.Namespace) -> int:
-    from headpolicy.models import load_model
+    import torch
+
+    from headpolicy.io import write_json
+    from headpolicy.models import load_source
     from headpolicy.profiler.compile import CompileSettings, compile_policy
 
     settings = CompileSettings(
@@ -83,7 +66,7 @@ def run_compile(args: argparse.Namespace) -> int:
     )
     settings.check()  # fail on bad settings before spending time on loading the model
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_source(args.model)
     load_s = time.perf_counter() - t0
     report = compile_policy(model, tok, settings, progress=not args.quiet)
     policy = report.policy
@@ -91,10 +74,8 @@ def run_compile(args: argparse.Namespace) -> int:
                                      "wall_seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
     out = policy.save(args.output)
     if args.scores_json:
-        Path(args.scores_json).write_text(json.dumps({k: v.tolist() for k, v in report.scores.items()}, indent=1))
+        write_json(args.scores_json, {k: v.tolist() for k, v in report.scores.items()})
     if args.json:
-        from headpolicy.eval.commands import write_json
-
         report_data = {
             "model": policy.model.name,
             "policy": str(out),
@@ -105,12 +86,12 @@ def run_compile(args: argparse.Namespace) -> int:
             "settings": policy.provenance.settings,
             "results": policy.results,
             "seconds": {k: round(v, 1) for k, v in report.seconds.items()},
-            "torch_threads": __import__("torch").get_num_threads(),
+            "torch_threads": torch.get_num_threads(),
         }
-        write_json(Path(args.json), report_data)
+        write_json(args.json, report_data)
     print(summary_table(policy, out), file=sys.stdout)
-    members = {k: v for k, v in report.scores.items() if k not in ("hybrid", "ensemble")}
-    if len(members) > 1:  # hybrid / ensemble: how much do the combined scorers agree?
+    members = {k: v for k, v in report.scores.items() if k != args.method}
+    if len(members) > 1:  # a combined method: how much do its members agree?
         from headpolicy.profiler.scorers.ensemble import agreement, format_agreement
 
         print(format_agreement(agreement(members)), file=sys.stdout)

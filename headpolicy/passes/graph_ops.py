@@ -1,4 +1,7 @@
-"""The two attention ops an exported headpolicy graph calls, registered with `torch.library`.
+"""The two attention ops of exported graphs (headpolicy::retrieval_attention / streaming_attention).
+
+(The runtime's kernels are codegen/ops.py's prefill_attention / decode_attention; these graph ops
+take explicit positions instead of a cache object, so they survive torch.export and ONNX.)
 
 Both ops take explicit token positions so that one op serves prefill (positions 0..S-1)
 and decode over the split cache (slot positions derived from the step index):
@@ -6,7 +9,7 @@ and decode over the split cache (slot positions derived from the step index):
     retrieval_attention   key j visible to query i  iff  0 <= k_pos[j] <= q_pos[i]
     streaming_attention   ... and (k_pos[j] < sink  or  q_pos[i] - k_pos[j] < window)
 
-which is the rule of `reference.headpolicy_mask` with ranks = positions (batch rows share
+which is the rule of policies/rule.py with ranks = positions (batch rows share
 positions: no padding). k_pos = -1 marks an empty cache slot. Each op has a fake
 implementation, so the ops survive `torch.export` and `torch.onnx.export`; the ONNX
 translation lives in `headpolicy.passes.onnx_export`.
@@ -17,17 +20,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from headpolicy.policies.rule import visible
+from headpolicy.runtime.attention import streaming_heads
+
 LIB = "headpolicy"
-CHUNK = 256  # prefill queries per block in the streaming op's eager path
+CHUNK = 256  # prefills longer than this run the runtime's chunked streaming path
 
 
-def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int | None = None, window: int | None = None):
-    """Boolean mask [S, T] of the headpolicy rule; sink/window None means a retrieval head."""
-    qp, kp = q_pos[:, None], k_pos[None, :]
-    mask = (kp >= 0) & (kp <= qp)
-    if sink is not None:
-        mask = mask & ((kp < sink) | (qp - kp < window))
-    return mask
+def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int | None = None, window: int | None = None):
+    """Boolean mask [S, T] of the rule (policies/rule.py) for positions shared by every row."""
+    return visible(q_pos[:, None], k_pos[None, :], sink, window)
 
 
 def _attend(q, k, v, mask, scale):
@@ -40,7 +42,7 @@ def retrieval_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Causal attention of retrieval heads. q: [B, Hq, S, D]; k, v: [B, H, T, D]; q_pos [S], k_pos [T]."""
-    return _attend(q, k, v, visible(q_pos, k_pos), scale)
+    return _attend(q, k, v, _mask(q_pos, k_pos), scale)
 
 
 @retrieval_attention.register_fake
@@ -62,7 +64,7 @@ def streaming_attention(
     """Sink + window attention of streaming heads; shapes as retrieval_attention.
 
     A long prefill (positions 0..T-1) runs block by block over sink + window keys
-    (runtime.attention.streaming_attention) instead of building the dense [S, T] mask.
+    (runtime.attention.streaming_heads) instead of building the dense [S, T] mask.
     """
     S, T = q.shape[2], k.shape[2]
     if (
@@ -72,18 +74,13 @@ def streaming_attention(
         and bool((q_pos == k_pos).all())
     ):
         return _chunked_prefill(q, k, v, sink, window, scale)
-    return _attend(q, k, v, visible(q_pos, k_pos, sink, window), scale)
+    return _attend(q, k, v, _mask(q_pos, k_pos, sink, window), scale)
 
 
 def _chunked_prefill(q, k, v, sink, window, scale):
-    from headpolicy.runtime.attention import streaming_attention as local_attention
-
     B, T = q.shape[0], k.shape[2]
     rank = torch.arange(T, device=q.device).expand(B, T)
-    n = min(sink, T)
-    sinks = (k[:, :, :n], v[:, :, :n], rank[:, :n])
-    local_rank = torch.where(rank >= sink, rank, torch.full_like(rank, -1))
-    return local_attention(q, rank, [sinks], (k, v, local_rank), sink, window, scale, chunk=CHUNK)
+    return streaming_heads(q, k, v, rank, rank, sink, window, scale)
 
 
 @streaming_attention.register_fake

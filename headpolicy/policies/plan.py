@@ -1,0 +1,127 @@
+"""Planning: resolve a policy once into per-layer head orders, streaming groups and head tables.
+
+Running (the attention function, the cache, the kernels, the graph passes) only reads these
+small frozen objects; nothing is re-planned per step.
+
+After `apply`, each layer's KV heads sit in the order `perm`: retrieval heads first, then the
+streaming heads grouped by (sink, window). `kv_rows` / `query_rows` give the projection rows
+of that order, for the weights (models.Adapter) and for exported graphs (passes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from headpolicy.policies.schema import HeadPolicy
+
+
+@dataclass(frozen=True)
+class StreamGroup:
+    """Streaming KV heads [start, stop) (permuted order) that share one sink/window."""
+
+    start: int
+    stop: int
+    sink: int
+    window: int
+
+    @property
+    def num_heads(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer: KV head order (retrieval heads first) and the streaming groups after them.
+
+    perm[i] is the original index of the KV head that sits at position i after `apply`.
+    """
+
+    layer: int
+    perm: tuple[int, ...]
+    num_retrieval: int
+    groups: tuple[StreamGroup, ...]
+    group_size: int  # query heads per KV head
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.perm)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.perm == tuple(range(len(self.perm)))
+
+    @property
+    def all_retrieval(self) -> bool:
+        return self.num_retrieval == self.num_kv_heads
+
+    @cached_property
+    def group_sinks(self) -> tuple[int, ...]:
+        return tuple(g.sink for g in self.groups)
+
+    @cached_property
+    def group_windows(self) -> tuple[int, ...]:
+        return tuple(g.window for g in self.groups)
+
+    @cached_property
+    def head_table(self) -> tuple[tuple[bool, ...], tuple[int, ...], tuple[int, ...]]:
+        """Per-KV-head (retrieval, sink, window) in permuted order; sink 0 / window 1 for retrieval heads."""
+        retrieval = [True] * self.num_retrieval
+        sink, window = [0] * self.num_retrieval, [1] * self.num_retrieval
+        for g in self.groups:
+            retrieval += [False] * g.num_heads
+            sink += [g.sink] * g.num_heads
+            window += [g.window] * g.num_heads
+        return tuple(retrieval), tuple(sink), tuple(window)
+
+    def table_tensors(self, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`head_table` as tensors [Hkv]: bool, int64, int64."""
+        r, s, w = self.head_table
+        return (
+            torch.tensor(r, dtype=torch.bool, device=device),
+            torch.tensor(s, dtype=torch.long, device=device),
+            torch.tensor(w, dtype=torch.long, device=device),
+        )
+
+
+def plan_layers(policy: HeadPolicy) -> list[LayerPlan]:
+    """Retrieval heads first (original order), then streaming heads grouped by (sink, window)."""
+    plans = []
+    group_size = policy.model.group_size
+    for li, row in enumerate(policy.layers):
+        retrieval = [h for h, spec in enumerate(row) if spec.is_retrieval]
+        streaming = sorted((policy.head_window(li, h) + (h,) for h, spec in enumerate(row) if not spec.is_retrieval))
+        groups: list[StreamGroup] = []
+        pos = len(retrieval)
+        for sink, window, _ in streaming:
+            if groups and (groups[-1].sink, groups[-1].window) == (sink, window):
+                last = groups[-1]
+                groups[-1] = StreamGroup(last.start, last.stop + 1, sink, window)
+            else:
+                groups.append(StreamGroup(pos, pos + 1, sink, window))
+            pos += 1
+        perm = tuple(retrieval + [h for _, _, h in streaming])
+        plans.append(LayerPlan(li, perm, len(retrieval), tuple(groups), group_size))
+    return plans
+
+
+def inverse(perm: tuple[int, ...] | list[int]) -> list[int]:
+    """The permutation that undoes `perm`."""
+    out = [0] * len(perm)
+    for i, p in enumerate(perm):
+        out[p] = i
+    return out
+
+
+# ---- projection rows of a head order -------------------------------------------------------------
+def kv_rows(perm, head_dim: int) -> torch.Tensor:
+    """Rows of a K/V projection ([Hkv * D, hidden]) in head order `perm`: int64 [Hkv * D]."""
+    return (torch.tensor(list(perm))[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+def query_rows(perm, group: int, head_dim: int) -> torch.Tensor:
+    """Rows of the Q projection for KV head order `perm`, each KV head's query group in order
+    (GQA: query head h reads KV head h // group). int64 [Hkv * group * D]."""
+    return kv_rows([p * group + g for p in perm for g in range(group)], head_dim)
