@@ -15,8 +15,9 @@ from pathlib import Path
 import networkx as nx
 
 ROOT = Path(__file__).resolve().parent.parent / "headpolicy"
-ORDER = ["cli", "eval", "profiler", "passes", "runtime", "codegen", "models", "policies", "io", ("errors", "version")]
-RANK = {name: len(ORDER) - i for i, entry in enumerate(ORDER) for name in (entry if isinstance(entry, tuple) else [entry])}
+ORDER = [("cli",), ("eval",), ("profiler",), ("passes",), ("runtime",), ("codegen",), ("models",), ("policies",),
+         ("io",), ("errors", "version")]  # fmt: skip
+RANK = {name: len(ORDER) - i for i, names in enumerate(ORDER) for name in names}
 
 
 def modules() -> dict[str, Path]:

@@ -48,22 +48,9 @@ def run_compile(args: argparse.Namespace) -> int:
     from headpolicy.models import load_source
     from headpolicy.profiler.compile import CompileSettings, compile_policy
 
-    settings = CompileSettings(
-        method=args.method,
-        budget=args.budget,
-        target_drop=args.target_drop,
-        sink=args.sink,
-        window=args.window,
-        lengths=args.lengths,
-        depths=args.depths,
-        heldout_lengths=args.heldout_lengths,
-        heldout_depths=args.heldout_depths,
-        min_per_layer=args.min_per_layer,
-        max_budget=args.max_budget,
-        reference_context=args.reference_context,
-        verify=not args.no_verify,
-        seed=args.seed,
-    )
+    from_args = ("method", "budget", "target_drop", "sink", "window", "lengths", "depths", "heldout_lengths",
+                 "heldout_depths", "min_per_layer", "max_budget", "reference_context", "seed")  # fmt: skip
+    settings = CompileSettings(**{name: getattr(args, name) for name in from_args}, verify=not args.no_verify)
     settings.check()  # fail on bad settings before spending time on loading the model
     t0 = time.perf_counter()
     model, tok = load_source(args.model)

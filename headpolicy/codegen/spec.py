@@ -85,8 +85,23 @@ def _table_tag(runs: tuple[HeadRun, ...]) -> str:
     return tag
 
 
+class _SpecParts:
+    """What the prefill and decode specs derive alike from their fields."""
+
+    head_dim: int
+    upcast_matmul: bool
+
+    @property
+    def _mm_tag(self) -> str:
+        return "_mmf32" if self.upcast_matmul else ""
+
+    @property
+    def block_d(self) -> int:
+        return max(16, next_pow2(self.head_dim))
+
+
 @dataclass(frozen=True)
-class PrefillSpec:
+class PrefillSpec(_SpecParts):
     """Prefill attention for one layer's KV-head table (any head order)."""
 
     head_dim: int
@@ -106,14 +121,6 @@ class PrefillSpec:
     def num_kv_heads(self) -> int:
         return self.runs[-1].stop
 
-    @property
-    def _mm_tag(self) -> str:
-        return "_mmf32" if self.upcast_matmul else ""
-
-    @property
-    def block_d(self) -> int:
-        return max(16, next_pow2(self.head_dim))
-
     def name(self, template_sha: str) -> str:
         name = (
             f"prefill_d{self.head_dim}_g{self.group_size}_{_table_tag(self.runs)}_{self.dtype}"
@@ -123,7 +130,7 @@ class PrefillSpec:
 
 
 @dataclass(frozen=True)
-class DecodeSpec:
+class DecodeSpec(_SpecParts):
     """Decode attention over the split cache: `num_retrieval` full heads, then streaming groups.
 
     groups: ((num_heads, sink, window), ...) in cache order.
@@ -152,14 +159,6 @@ class DecodeSpec:
             runs.append(HeadRun(pos, pos + n, False, sink, window))
             pos += n
         return tuple(runs)
-
-    @property
-    def _mm_tag(self) -> str:
-        return "_mmf32" if self.upcast_matmul else ""
-
-    @property
-    def block_d(self) -> int:
-        return max(16, next_pow2(self.head_dim))
 
     @property
     def block_g(self) -> int:  # query heads per KV head, padded for tl.dot

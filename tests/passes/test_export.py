@@ -70,3 +70,29 @@ def test_cli_export_pt2(tmp_path, monkeypatch, llama, capsys):
 def test_cli_export_bad_policy_exits_2(tmp_path, capsys):
     code = cli.main(["export", "tiny", "--policy", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "x")])
     assert code == 2 and "PolicyError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["phi3", "qwen3", "gemma3"])
+def test_export_through_the_model_adapter(arch):
+    """Fused qkv_proj (Phi-3), q/k norms (Qwen3), a hybrid model's own sliding layer (Gemma 3):
+    the exported prefill + decode steps equal the applied model's own split-cache decoding."""
+    from headpolicy import SplitKVCache, apply
+    from tests.passes.conftest import run_steps
+    from tests.test_architectures import mixed_policy, tiny
+
+    model = tiny(arch)
+    policy = mixed_policy(model)
+    prefill = compile_step(model, policy, "prefill")
+    decode = compile_step(model, policy, "decode")
+    assert prefill.counts["permute_heads"] >= 1 and prefill.counts["split_attention"] >= 1
+    ids = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(0))
+    logits, _ = run_steps(prefill, decode, ids, 6)
+
+    applied = apply(tiny(arch), policy)
+    cache = SplitKVCache.for_model(applied)
+    with torch.no_grad():
+        out = applied(ids[:, :6], cache=cache, use_cache=True)
+        want = [out.logits[0, -1]]
+        for t in range(6, 20):
+            want.append(applied(ids[:, t : t + 1], cache=cache, use_cache=True).logits[0, -1])
+    torch.testing.assert_close(torch.stack(logits), torch.stack(want), atol=1e-4, rtol=1e-4)

@@ -75,7 +75,8 @@ def test_registered_scorer_shows_loss_and_open_gates(planted):
 
     bar = Bar()
     tasks = needle_tasks(1) + [T.repeated_tokens(97, 64, 0)]
-    scores = get_scorer("gates").measure(model, tasks, sink=4, window=16, progress=bar, settings=GateSettings(max_steps=2))
+    settings = GateSettings(max_steps=2)
+    scores = get_scorer("gates").measure(model, tasks, sink=4, window=16, progress=bar, settings=settings)
     assert scores.shape == (2, 2) and np.isfinite(scores).all()
     assert bar.n >= 1 and bar.total is not None
     assert set(bar.postfix) == {"loss", "open"} and bar.postfix["open"].endswith("/4")
