@@ -30,8 +30,8 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-FAST = ["--lengths", "600", "--heldout-lengths", "700", "--heldout-depths", "0.5", "--sink", "4", "--window", "8",
-        "--quiet"]  # fmt: skip
+FAST = ["--lengths", "600", "--depths", "0.5", "--kinds", "passkey,multikey", "--text-length", "700",
+        "--text-from", "300", "--sink", "4", "--window", "8", "--windows", "8,32", "--quiet"]  # fmt: skip
 
 
 def test_compile_writes_a_valid_policy(checkpoint, tmp_path, capsys):
@@ -46,27 +46,32 @@ def test_compile_writes_a_valid_policy(checkpoint, tmp_path, capsys):
     assert (policy.sink, policy.window) == (4, 8)
     r = policy.results
     assert r["retrieval_heads"] == 2 and 0 < r["kv_fraction"] < 1
-    assert set(r["heldout"]) >= {"full_accuracy", "policy_accuracy"}
+    assert set(r["calibration"]["loss"]) >= {"ppl_ratio", "ans_drop", "ans_kept"} and "loss" in r["heldout"]
     assert policy.provenance.seed == 3 and policy.provenance.settings["budget"] == 0.5
     assert all(h.score is not None for row in policy.layers for h in row)
     text = capsys.readouterr().out
     assert "retrieval heads" in text and "2/4" in text
 
 
-def test_compile_closed_loop_then_eval(checkpoint, tmp_path, capsys):
+def test_compile_target_drop_then_eval(checkpoint, tmp_path, capsys):
     out = tmp_path / "p.yaml"
-    assert main(["compile", str(checkpoint), "-o", str(out), "--method", "attention_mass", *FAST]) == 0
+    assert main(["compile", str(checkpoint), "-o", str(out), "--target-drop", "50", "--max-kv-budget", "1", *FAST]) == 0
     policy = HeadPolicy.load(out)
-    assert policy.results["search"] and "heldout" in policy.results
+    search = policy.results["search"]
+    assert search and search[0]["kv_budget"] == 1.0  # the largest budget first
+    assert any(step["ok"] for step in search) and "heldout" in policy.results
     js = tmp_path / "eval.json"
-    rc = main(["eval", str(checkpoint), "--policy", str(out), "--lengths", "600", "--depths", "0.5",
-               "--random-seeds", "1", "-o", str(js), "--quiet"])  # fmt: skip
+    rc = main(["eval", str(checkpoint), "--policy", str(out), "--lengths", "600", "--depths", "0.5", "--seeds", "1",
+               "--kinds", "passkey,word", "--text-lengths", "1200", "--baselines", "streaming,random", "-o", str(js),
+               "--quiet"])  # fmt: skip
     assert rc == 0
     data = json.loads(js.read_text())
-    assert set(data["configs"]) == {"full", "policy", "streaming", "random/0", "random"}
+    assert set(data["configs"]) == {"full", "policy", "streaming", "random"}
     full = data["configs"]["full"]["by_length"]["600"]
     assert full["kv_fraction"] == 1.0 and full["kv_bytes"] > 0
-    assert "streaming" in capsys.readouterr().out
+    assert full["paired"] == {"items": 2, "lost": 0, "gained": 0, "diff_points": 0.0, "ci95_points": [0.0, 0.0]}
+    assert data["configs"]["full"]["ppl_ratio"] == {"1200": 1.0} and data["configs"]["policy"]["ppl_ratio"]["1200"] > 0
+    assert "lost" in capsys.readouterr().out
 
 
 def test_bad_model_path_fails_cleanly(tmp_path, capsys):
@@ -83,7 +88,7 @@ def test_bad_model_path_fails_cleanly(tmp_path, capsys):
 )
 def test_impossible_budget_fails_cleanly(checkpoint, tmp_path, capsys, extra, match):
     out = tmp_path / "p.yaml"
-    rc = main(["compile", str(checkpoint), "-o", str(out), *extra, "--no-verify", *FAST])
+    rc = main(["compile", str(checkpoint), "-o", str(out), *extra, "--no-heldout", *FAST])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and not out.exists()
     last = err.splitlines()[-1]  # earlier lines are transformers' loading bars
@@ -120,7 +125,7 @@ def test_compile_with_a_combined_method_reports_member_agreement(checkpoint, tmp
     from headpolicy.profiler.scorers import get_scorer
 
     out, raw = tmp_path / "p.yaml", tmp_path / "scores.json"
-    args = ["-o", str(out), "--budget", "0.5", "--method", method, "--scores-json", str(raw), "--no-verify", *FAST]
+    args = ["-o", str(out), "--budget", "0.5", "--method", method, "--scores-json", str(raw), "--no-heldout", *FAST]
     assert main(["compile", str(checkpoint), *args]) == 0
     policy = HeadPolicy.load(out)
     assert policy.provenance.method == method and policy.num_retrieval == 2

@@ -18,22 +18,31 @@ def _configure(p: argparse.ArgumentParser) -> None:
     add_model(p)
     p.add_argument("-o", "--output", required=True, help="policy YAML to write (atomically)")
     p.add_argument("--method", default=d.method, choices=scorer_names(),
-                   help=f"head scorer (default {d.method}, from bench/scorers.py; see README \"Scorers\")")  # fmt: skip
+                   help=f"head scorer (default {d.method}: per-head windows; see README \"Selection\")")  # fmt: skip
     sel = p.add_mutually_exclusive_group()
-    sel.add_argument("--budget", type=float, help="fraction of KV heads that stay retrieval (skips the search)")
-    sel.add_argument("--target-drop", type=float, default=d.target_drop,
-                     help=f"closed loop: allowed held-out accuracy drop (default {d.target_drop:g})")  # fmt: skip
+    sel.add_argument("--target-drop", type=float, default=d.target_drop, metavar="PCT",
+                     help="default mode: the smallest KV budget whose measured perplexity and answer likelihood "
+                          f"stay within PCT%% of the full model's, every answer kept (default {d.target_drop:g})")
+    sel.add_argument("--kv-budget", type=float, metavar="F",
+                     help="KV cache at the reference context at most F of the full cache (skips the search)")
+    sel.add_argument("--budget", type=float, metavar="F",
+                     help="fraction F of KV heads that stay retrieval, every other at --sink/--window")
+    p.add_argument("--max-kv-budget", type=float, default=d.max_kv_budget, metavar="F",
+                   help=f"--target-drop: the largest KV budget tried (default {d.max_kv_budget:g})")
     p.add_argument("--sink", type=int, default=d.sink, help=f"streaming heads: first tokens kept (default {d.sink})")
-    p.add_argument("--window", type=int, default=d.window, help=f"streaming heads: last tokens kept ({d.window})")
-    p.add_argument("--lengths", type=int_list, default=d.lengths, help="scoring task lengths, e.g. 1024,2048")
-    p.add_argument("--depths", type=float_list, default=d.depths, help="needle depths of the scoring tasks")
-    p.add_argument("--heldout-lengths", type=int_list, default=d.heldout_lengths, help="held-out task lengths")
-    p.add_argument("--heldout-depths", type=float_list, default=d.heldout_depths, help="held-out needle depths")
-    p.add_argument("--min-per-layer", type=int, default=d.min_per_layer, help="retrieval heads every layer keeps")
-    p.add_argument("--max-budget", type=float, default=d.max_budget, help="closed loop: largest budget tried")
+    p.add_argument("--window", type=int, default=d.window,
+                   help=f"streaming heads' last tokens kept, for fixed-window methods and --budget ({d.window})")
+    p.add_argument("--windows", type=int_list, default=d.windows,
+                   help=f"the per-head window ladder (default {','.join(map(str, d.windows))})")
+    p.add_argument("--lengths", type=int_list, default=d.lengths, help="calibration task lengths, e.g. 2048,4096")
+    p.add_argument("--depths", type=float_list, default=d.depths, help="needle depths of the calibration tasks")
+    p.add_argument("--kinds", default=",".join(d.kinds), help="needle kinds: passkey,word,code,multikey")
+    p.add_argument("--text-length", type=int, default=d.text_length, help="natural text tokens per calibration text")
+    p.add_argument("--text-from", type=int, default=d.text_from, help="text NLL counts from this position on")
+    p.add_argument("--min-per-layer", type=int, default=d.min_per_layer, help="--budget: retrieval heads per layer")
     p.add_argument("--reference-context", type=int, default=d.reference_context,
-                   help="context length at which the KV fraction is reported")  # fmt: skip
-    p.add_argument("--no-verify", action="store_true", help="with --budget: skip the held-out accuracy check")
+                   help="context length at which KV budgets and fractions are counted")  # fmt: skip
+    p.add_argument("--no-heldout", action="store_true", help="skip measuring the result on held-out data")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--scores-json", help="also write the raw head scores here")
     p.add_argument("--json", help="also write a JSON report (settings, results, timings) here")
@@ -48,9 +57,12 @@ def run_compile(args: argparse.Namespace) -> int:
     from headpolicy.models import load_source
     from headpolicy.profiler.compile import CompileSettings, compile_policy
 
-    from_args = ("method", "budget", "target_drop", "sink", "window", "lengths", "depths", "heldout_lengths",
-                 "heldout_depths", "min_per_layer", "max_budget", "reference_context", "seed")  # fmt: skip
-    settings = CompileSettings(**{name: getattr(args, name) for name in from_args}, verify=not args.no_verify)
+    from_args = ("method", "budget", "kv_budget", "target_drop", "max_kv_budget", "sink", "window", "windows",
+                 "lengths", "depths", "text_length", "text_from", "min_per_layer", "reference_context",
+                 "seed")  # fmt: skip
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    settings = CompileSettings(**{name: getattr(args, name) for name in from_args}, kinds=kinds,
+                               heldout=not args.no_heldout)  # fmt: skip
     settings.check()  # fail on bad settings before spending time on loading the model
     t0 = time.perf_counter()
     model, tok = load_source(args.model)
@@ -86,8 +98,15 @@ def run_compile(args: argparse.Namespace) -> int:
 
 
 def head_map(policy) -> str:
-    """One line per layer: R = retrieval head, . = streaming head."""
-    rows = ("".join("R" if h.is_retrieval else "." for h in row) for row in policy.layers)
+    """One line per layer: R = retrieval head, else the streaming head's window (k = 1024 tokens)."""
+
+    def mark(li, hi) -> str:
+        if policy.layers[li][hi].is_retrieval:
+            return "   R"
+        window = policy.head_window(li, hi)[1]
+        return f"{window // 1024:>3}k" if window % 1024 == 0 else f"{window:>4}"
+
+    rows = (" ".join(mark(li, hi) for hi in range(len(row))) for li, row in enumerate(policy.layers))
     return "\n".join(f"  layer {li:>3}  {marks}" for li, marks in enumerate(rows))
 
 
@@ -98,19 +117,25 @@ def summary_table(policy, path) -> str:
         ("model", f"{policy.model.name} ({policy.model.shape_str()})"),
         ("method", policy.provenance.method),
         ("retrieval heads", f"{policy.num_retrieval}/{policy.num_heads} ({100 * policy.retrieval_fraction:.1f}%)"),
-        ("sink / window", f"{policy.sink} / {policy.window}"),
+        ("streaming heads", f"sink {policy.sink}, window {policy.window}" + (" (some heads their own)" if any(
+            h.window is not None or h.sink is not None for row in policy.layers for h in row) else "")),
         (f"KV cache at {ctx}", f"{100 * policy.kv_fraction(ctx):.1f}% of full "
                                f"({policy.kv_bytes(ctx) / 2**20:.1f} / {policy.full_kv_bytes(ctx) / 2**20:.1f} MiB)"),
     ]  # fmt: skip
-    held = r.get("heldout")
-    if held:
-        rows.append(("held-out accuracy", f"full {held['full_accuracy']:.1f}%  policy {held['policy_accuracy']:.1f}%  "
-                                          f"({held['tasks']} tasks, lengths {held['lengths']})"))  # fmt: skip
+    for name in ("calibration", "heldout"):
+        loss = r.get(name, {}).get("loss")
+        if loss:
+            rows.append((f"{name} loss", _describe(loss)))
     for step in r.get("search", []):
-        rows.append(("  tried budget", f"{step['budget']:.2f} ({step['retrieval_heads']} heads): "
-                                       f"{step['accuracy']:.1f}% {'ok' if step['ok'] else 'too low'}"))  # fmt: skip
+        rows.append(("  tried KV budget", f"{100 * step['kv_budget']:.0f}%: {_describe(step)} "
+                                          f"{'ok' if step['ok'] else 'too lossy'}"))  # fmt: skip
     if "wall_seconds" in r:
         rows.append(("time", f"{r['wall_seconds']:.0f} s (model load {r['load_seconds']:.0f} s)"))
     rows.append(("written", str(path)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n" + head_map(policy)
+
+
+def _describe(loss: dict) -> str:
+    return (f"perplexity x{loss['ppl_ratio']:.4f}, answer log-prob drop {loss['ans_drop']:.4f} nats/token, "
+            f"answers kept {100 * loss['ans_kept']:.0f}%")  # fmt: skip

@@ -1,4 +1,4 @@
-"""`headpolicy eval MODEL --policy FILE`: the policy against the full cache, all-streaming and random heads."""
+"""`headpolicy eval MODEL --policy FILE`: what the policy loses against the full model, on held-out data."""
 
 from __future__ import annotations
 
@@ -18,29 +18,42 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", required=True, help="policy YAML to evaluate")
     p.add_argument("--lengths", type=int_list, default=d.lengths, help="prompt lengths in tokens, e.g. 2048,4096")
     p.add_argument("--depths", type=float_list, default=d.depths, help="needle depths, e.g. 0.25,0.75")
-    p.add_argument("--kinds", default=",".join(d.kinds), help="task kinds: passkey,multikey")
-    p.add_argument("--random-seeds", type=int, default=d.random_seeds, help="random-head baselines to average")
-    p.add_argument("--seed", type=int, default=d.seed, help="task and haystack seed")
+    p.add_argument("--kinds", default=",".join(d.kinds), help="needle kinds: passkey,word,code,multikey")
+    p.add_argument("--seeds", type=int, default=d.seeds, help="items per kind and depth (default %(default)s)")
+    p.add_argument("--text-lengths", type=int_list, default=d.text_lengths,
+                   help="long-text perplexity at these lengths (default 4096,8192)")  # fmt: skip
+    p.add_argument("--baselines", default="", help="also run: streaming,random (same items)")
+    p.add_argument("--seed", type=int, default=d.seed, help="task and text seed")
     p.add_argument("-o", "--output", help="JSON results file (default: eval_<policy name>.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-@command("eval", help="compare a policy with the full cache, all-streaming and random heads", configure=_configure)
+def _names(text: str, known: tuple[str, ...], option: str) -> tuple[str, ...]:
+    from headpolicy.errors import BudgetError
+
+    names = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in names if k not in known]
+    if bad:
+        raise BudgetError(f"{option}: unknown name {bad[0]!r} (known: {', '.join(known)})")
+    return names
+
+
+@command("eval", help="paired accuracy and perplexity of a policy against the full model", configure=_configure)
 def run_eval(args: argparse.Namespace) -> int:
     from headpolicy.errors import BudgetError
-    from headpolicy.eval.suite import SuiteSettings, format_table, run_suite
+    from headpolicy.eval.suite import BASELINES, SuiteSettings, format_table, run_suite
     from headpolicy.io import write_json
     from headpolicy.models import load_source
     from headpolicy.policies.schema import HeadPolicy
-    from headpolicy.profiler.tasks import KINDS
+    from headpolicy.profiler.tasks import NEEDLE_KINDS
 
     policy = HeadPolicy.load(args.policy)
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    bad = [k for k in kinds if k not in KINDS or k == "repeat"]
-    if bad or not kinds:
-        raise BudgetError(f"--kinds: unknown task kind {bad[0] if bad else ''!r} (use passkey, multikey)")
-    settings = SuiteSettings(lengths=args.lengths, depths=args.depths, kinds=kinds,
-                             random_seeds=args.random_seeds, seed=args.seed)  # fmt: skip
+    kinds = _names(args.kinds, NEEDLE_KINDS, "--kinds")
+    if not kinds:
+        raise BudgetError(f"--kinds: give at least one of {', '.join(NEEDLE_KINDS)}")
+    settings = SuiteSettings(lengths=args.lengths, depths=args.depths, kinds=kinds, seeds=args.seeds,
+                             text_lengths=args.text_lengths, baselines=_names(args.baselines, BASELINES, "--baselines"),
+                             seed=args.seed)  # fmt: skip
     t0 = time.perf_counter()
     model, tok = load_source(args.model)
     result = run_suite(model, tok, policy, settings, progress=not args.quiet)

@@ -1,130 +1,170 @@
-"""The eval suite: a policy against the full cache and baselines at the same sink/window.
+"""The eval suite: what a policy loses against the full model, on data compile never saw.
 
-Configurations, each run on the same tasks (passkey and multikey x lengths x depths, on a
-haystack the model sampled itself, long enough that no haystack repeats):
+    result = run_suite(model, tokenizer, policy)     # JSON-ready dict; format_table(result) prints it
+
+Items: needle tasks (pass key numbers, words, multi-token codes, several keys) x depths x seeds
+at each length, worded as compile never words them ("B") and hidden in a text compile never
+reads (Moby-Dick; profiler/data/README.md). Every configuration generates its answers through
+the real runtime (runtime/generate.py: apply + the split cache), greedy, on the same items:
 
     full        the unmodified model (full KV cache)
-    policy      the policy under test (headpolicy.apply, split cache)
-    streaming   every head streaming (StreamingLLM) at the policy's sink/window
-    random      as many retrieval heads as the policy, drawn at random; mean over seeds
+    policy      the policy under test
+    streaming   (--baselines) every head streaming at the policy's default sink/window
+    random      (--baselines) as many retrieval heads as the policy, drawn at random
 
-KV bytes are measured from the cache object after each task (float32 here) and reported
-per length as the mean over that length's tasks.
+Reported per length: accuracy, and *paired* against the full model: items lost (full right,
+policy wrong) and gained, with a 95% bootstrap interval of the accuracy difference; the KV
+bytes measured from the cache; and the perplexity ratio on long natural text (teacher-forced,
+NLL from `text_from` on), which generation-based accuracy cannot see.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
 
 from headpolicy.eval.baselines import random_policy, streaming_policy
 from headpolicy.models import describe_model
+from headpolicy.profiler import objective as O
 from headpolicy.profiler import tasks as T
 from headpolicy.runtime.generate import answers, applied_copy
+
+BASELINES = ("streaming", "random")
 
 
 @dataclass
 class SuiteSettings:
     lengths: tuple[int, ...] = (2048, 4096)
+    kinds: tuple[str, ...] = T.NEEDLE_KINDS
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    kinds: tuple[str, ...] = ("passkey", "multikey")
-    random_seeds: int = 2
-    seed: int = 1  # task/haystack seed; compile uses 0
-    haystack_tokens: int | None = None  # sampled pool size; default: the longest task
+    seeds: int = 3  # items per length = kinds x depths x seeds (60 by default)
+    text_lengths: tuple[int, ...] = (4096, 8192)  # long natural text, one chunk per length per text
+    texts: int = 2
+    text_from: int = 1024
+    baselines: tuple[str, ...] = ()
+    seed: int = 1  # compile uses 0
+    wording: str = "B"
+    prose: str = T.HELDOUT_PROSE
+
+    @property
+    def items_per_length(self) -> int:
+        return len(self.kinds) * len(self.depths) * self.seeds
 
 
-def suite_tasks(model, codec, s: SuiteSettings) -> list[T.Task]:
-    pool = T.sample_haystack(model, codec, s.haystack_tokens or max(s.lengths), seed=s.seed)
-    return T.task_grid(codec, kinds=s.kinds, lengths=s.lengths, depths=s.depths, seed=s.seed, pool=pool)
+def suite_tasks(codec, s: SuiteSettings) -> list[T.Task]:
+    pool = T.prose_pool(codec, s.prose)
+    out = []
+    for k in range(s.seeds):
+        out += T.task_grid(codec, kinds=s.kinds, lengths=s.lengths, depths=s.depths, seed=s.seed * 100 + k,
+                           pool=pool, wording=s.wording)  # fmt: skip
+    return out
+
+
+def suite_texts(codec, s: SuiteSettings, limit: int | None) -> list[tuple[int, ...]]:
+    """`texts` chunks per text length, from seeded offsets of the held-out prose (lengths beyond
+    the model's context are skipped)."""
+    pool = T.prose_pool(codec, s.prose)
+    rng = np.random.default_rng(s.seed)
+    out = []
+    for n in s.text_lengths:
+        if limit is not None and n > limit:
+            continue
+        for _ in range(s.texts):
+            start = int(rng.integers(0, len(pool) - n))
+            out.append(tuple(pool[start : start + n]))
+    return out
 
 
 def run_suite(model, tokenizer, policy, settings: SuiteSettings | None = None, *, progress: bool = False) -> dict:
-    """Run every configuration; returns plain data (JSON-ready)."""
+    """Run every configuration on the same items; returns plain data (JSON-ready)."""
     from tqdm.auto import tqdm
+
+    from headpolicy.runtime.generate import context_limit
 
     s = settings or SuiteSettings()
     codec = T.as_codec(tokenizer)
     info = describe_model(model)
     policy.check_model(info)
-    tasks = suite_tasks(model, codec, s)
-    configs: list[tuple[str, object]] = [
-        ("full", None),
-        ("policy", policy),
-        ("streaming", streaming_policy(info, sink=policy.sink, window=policy.window)),
-    ]
-    for i in range(s.random_seeds):
-        configs.append((f"random/{i}", random_policy(info, policy.num_retrieval, seed=1000 + i,
-                                                     sink=policy.sink, window=policy.window)))  # fmt: skip
+    tasks = suite_tasks(codec, s)
+    texts = suite_texts(codec, s, context_limit(model))
+    configs: list[tuple[str, object]] = [("full", None), ("policy", policy)]
+    if "streaming" in s.baselines:
+        configs.append(("streaming", streaming_policy(info, sink=policy.sink, window=policy.window)))
+    if "random" in s.baselines:
+        configs.append(("random", random_policy(info, policy.num_retrieval, seed=1000, sink=policy.sink,
+                                                window=policy.window)))  # fmt: skip
     runs: dict[str, dict] = {}
-    bar = tqdm(total=len(configs) * len(tasks), desc="eval", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(configs) * (len(tasks) + len(texts)), desc="eval", disable=not progress, dynamic_ncols=True)
     for name, pol in configs:
         t0 = time.perf_counter()
         m = model if pol is None else applied_copy(model, pol)
         bar.set_description(f"eval {name}")
         outs = answers(m, codec.decode, tasks, progress=bar)
+        nll = []
+        with torch.no_grad():
+            for text in texts:
+                nll.append(O.text_nll(m, text, s.text_from).double())
+                bar.update(1)
         del m
         cells = [
-            {"kind": o.task.kind, "length": o.task.length, "depth": o.task.depth, "correct": o.correct,
-             "output": o.output, "kv_bytes": o.kv_bytes}
+            {"kind": o.task.kind, "length": o.task.length, "depth": o.task.depth, "seed": o.task.seed,
+             "correct": o.correct, "answer": o.task.answer, "output": o.output, "kv_bytes": o.kv_bytes}
             for o in outs
         ]  # fmt: skip
         heads = info.num_layers * info.num_kv_heads if pol is None else pol.num_retrieval
-        runs[name] = {"cells": cells, "seconds": round(time.perf_counter() - t0, 1), "retrieval_heads": heads}
+        runs[name] = {"cells": cells, "seconds": round(time.perf_counter() - t0, 1), "retrieval_heads": heads,
+                      "text_nll": [float(x.mean()) for x in nll], "text_lengths": [len(t) for t in texts]}  # fmt: skip
     bar.close()
     return summarise(runs, s, policy)
 
 
-def _by(cells: Sequence[dict], key) -> dict:
-    groups = defaultdict(list)
-    for c in cells:
-        groups[key(c)].append(c)
-    return groups
+# ---- paired statistics --------------------------------------------------------------------------------
+def paired(full: Sequence[bool], other: Sequence[bool], *, resamples: int = 10_000, seed: int = 0) -> dict:
+    """Items lost (full right, other wrong) and gained, and the accuracy difference (other - full, in
+    points) with a 95% percentile bootstrap interval over items (the pairs are resampled together)."""
+    f, o = np.asarray(full, dtype=bool), np.asarray(other, dtype=bool)
+    d = o.astype(np.int8) - f.astype(np.int8)
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1) if len(d) else np.zeros(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"items": int(len(d)), "lost": int((f & ~o).sum()), "gained": int((~f & o).sum()),
+            "diff_points": round(100 * float(d.mean()) if len(d) else 0.0, 2),
+            "ci95_points": [round(100 * float(lo), 2), round(100 * float(hi), 2)]}  # fmt: skip
 
 
 def summarise(runs: dict[str, dict], s: SuiteSettings, policy) -> dict:
-    """Accuracy per (config, length, depth), per length, overall; KV bytes per length."""
-    names = ["full", "policy", "streaming"]
-    random_names = [n for n in runs if n.startswith("random/")]
+    """Per configuration and length: accuracy, paired loss against the full model, KV bytes; text perplexity."""
+    full = runs["full"]
     table: dict[str, dict] = {}
-    for name in names + random_names:
-        cells = runs[name]["cells"]
+    for name, run in runs.items():
         per_len = {}
-        for length, group in sorted(_by(cells, lambda c: c["length"]).items()):
-            depths = {f"{d:.2f}": 100.0 * sum(c["correct"] for c in g) / len(g)
-                      for d, g in sorted(_by(group, lambda c: c["depth"]).items())}  # fmt: skip
+        for length in s.lengths:
+            mine = [c for c in run["cells"] if c["length"] == length]
+            ref = [c for c in full["cells"] if c["length"] == length]
             per_len[str(length)] = {
-                "accuracy": 100.0 * sum(c["correct"] for c in group) / len(group),
-                "by_depth": depths,
-                "kv_bytes": int(sum(c["kv_bytes"] for c in group) / len(group)),
+                "accuracy": round(100.0 * sum(c["correct"] for c in mine) / max(len(mine), 1), 2),
+                "paired": paired([c["correct"] for c in ref], [c["correct"] for c in mine]),
+                "kv_bytes": int(sum(c["kv_bytes"] for c in mine) / max(len(mine), 1)),
+                "by_kind": {k: round(100.0 * np.mean([c["correct"] for c in mine if c["kind"] == k]), 1)
+                            for k in s.kinds},  # fmt: skip
             }
-        table[name] = {"by_length": per_len, "accuracy": 100.0 * sum(c["correct"] for c in cells) / len(cells),
-                       "retrieval_heads": runs[name]["retrieval_heads"], "seconds": runs[name]["seconds"],
-                       "cells": cells}  # fmt: skip
-    if random_names:
-        mean = {"by_length": {}, "retrieval_heads": policy.num_retrieval, "seeds": len(random_names)}
-        for length in table[random_names[0]]["by_length"]:
-            rs = [table[n]["by_length"][length] for n in random_names]
-            mean["by_length"][length] = {
-                "accuracy": sum(r["accuracy"] for r in rs) / len(rs),
-                "by_depth": {d: sum(r["by_depth"][d] for r in rs) / len(rs) for d in rs[0]["by_depth"]},
-                "kv_bytes": int(sum(r["kv_bytes"] for r in rs) / len(rs)),
-            }
-        mean["accuracy"] = sum(table[n]["accuracy"] for n in random_names) / len(random_names)
-        table["random"] = mean
+        ppl = {}
+        for n in sorted(set(run["text_lengths"])):
+            mine = [x for x, m in zip(run["text_nll"], run["text_lengths"], strict=True) if m == n]
+            base = [x for x, m in zip(full["text_nll"], full["text_lengths"], strict=True) if m == n]
+            ppl[str(n)] = round(float(np.exp(np.mean(mine) - np.mean(base))), 5)
+        table[name] = {"by_length": per_len, "ppl_ratio": ppl, "retrieval_heads": run["retrieval_heads"],
+                       "seconds": run["seconds"], "cells": run["cells"], "text_nll": run["text_nll"]}  # fmt: skip
     for row in table.values():
         for length, cell in row["by_length"].items():
-            full = table["full"]["by_length"][length]["kv_bytes"]
-            cell["kv_fraction"] = cell["kv_bytes"] / full if full else None
+            base = table["full"]["by_length"][length]["kv_bytes"]
+            cell["kv_fraction"] = round(cell["kv_bytes"] / base, 6) if base else None
     return {
-        "settings": {
-            "lengths": list(s.lengths),
-            "depths": list(s.depths),
-            "kinds": list(s.kinds),
-            "random_seeds": s.random_seeds,
-            "seed": s.seed,
-        },
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()},
         "policy": {
             "model": policy.model.name,
             "retrieval_heads": policy.num_retrieval,
@@ -132,28 +172,32 @@ def summarise(runs: dict[str, dict], s: SuiteSettings, policy) -> dict:
             "sink": policy.sink,
             "window": policy.window,
             "method": policy.provenance.method,
+            "kv_fraction_4096": round(policy.kv_fraction(4096), 6),
         },
         "configs": table,
     }
 
 
 def format_table(result: dict) -> str:
-    """Rows: configuration x length; columns: accuracy per depth, mean, KV MiB, KV % of full."""
+    """Rows: configuration x length: accuracy, paired lost/gained with the 95% interval, KV; perplexity ratios."""
     cfg = result["configs"]
-    order = [n for n in ("full", "policy", "streaming", "random") if n in cfg]
-    depths = [f"{d:.2f}" for d in result["settings"]["depths"]]
-    head = f"{'config':<10} {'heads':>5} {'length':>6} " + " ".join(f"d={d:>4}" for d in depths)
-    head += f" {'acc %':>6} {'KV MiB':>8} {'KV %':>6}"
+    head = f"{'config':<10} {'heads':>5} {'length':>6} {'acc %':>6} {'lost':>4} {'gained':>6} {'diff (95% CI)':>22} " \
+           f"{'KV MiB':>8} {'KV %':>6}"  # fmt: skip
     lines = [head, "-" * len(head)]
-    for name in order:
-        row = cfg[name]
+    for name, row in cfg.items():
         for length, cell in row["by_length"].items():
-            accs = " ".join(f"{cell['by_depth'].get(d, float('nan')):>6.0f}" for d in depths)
+            p = cell["paired"]
+            ci = f"{p['diff_points']:+.1f} [{p['ci95_points'][0]:+.1f}, {p['ci95_points'][1]:+.1f}]"
             frac = cell.get("kv_fraction")
             lines.append(
-                f"{name:<10} {row['retrieval_heads']:>5} {length:>6} {accs} {cell['accuracy']:>6.1f} "
-                f"{cell['kv_bytes'] / 2**20:>8.1f} {'' if frac is None else f'{100 * frac:.1f}':>6}"
+                f"{name:<10} {row['retrieval_heads']:>5} {length:>6} {cell['accuracy']:>6.1f} {p['lost']:>4} "
+                f"{p['gained']:>6} {ci:>22} {cell['kv_bytes'] / 2**20:>8.1f} "
+                f"{'' if frac is None else f'{100 * frac:.1f}':>6}"
             )
-    if "random" in cfg:
-        lines.append(f"(random = mean of {cfg['random']['seeds']} seeds)")
+    n = next(iter(next(iter(cfg.values()))["by_length"].values()))["paired"]["items"]
+    lines.append(f"({n} items per length; lost/gained: paired against the full model on the same items)")
+    lines.append("perplexity ratio vs full (long held-out text, NLL after the first "
+                 f"{result['settings']['text_from']} tokens): " + "; ".join(
+                     f"{name} " + ", ".join(f"{k} tokens x{v:.4f}" for k, v in row["ppl_ratio"].items())
+                     for name, row in cfg.items() if name != "full"))  # fmt: skip
     return "\n".join(lines)

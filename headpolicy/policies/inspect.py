@@ -46,20 +46,25 @@ def format_inspect(policy: HeadPolicy) -> str:
         "KV cache vs full: " + "   ".join(f"{_ctx_label(c)} {100 * policy.kv_fraction(c):.1f}%" for c in CONTEXTS),
         "",
     ]
-    head_w = 7
+    overrides = _has_overrides(policy)
     header = f"{'layer':>5}  {'retr':>5}  {'retrieval heads':<20}"
-    if has_scores:
+    if overrides:  # per-head windows: what each head keeps
+        header += "  per head: R = retrieval, else sink+window" + (" (score)" if has_scores else "")
+    elif has_scores:
         header += "  scores (* = retrieval)"
     lines.append(header.rstrip())
     for li, row in enumerate(policy.layers):
         ids = [hi for hi, h in enumerate(row) if h.is_retrieval]
         text = f"{li:>5}  {len(ids):>2}/{len(row):<2}  {_ids(ids):<20}"
-        if has_scores:
-            cells = []
-            for h in row:
-                s = "-" if h.score is None else f"{h.score:.3f}"
-                cells.append(f"{s}{'*' if h.is_retrieval else ' '}".rjust(head_w))
-            text += "  " + "".join(cells)
+        cells = []
+        for hi, h in enumerate(row):
+            score = "" if h.score is None else f"{h.score:.3f}"
+            if overrides:
+                rule = "R" if h.is_retrieval else "{}+{}".format(*policy.head_window(li, hi))
+                cells.append(f"{rule}{f' ({score})' if has_scores else ''}".rjust(18 if has_scores else 10))
+            elif has_scores:
+                cells.append(f"{score or '-'}{'*' if h.is_retrieval else ' '}".rjust(7))
+        text += "  " + "".join(cells)
         lines.append(text.rstrip())
     return "\n".join(lines)
 

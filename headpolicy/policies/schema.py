@@ -132,27 +132,56 @@ class HeadPolicy:
         provenance: Provenance | None = None,
         results: Mapping[str, Any] | None = None,
     ) -> HeadPolicy:
-        """Build a policy from a [layers][kv_heads] boolean table (True = retrieval).
+        """Build a policy from a [layers][kv_heads] boolean table (True = retrieval), every
+        streaming head with the same sink/window.
 
         Layers with a native sliding window (model.native_windows) ignore their row: their
         heads stay streaming with sink 0 and that window, which is what the model does anyway.
         """
+        rules = [[None if bool(keep) else (sink, window) for keep in row] for row in retrieval]
+        return cls.from_rules(model, rules, defaults=(sink, window), scores=scores, provenance=provenance,
+                              results=results)  # fmt: skip
+
+    @classmethod
+    def from_rules(
+        cls,
+        model: ModelInfo,
+        rules: Sequence[Sequence[tuple[int, int] | None]],
+        *,
+        defaults: tuple[int, int] | None = None,
+        scores: Sequence[Sequence[float]] | None = None,
+        provenance: Provenance | None = None,
+        results: Mapping[str, Any] | None = None,
+    ) -> HeadPolicy:
+        """Build a policy from a [layers][kv_heads] table of rules: None = retrieval, (sink, window) =
+        streaming with its own window. `defaults` (default: the most common streaming rule) is
+        written once; heads with another rule carry their own. Native sliding layers as in from_kinds.
+        """
+        chosen = [row for li, row in enumerate(rules) if li >= model.num_layers or model.native_window(li) is None]
+        streaming = [tuple(r) for row in chosen for r in row if r is not None]
+        if defaults is None:
+            counts = {r: streaming.count(r) for r in sorted(set(streaming))}
+            defaults = max(counts, key=counts.get) if counts else (64, 256)
         layers = []
-        for li, row in enumerate(retrieval):
-            heads = []
+        for li, row in enumerate(rules):
             native = model.native_window(li) if li < model.num_layers else None
-            for hi, keep in enumerate(row):
+            heads = []
+            for hi, rule in enumerate(row):
                 score = None if scores is None else float(scores[li][hi])
                 if native is not None:
                     heads.append(HeadSpec(STREAMING, sink=0, window=native, score=score))
+                elif rule is None:
+                    heads.append(HeadSpec(RETRIEVAL, score=score))
                 else:
-                    heads.append(HeadSpec(RETRIEVAL if bool(keep) else STREAMING, score=score))
+                    own = tuple(rule) != tuple(defaults)
+                    heads.append(HeadSpec(STREAMING, sink=rule[0] if own else None, window=rule[1] if own else None,
+                                          score=score))  # fmt: skip
             layers.append(tuple(heads))
         return cls(
             model=model,
             layers=tuple(layers),
-            sink=sink,
-            window=window,
+            sink=defaults[0],
+            window=defaults[1],
             provenance=provenance or Provenance(),
             results=dict(results or {}),
         )
@@ -190,10 +219,16 @@ class HeadPolicy:
     def retrieval_fraction(self) -> float:
         return self.num_retrieval / self.num_heads
 
-    def kv_tokens(self, context: int) -> int:
-        """Cached tokens summed over all KV heads at `context` tokens (per sequence, K or V)."""
+    def kv_tokens(self, context: int, *, chosen_only: bool = False) -> int:
+        """Cached tokens summed over all KV heads at `context` tokens (per sequence, K or V).
+
+        chosen_only: only the heads the policy chooses (not a hybrid model's own sliding layers).
+        """
         total = 0
+        layers = set(self.model.policy_layers) if chosen_only else None
         for li, row in enumerate(self.layers):
+            if layers is not None and li not in layers:
+                continue
             for hi, spec in enumerate(row):
                 if spec.is_retrieval:
                     total += context
@@ -209,9 +244,11 @@ class HeadPolicy:
     def full_kv_bytes(self, context: int, *, batch: int = 1, dtype_bytes: int = 4) -> int:
         return 2 * batch * self.model.head_dim * dtype_bytes * context * self.num_heads
 
-    def kv_fraction(self, context: int) -> float:
-        """Split-cache size relative to the full cache at `context` tokens."""
-        return self.kv_tokens(context) / (context * self.num_heads)
+    def kv_fraction(self, context: int, *, chosen_only: bool = False) -> float:
+        """Split-cache size relative to the full cache at `context` tokens (chosen_only: over the
+        heads the policy chooses, what compile's --kv-budget counts)."""
+        heads = self.num_policy_heads if chosen_only else self.num_heads
+        return self.kv_tokens(context, chosen_only=chosen_only) / (context * heads)
 
     def check_model(self, model: ModelInfo, *, check_fingerprint: bool = True) -> None:
         """Raise PolicyMismatchError unless this policy was made for `model`."""

@@ -3,10 +3,10 @@
 (a) `select_budget`: the top `round(budget * num_heads)` KV heads by score stay retrieval
     (after each layer's top `min_per_layer`). Ties go to the lower (layer, head), so the
     same scores always give the same table.
-(b) `select_closed_loop`: the smallest budget on a grid whose accuracy, measured by a
-    caller-supplied `evaluate(table) -> percent` (the real runtime on held-out tasks), is
-    within `tolerance` points of the full model's. Budgets are searched by bisection,
-    assuming accuracy grows with the budget; every evaluation is kept in the trace.
+(b) `allocate`: per head, one option out of several (retrieval, or streaming with a window from
+    a ladder), the least summed loss within a byte budget (exact multiple-choice knapsack).
+(c) `smallest_passing`: the smallest budget on a grid whose measured result passes a check
+    (compile's `--target-drop`), by bisection; every budget tried is kept in the trace.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from headpolicy.errors import BudgetError
-
-DEFAULT_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.75, 1.0)
 
 
 def _check_scores(scores) -> np.ndarray:
@@ -83,63 +81,98 @@ def select_budget(scores, budget: float, *, min_per_layer: int = 0) -> np.ndarra
 
 
 @dataclass
-class ClosedLoopResult:
-    table: np.ndarray
-    budget: float
-    accuracy: float
-    full_accuracy: float
-    trace: list[dict] = field(default_factory=list)  # every candidate evaluated, in order
+class Search:
+    """Result of `smallest_passing`: the budget found (None: none passed) and every budget tried."""
+
+    budget: float | None
+    result: object  # what check() returned for the budget found
+    trace: list[tuple[float, bool, object]] = field(default_factory=list)  # (budget, passed, result), in order
 
 
-def select_closed_loop(
-    scores,
-    evaluate: Callable[[np.ndarray], float],
-    *,
-    full_accuracy: float,
-    tolerance: float,
-    budgets: Sequence[float] = DEFAULT_GRID,
-    min_per_layer: int = 0,
-) -> ClosedLoopResult:
-    """Smallest budget in `budgets` with evaluate(table) >= full_accuracy - tolerance.
-
-    Raises BudgetError when not even the largest budget meets the target.
-    """
-    s = _check_scores(scores)
-    if tolerance < 0 or not math.isfinite(tolerance):
-        raise BudgetError(f"the accuracy tolerance must be >= 0 points, got {tolerance}")
+def smallest_passing(budgets: Sequence[float], check: Callable[[float], tuple[bool, object]]) -> Search:
+    """The smallest budget b in `budgets` with check(b) passing, by bisection (passing is assumed
+    to grow with the budget). check(b) -> (passed, result). The largest budget is checked first:
+    when it fails, no other is tried and Search.budget is None."""
     grid = sorted({float(b) for b in budgets})
-    for b in grid:
-        budget_heads(b, s.size)  # validate
-    grid = [b for b in grid if budget_heads(b, s.size) >= min_per_layer * s.shape[0]]
     if not grid:
-        raise BudgetError(f"no budget in the grid leaves {min_per_layer} retrieval heads per layer")
-    target = full_accuracy - tolerance
-    trace: list[dict] = []
-    cache: dict[float, tuple[np.ndarray, float]] = {}
+        raise BudgetError("no budget to search")
+    seen: dict[float, tuple[bool, object]] = {}
+    trace: list[tuple[float, bool, object]] = []
 
     def ok(i: int) -> bool:
         b = grid[i]
-        if b not in cache:
-            table = select_budget(s, b, min_per_layer=min_per_layer)
-            # every head retrieval reproduces the full model: no need to run it again
-            run = not table.all()
-            acc = float(evaluate(table)) if run else float(full_accuracy)
-            cache[b] = (table, acc)
-            trace.append({"budget": b, "retrieval_heads": int(table.sum()), "accuracy": acc,
-                          "ok": acc >= target, "evaluated": run})  # fmt: skip
-        return cache[grid[i]][1] >= target
+        if b not in seen:
+            seen[b] = check(b)
+            trace.append((b, *seen[b]))
+        return seen[b][0]
 
     lo, hi = 0, len(grid) - 1
     if not ok(hi):
-        raise BudgetError(
-            f"no budget up to {grid[hi]:.2f} keeps held-out accuracy within {tolerance:g} points of the "
-            f"full model's {full_accuracy:.1f}% (best: {cache[grid[hi]][1]:.1f}%); raise the budget or the tolerance"
-        )
+        return Search(None, seen[grid[hi]][1], trace)
     while lo < hi:
         mid = (lo + hi) // 2
         if ok(mid):
             hi = mid
         else:
             lo = mid + 1
-    table, acc = cache[grid[lo]]
-    return ClosedLoopResult(table, grid[lo], acc, full_accuracy, trace)
+    return Search(grid[lo], seen[grid[lo]][1], trace)
+
+
+# ---- byte budgets with per-head options ---------------------------------------------------------
+MAX_DP_CELLS = 50_000_000  # heads x options x budget units; beyond it costs are coarsened (never over budget)
+
+
+def allocate(losses, costs, budget: int) -> np.ndarray:
+    """Choose one option per head: minimise the summed loss with the summed cost within `budget`.
+
+    losses, costs: [heads, options] (costs are non-negative integers, e.g. cached tokens at the
+    reference context; losses any finite numbers, lower is better). Returns int [heads], the chosen
+    option of each head. Raises BudgetError when even the cheapest options exceed the budget.
+
+    A multiple-choice knapsack, solved exactly by dynamic programming over the cost: every cost
+    is a multiple of the greatest common divisor of all costs (64 tokens for the default option
+    ladder), so the table has heads x options x budget/unit cells, a few million at most for a
+    model's KV heads. Exact beats the usual greedy on the convex hull here because options are
+    few and a head's loss is not convex in its bytes (a window either covers a needle or not).
+    Ties go to the costlier option: a budget is an allowance, and bytes where the losses see no
+    difference are margin against what they do not see.
+    """
+    loss = np.asarray(losses, dtype=np.float64)
+    cost = np.asarray(costs)
+    if loss.shape != cost.shape or loss.ndim != 2 or loss.size == 0:
+        raise BudgetError(f"losses and costs must be equal [heads, options] arrays, got {loss.shape}, {cost.shape}")
+    if not np.isfinite(loss).all():
+        raise BudgetError("option losses contain NaN or infinite values")
+    if (cost < 0).any() or not np.array_equal(cost, np.round(cost)):
+        raise BudgetError("option costs must be non-negative integers")
+    cost = cost.astype(np.int64)
+    floor = int(cost.min(axis=1).sum())
+    if budget < floor:
+        raise BudgetError(f"a budget of {budget} cannot hold even the cheapest option of every head ({floor})")
+    unit = int(np.gcd.reduce(cost[cost > 0])) if (cost > 0).any() else 1
+    cells = loss.size * (budget // unit + 1)
+    if cells > MAX_DP_CELLS:  # coarsen: round costs up, so the choice still fits the budget
+        unit = int(unit * np.ceil(cells / MAX_DP_CELLS))
+    units = -(-cost // unit)  # ceil
+    cap = budget // unit
+    H, n_opts = loss.shape
+    # best[b] = least loss of the heads so far with total cost <= b units; ties go to the costlier
+    # option: where the losses cannot tell options apart, the budget buys safety margin
+    tie = -1e-12 * units / max(cap, 1)
+    best = np.zeros(cap + 1)
+    picks = np.zeros((H, cap + 1), dtype=np.int64)
+    for h in range(H):
+        cand = np.full((n_opts, cap + 1), np.inf)
+        for o in range(n_opts):
+            c = units[h, o]
+            if c <= cap:
+                cand[o, c:] = best[: cap + 1 - c] + loss[h, o] + tie[h, o]
+        picks[h] = cand.argmin(axis=0)
+        best = cand.min(axis=0)
+    choice = np.zeros(H, dtype=np.int64)
+    b = cap
+    for h in range(H - 1, -1, -1):
+        choice[h] = picks[h, b]
+        b -= units[h, choice[h]]
+    assert int(cost[np.arange(H), choice].sum()) <= budget
+    return choice

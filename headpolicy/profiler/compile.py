@@ -1,25 +1,25 @@
-"""`compile_policy`: profile a model on synthetic tasks and write down which KV heads keep the full cache.
+"""`compile_policy`: choose, per KV head, retrieval or streaming with a window, to keep the full model's answers.
 
     model, tok = headpolicy.load_model("smollm2-135m")
-    report = compile_policy(model, tok, CompileSettings(budget=0.25))
+    report = compile_policy(model, tok, CompileSettings(kv_budget=0.3))
     report.policy.save("smollm2-135m-instruct.yaml")
 
 Named stages, each a small function with explicit inputs and outputs:
 
-    make_tasks  sample a haystack with the model itself (long enough that no task repeats it)
-                and build the scoring tasks (passkey, multikey, repeated random tokens) and the
-                held-out tasks (other seeds, depths and lengths)
-    score       every KV head with the chosen scorer -> {name: [layers, kv_heads]}
-    select      a fixed budget, or the closed loop: the smallest budget whose held-out accuracy
-                stays within `target_drop` points of the full model's
-    verify      held-out accuracy of the chosen heads, through apply + the split cache
-                (runtime/generate.py: what a user of the policy gets)
-    record      scores, settings and the measured results, into the HeadPolicy
+    make_calibration  needle tasks (pass key numbers, words, multi-token codes, several keys) at
+                      the reference lengths, hidden in natural prose, plus long natural text; a
+                      held-out set differs in seed, depth, wording and prose (profiler/tasks.py)
+    reference         the full model's answers and text NLL, once (profiler/objective.py)
+    score             per KV head and per option, the objective it is estimated to lose:
+                      `causal` estimates it for every window of a ladder (per-head windows);
+                      the other scorers rank heads for one fixed sink/window
+    select            a byte budget (`--kv-budget`): the exact knapsack over the estimates
+                      (policies/select.allocate); `--target-drop`: the smallest budget on a grid
+                      whose *measured* objective is within tolerance; `--budget`: a head count
+    record            the policy with its scores, settings and everything measured
 
-The held-out check is the expensive part (a 4K-token prompt is ~13 s on 2 CPU cores), so the
-`Verifier` runs the full model once, candidates run only the tasks the full model answers
-(the others count as misses: the policy accuracy recorded is a lower bound), and a search
-candidate stops at its first miss past the tolerance.
+Scores order the search; measurement decides: every policy compile returns was run teacher-
+forced on the calibration set against the full model, and its loss is recorded.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,52 +37,74 @@ import numpy as np
 from headpolicy.errors import BudgetError
 from headpolicy.models import describe_model
 from headpolicy.policies.schema import HeadPolicy, ModelInfo, Provenance
-from headpolicy.policies.select import DEFAULT_GRID, budget_heads, select_budget, select_closed_loop
+from headpolicy.policies.select import allocate, budget_heads, select_budget, smallest_passing
+from headpolicy.profiler import objective as O
 from headpolicy.profiler import tasks as T
 from headpolicy.profiler.scorers import get_scorer, scorer_names
-from headpolicy.runtime.generate import answers, applied_copy
+from headpolicy.profiler.scorers.causal import estimate
+from headpolicy.runtime.generate import applied_copy
 from headpolicy.version import __version__
 
 log = logging.getLogger(__name__)
 
+KV_GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.75, 1.0)
+WINDOWS = (64, 128, 256, 512, 1024, 2048)  # the per-head ladder (with the sink)
+
 
 @dataclass
 class CompileSettings:
-    method: str = "attention_mass"  # a registered scorer (combined ones too); default from bench/scorers.py (README)
-    budget: float | None = None  # fraction of KV heads kept retrieval; None = closed loop
-    target_drop: float = 2.0  # closed loop: allowed held-out accuracy drop, in points
+    method: str = "causal"  # a registered scorer; `causal` gives per-head windows (bench/selection.py)
+    kv_budget: float | None = None  # KV cache at the reference context <= this fraction of the full cache
+    budget: float | None = None  # fraction of KV heads kept retrieval, every other head at sink/window
+    target_drop: float = 2.0  # default mode: perplexity and answer likelihood within this many percent
+    max_kv_budget: float = 0.5  # target mode: the largest KV budget tried
+    kv_grid: tuple[float, ...] = KV_GRID
     sink: int = 64
-    window: int = 256
-    lengths: tuple[int, ...] = (1024,)  # scoring task lengths
-    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
-    heldout_lengths: tuple[int, ...] = (2048, 4096)
-    heldout_depths: tuple[float, ...] = (0.25, 0.5, 0.75)
-    repeat_length: int = 1024
-    haystack_tokens: int | None = None  # sampled pool size; default: the longest task
-    min_per_layer: int = 0
-    max_budget: float = 1.0
-    budgets: tuple[float, ...] = DEFAULT_GRID
+    window: int = 256  # fixed-window methods, and --budget
+    windows: tuple[int, ...] = WINDOWS  # per-head ladder (methods that estimate every window)
+    lengths: tuple[int, ...] = (2048, 4096)  # calibration task lengths: where the policy is used
+    kinds: tuple[str, ...] = T.NEEDLE_KINDS
+    depths: tuple[float, ...] = (0.3, 0.7)
+    text_length: int = 4096
+    texts: int = 1
+    text_from: int = 1024  # text NLL counts from here (streaming heads have lost the start by then)
+    heldout: bool = True  # also measure the result on held-out calibration data (report only)
+    repeat_length: int = 1024  # the repeated-random-tokens task (echo_induction)
+    min_per_layer: int = 0  # --budget only
     reference_context: int = 4096
-    verify: bool = True  # budget mode: also measure held-out accuracy (full vs policy)
     seed: int = 0
+
+    @property
+    def mode(self) -> str:
+        return "budget" if self.budget is not None else "kv_budget" if self.kv_budget is not None else "target"
 
     def check(self) -> None:
         known = scorer_names()
         if self.method not in known:
             raise BudgetError(f"unknown method {self.method!r} (known: {', '.join(known)})")
+        if self.budget is not None and self.kv_budget is not None:
+            raise BudgetError("give --budget (a fraction of heads) or --kv-budget (a fraction of bytes), not both")
         if self.budget is not None:
             budget_heads(self.budget, 1)  # range check
-            if self.budget > self.max_budget:
-                raise BudgetError(f"budget {self.budget} exceeds --max-budget {self.max_budget}")
-        if self.target_drop < 0:
-            raise BudgetError(f"--target-drop must be >= 0 points, got {self.target_drop}")
-        if self.sink < 0 or self.window < 1:
-            raise BudgetError(f"need sink >= 0 and window >= 1, got sink {self.sink}, window {self.window}")
-        if not self.lengths or any(n < 64 for n in (*self.lengths, *self.heldout_lengths)):
-            raise BudgetError("task lengths must be >= 64 tokens")
+        for name in ("kv_budget", "max_kv_budget"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and 0.0 < value <= 1.0):
+                raise BudgetError(f"--{name.replace('_', '-')} must be a fraction of the full KV cache in (0, 1], "
+                                  f"got {value!r}")  # fmt: skip
+        if not (math.isfinite(self.target_drop) and self.target_drop >= 0):
+            raise BudgetError(f"--target-drop must be >= 0 percent, got {self.target_drop}")
+        if self.sink < 0 or self.window < 1 or any(w < 1 for w in self.windows):
+            raise BudgetError(f"need sink >= 0 and windows >= 1, got sink {self.sink}, windows {self.windows}")
+        if not self.lengths or any(n < 64 for n in (*self.lengths, self.text_length)):
+            raise BudgetError("task and text lengths must be >= 64 tokens")
+        if not 0 <= self.text_from < self.text_length - 1:
+            raise BudgetError(f"--text-from must lie inside the text ({self.text_length} tokens)")
+        bad = [k for k in self.kinds if k not in T.NEEDLE_KINDS]
+        if bad or not self.kinds:
+            raise BudgetError(f"unknown task kind {bad[0] if bad else ''!r} (known: {', '.join(T.NEEDLE_KINDS)})")
 
     def check_budget(self, heads: int, layers: int) -> None:
-        """Fail before profiling, not after, when a fixed budget cannot give every layer its minimum."""
+        """Fail before profiling, not after, when a head budget cannot give every layer its minimum."""
         if self.budget is None:
             return
         n = budget_heads(self.budget, heads)
@@ -91,169 +114,220 @@ class CompileSettings:
                 f"(needs at least {self.min_per_layer * layers}); lower --min-per-layer or raise the budget"
             )
 
+    def options(self, per_head: bool) -> tuple[tuple[int, int], ...]:
+        """The streaming options selection chooses from: the window ladder, or the one sink/window."""
+        return tuple((self.sink, w) for w in self.windows) if per_head else ((self.sink, self.window),)
+
 
 @dataclass
 class CompileReport:
     policy: HeadPolicy
-    scores: dict[str, np.ndarray]  # the method's map and, for a combined method, its members'
+    scores: dict[str, np.ndarray]  # [layers, kv_heads] maps: the method's (and its members')
     seconds: dict[str, float] = field(default_factory=dict)
+    estimates: np.ndarray | None = None  # [layers, kv_heads, options] (per-head methods)
 
 
 @dataclass(frozen=True)
-class TaskSet:
-    scoring: list[T.Task]
-    heldout: list[T.Task]  # empty when nothing is verified
+class CalibrationData:
+    calib: O.Calibration
+    heldout: O.Calibration | None
+    scoring: list[T.Task]  # what ranking scorers read: the calibration tasks + one repeated-tokens task
 
 
 @dataclass(frozen=True)
-class Selection:
-    table: np.ndarray  # bool [layers, kv_heads], True = retrieval
-    budget: float
-    accuracy: float | None  # held-out accuracy of the chosen heads (None: not verified)
-    trace: list[dict]  # closed loop: every budget tried
+class Scored:
+    """Per KV head, the estimated objective increase of each streaming option (retrieval: 0)."""
+
+    options: tuple[tuple[int, int], ...]  # (sink, window) of each option
+    losses: np.ndarray  # [layers, kv_heads, options]; ranking scorers: their score, same for every option
+    maps: dict[str, np.ndarray]  # what the scorer(s) produced, [layers, kv_heads]
+    per_head: bool  # losses are estimates per option, in objective units
 
 
-# ---- stage 1: tasks ---------------------------------------------------------------------------------
-def haystack_pool(model, codec, s: CompileSettings) -> list[int]:
-    """The sampled haystack every compile task cuts its filler from (long enough not to repeat)."""
-    return T.sample_haystack(model, codec, s.haystack_tokens or max(*s.lengths, *s.heldout_lengths), seed=s.seed)
+@dataclass(frozen=True)
+class Candidate:
+    rules: list[list[tuple[int, int] | None]]  # [layers][kv_heads]: None = retrieval
+    budget: float  # what was asked (kv fraction, or head fraction for --budget)
+    kv_fraction: float  # over the chosen heads, at the reference context
+    loss: O.Loss | None = None
 
 
-def scoring_tasks(codec, s: CompileSettings, pool: Sequence[int]) -> list[T.Task]:
-    out = T.task_grid(codec, kinds=["passkey"], lengths=s.lengths, depths=s.depths, seed=s.seed, pool=pool)
-    out += T.task_grid(codec, kinds=["multikey"], lengths=s.lengths, depths=s.depths, seed=s.seed)
-    out.append(T.repeated_tokens(codec.vocab_size, s.repeat_length, s.seed, low=min(100, codec.vocab_size // 2)))
-    return out
+# ---- stage 1: calibration data -------------------------------------------------------------------------
+def make_calibration(codec, s: CompileSettings) -> CalibrationData:
+    """Calibration tasks at the reference lengths in Austen's prose (wording "A"), long text from
+    the same book; held-out: other seeds and depths, wording "B", the Jargon File."""
+    def build(wording: str, prose: str, seed: int, depths: Sequence[float]) -> O.Calibration:
+        pool = T.prose_pool(codec, prose)
+        tasks = T.task_grid(codec, kinds=s.kinds, lengths=s.lengths, depths=depths, seed=seed, pool=pool,
+                            wording=wording)  # fmt: skip
+        rng = np.random.default_rng(seed)
+        texts = []
+        for _ in range(s.texts):
+            start = int(rng.integers(0, len(pool) - s.text_length))
+            texts.append(tuple(pool[start : start + s.text_length]))
+        return O.Calibration(tuple(tasks), tuple(texts), s.text_from)
+
+    calib = build("A", T.CALIBRATION_PROSE[0], s.seed, s.depths)
+    heldout = None
+    if s.heldout:
+        shifted = tuple(round(min(0.95, d + 0.15), 3) for d in s.depths)
+        heldout = build("B", T.CALIBRATION_PROSE[1], s.seed + 7919, shifted)
+    repeat = T.repeated_tokens(codec.vocab_size, s.repeat_length, s.seed, low=min(100, codec.vocab_size // 2))
+    return CalibrationData(calib, heldout, [*calib.tasks, repeat])
 
 
-def heldout_tasks(codec, s: CompileSettings, pool: Sequence[int]) -> list[T.Task]:
-    """Other seeds, depths and lengths than the scoring tasks; passkey and multikey, sampled haystack."""
-    seed = s.seed + 7919
-    lengths, depths = s.heldout_lengths, s.heldout_depths
-    return T.task_grid(codec, kinds=T.NEEDLE_KINDS, lengths=lengths, depths=depths, seed=seed, pool=pool)
-
-
-def make_tasks(model, codec, s: CompileSettings) -> TaskSet:
-    pool = haystack_pool(model, codec, s)
-    verified = s.budget is None or s.verify
-    return TaskSet(scoring_tasks(codec, s, pool), heldout_tasks(codec, s, pool) if verified else [])
-
-
-# ---- stage 2: score -----------------------------------------------------------------------------------
-def score(model, tasks: TaskSet, s: CompileSettings, *, progress: bool = False) -> dict[str, np.ndarray]:
-    """{name: [layers, kv_heads]} of `s.method` (and its members, for a combined method)."""
-    return get_scorer(s.method).score_maps(
-        model, tasks.scoring, sink=s.sink, window=s.window, bar=lambda n, desc: _bar(n, desc, progress)
+# ---- stage 2: score ----------------------------------------------------------------------------------------
+def score(model, data: CalibrationData, ref: O.Reference, s: CompileSettings, *, progress=False) -> Scored:
+    """The method's per-head, per-option loss estimates."""
+    if s.method == "causal" and s.budget is None:
+        options = s.options(per_head=True)
+        n = sum(ref.answered) + len(data.calib.texts)
+        with _bar(n, "score causal", progress) as bar:
+            est = estimate(model, data.calib, options, ref=ref, progress=bar)
+        column = options.index((s.sink, s.window)) if (s.sink, s.window) in options else len(options) // 2
+        return Scored(options, est, {"causal": est[:, :, column]}, per_head=True)
+    maps = get_scorer(s.method).score_maps(
+        model, data.scoring, sink=s.sink, window=s.window, bar=lambda n, desc: _bar(n, desc, progress)
     )
+    return Scored(s.options(per_head=False), maps[s.method][:, :, None], maps, per_head=False)
 
 
-# ---- stages 3 and 4: select, verify ---------------------------------------------------------------------
-def allowed_misses(tolerance: float, n_tasks: int) -> int:
-    """Tasks a policy may lose and stay within `tolerance` points on `n_tasks` tasks."""
-    return int(tolerance * n_tasks / 100.0 + 1e-9)
+# ---- stage 3: select -------------------------------------------------------------------------------------------
+def option_costs(options: Sequence[tuple[int, int]], context: int) -> np.ndarray:
+    """Cached tokens of [retrieval, *options] at `context` tokens."""
+    return np.array([context] + [min(context, sink + window) for sink, window in options], dtype=np.int64)
 
 
-class Verifier:
-    """Held-out accuracy of head tables, measured through apply + the split cache.
-
-    The full model runs every held-out task once (here, at construction); a candidate runs only
-    the tasks the full model answers, so its accuracy (over all held-out tasks) is a lower bound.
-    """
-
-    def __init__(self, model, codec, heldout: list[T.Task], make_policy, *, tolerance: float, progress: bool):
-        self.model, self.codec, self.heldout, self.make_policy = model, codec, heldout, make_policy
-        self.tolerance, self.progress = tolerance, progress
-        with _bar(len(heldout), "held-out full model", progress) as bar:
-            self.answered = [o.task for o in answers(model, codec.decode, heldout, progress=bar) if o.correct]
-        self.full_accuracy = 100.0 * len(self.answered) / len(heldout)
-        self.stopped: dict[int, bool] = {}  # retrieval heads -> stopped at its first miss past the tolerance
-
-    def accuracy(self, table: np.ndarray, *, search: bool = True) -> float:
-        """Held-out accuracy (percent) of `table`; a search candidate stops once it cannot pass."""
-        k = int(table.sum())
-        limit = allowed_misses(self.tolerance, len(self.heldout)) if search else None
-        model = applied_copy(self.model, self.make_policy(table))
-        with _bar(len(self.answered), f"held-out {k} retrieval heads", self.progress) as bar:
-            outs = answers(model, self.codec.decode, self.answered, progress=bar, max_misses=limit)
-        self.stopped[k] = len(outs) < len(self.answered)
-        return 100.0 * sum(o.correct for o in outs) / len(self.heldout)
-
-
-def select(scores: np.ndarray, info: ModelInfo, s: CompileSettings, verifier: Verifier | None) -> Selection:
-    """Choose the retrieval heads of the model's full-attention layers (a hybrid model's own sliding
-    layers stay as they are, ModelInfo.native_windows, and do not count in the budget)."""
+def at_kv_budget(scored: Scored, info: ModelInfo, s: CompileSettings, fraction: float) -> Candidate:
+    """The least estimated loss within `fraction` of the full KV cache of the chosen heads."""
     chosen = info.policy_layers
+    H = info.num_kv_heads
+    losses = scored.losses[chosen].reshape(len(chosen) * H, -1)
+    if not scored.per_head:  # a ranking score: only its order matters; keep the best heads
+        losses = losses - losses.min()
+    table = np.concatenate([np.zeros((losses.shape[0], 1)), np.maximum(losses, 0.0)], axis=1)
+    ctx = s.reference_context
+    costs = np.tile(option_costs(scored.options, ctx), (table.shape[0], 1))
+    budget = int(math.floor(fraction * len(chosen) * H * ctx + 1e-6))
+    choice = allocate(table, costs, budget).reshape(len(chosen), H)
+    rules: list[list] = [[(s.sink, s.window)] * H for _ in range(info.num_layers)]
+    for i, li in enumerate(chosen):
+        rules[li] = [None if c == 0 else scored.options[c - 1] for c in choice[i]]
+    kv = float(costs[np.arange(costs.shape[0]), choice.reshape(-1)].sum()) / (len(chosen) * H * ctx)
+    return Candidate(rules, fraction, kv)
 
-    def expand(sub: np.ndarray) -> np.ndarray:
-        table = np.zeros(scores.shape, dtype=bool)
-        table[chosen] = sub
-        return table
 
-    if s.budget is not None:
-        table = expand(select_budget(scores[chosen], s.budget, min_per_layer=s.min_per_layer))
-        accuracy = verifier.accuracy(table, search=False) if verifier is not None else None
-        return Selection(table, s.budget, accuracy, [])
-    grid = [b for b in s.budgets if b <= s.max_budget]
+def at_head_budget(scored: Scored, info: ModelInfo, s: CompileSettings) -> Candidate:
+    """--budget: the top fraction of KV heads by score keep everything, the rest sink/window."""
+    chosen = info.policy_layers
+    ranking = scored.maps[s.method] if s.method in scored.maps else scored.losses[:, :, 0]
+    sub = select_budget(ranking[chosen], s.budget, min_per_layer=s.min_per_layer)
+    rules: list[list] = [[(s.sink, s.window)] * info.num_kv_heads for _ in range(info.num_layers)]
+    for i, li in enumerate(chosen):
+        rules[li] = [None if keep else (s.sink, s.window) for keep in sub[i]]
+    ctx = s.reference_context
+    cost = option_costs([(s.sink, s.window)], ctx)
+    kv = float((sub * cost[0] + ~sub * cost[1]).sum()) / (sub.size * ctx)
+    return Candidate(rules, s.budget, kv)
+
+
+class Measurer:
+    """Measured objective of candidates: each one applied to a copy of the model and run on `calib`."""
+
+    def __init__(self, model, info: ModelInfo, calib: O.Calibration, ref: O.Reference, make_policy, progress: bool):
+        self.model, self.info, self.calib, self.ref = model, info, calib, ref
+        self.make_policy, self.progress = make_policy, progress
+        self.runs = 0
+
+    def __call__(self, cand: Candidate) -> O.Loss:
+        if all(r is None for li in self.info.policy_layers for r in cand.rules[li]):
+            return O.Loss(0.0, 0.0, 0.0, 1.0, 0.0, sum(self.ref.answered))  # every head full: the model itself
+        model = applied_copy(self.model, self.make_policy(cand.rules))
+        n = len(self.calib.tasks) + len(self.calib.texts)
+        with _bar(n, f"measure KV {100 * cand.kv_fraction:.0f}%", self.progress) as bar:
+            loss = O.measure(model, self.calib, self.ref, progress=bar)
+        self.runs += 1
+        log.info("KV %.1f%%: %s", 100 * cand.kv_fraction, loss.describe())
+        return loss
+
+
+def select(scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measurer) -> tuple[Candidate, list[dict]]:
+    """The candidate compile returns, measured, and the budgets tried (target mode)."""
+    if s.mode == "budget":
+        cand = at_head_budget(scored, info, s)
+        return _measured(cand, measure), []
+    if s.mode == "kv_budget":
+        return _measured(at_kv_budget(scored, info, s, s.kv_budget), measure), []
+
+    def check(fraction: float) -> tuple[bool, Candidate]:
+        cand = _measured(at_kv_budget(scored, info, s, fraction), measure)
+        return cand.loss.within(s.target_drop), cand
+
+    grid = [b for b in s.kv_grid if b <= s.max_kv_budget + 1e-9]
     if not grid:
-        raise BudgetError(f"no budget in the search grid is <= --max-budget {s.max_budget}")
-    found = select_closed_loop(
-        scores[chosen],
-        lambda sub: verifier.accuracy(expand(sub)),
-        full_accuracy=verifier.full_accuracy,
-        tolerance=s.target_drop,
-        budgets=grid,
-        min_per_layer=s.min_per_layer,
-    )
-    for step in found.trace:  # stopped early: the tasks it did not run count as misses
-        step["stopped_early"] = verifier.stopped.get(step["retrieval_heads"], False)
-    return Selection(expand(found.table), found.budget, found.accuracy, found.trace)
+        raise BudgetError(f"no KV budget in the search grid is <= --max-kv-budget {s.max_kv_budget}")
+    found = smallest_passing(grid, check)
+    trace = [{"kv_budget": b, "kv_fraction": round(c.kv_fraction, 6), "ok": ok, **c.loss.as_dict()}
+             for b, ok, c in found.trace]  # fmt: skip
+    if found.budget is None:
+        tried = "; ".join(f"KV {100 * b:.0f}%: {c.loss.describe()}" for b, _, c in found.trace)
+        raise BudgetError(
+            f"no KV budget up to {100 * grid[-1]:.0f}% keeps perplexity and answers within {s.target_drop:g}% of the "
+            f"full model ({tried}); raise --max-kv-budget or --target-drop, or pick one with --kv-budget"
+        )
+    return found.result, trace
 
 
-# ---- stage 5: record -------------------------------------------------------------------------------------
+def _measured(cand: Candidate, measure: Measurer) -> Candidate:
+    return Candidate(cand.rules, cand.budget, cand.kv_fraction, measure(cand))
+
+
+# ---- stage 4: record ----------------------------------------------------------------------------------------------
 def record(
     info: ModelInfo,
     s: CompileSettings,
-    scores: np.ndarray,
-    chosen: Selection,
-    verifier: Verifier | None,
+    data: CalibrationData,
+    ref: O.Reference,
+    scored: Scored,
+    chosen: Candidate,
+    trace: list[dict],
+    heldout: O.Loss | None,
     seconds: dict[str, float],
 ) -> HeadPolicy:
-    """The policy: the chosen table, the scores, the settings and what was measured."""
-    draft = _policy(info, s, chosen.table, scores)
+    """The policy: the chosen rules, the scores, the settings and what was measured."""
+    draft = _policy(info, chosen.rules, scored)
     ctx = s.reference_context
     results = {
         "reference_context": ctx,
-        "retrieval_heads": int(chosen.table.sum()),
-        "budget": float(chosen.budget),
+        "mode": s.mode,
+        "retrieval_heads": draft.num_retrieval,
         "kv_fraction": round(draft.kv_fraction(ctx), 6),
+        "kv_fraction_chosen_heads": round(chosen.kv_fraction, 6),
         "kv_bytes": draft.kv_bytes(ctx),
         "full_kv_bytes": draft.full_kv_bytes(ctx),
-    }
-    if verifier is not None:
-        results["heldout"] = {
-            "tasks": len(verifier.heldout),
-            "kinds": sorted({h.kind for h in verifier.heldout}),
-            "lengths": list(s.heldout_lengths),
-            "depths": list(s.heldout_depths),
-            "full_accuracy": verifier.full_accuracy,
-            "policy_accuracy": chosen.accuracy,
-            "scope": "policy runs only the tasks the full model answers; the others count as misses",
-        }
-    if chosen.trace:
-        results["search"] = chosen.trace
+        "calibration": {"loss": chosen.loss.as_dict(), "tasks": len(data.calib.tasks), "answered": sum(ref.answered),
+                        "kinds": list(s.kinds), "lengths": list(s.lengths), "prose": T.CALIBRATION_PROSE[0],
+                        "text_tokens": s.text_length * len(data.calib.texts), "text_from": s.text_from},
+    }  # fmt: skip
+    if heldout is not None:
+        results["heldout"] = {"loss": heldout.as_dict(), "wording": "B", "prose": T.CALIBRATION_PROSE[1]}
+    if trace:
+        results["search"] = trace
     results["compile_seconds"] = round(seconds["total"], 1)
     provenance = Provenance(
         version=__version__,
-        method=s.method,
+        method=s.method + ("+windows" if scored.per_head else ""),
         settings={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()},
         seed=s.seed,
         created=datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
     )
-    return _policy(info, s, chosen.table, scores, results).replace(provenance=provenance)
+    return draft.replace(results=results, provenance=provenance)
 
 
-def _policy(info: ModelInfo, s: CompileSettings, table: np.ndarray, scores: np.ndarray, results=None) -> HeadPolicy:
-    return HeadPolicy.from_kinds(info, table.tolist(), sink=s.sink, window=s.window, scores=scores, results=results)
+def _policy(info: ModelInfo, rules, scored: Scored) -> HeadPolicy:
+    # per-head estimates: a head's score is the most streaming can cost it (its smallest window)
+    scores = scored.losses.max(axis=2) if scored.per_head else scored.losses[:, :, 0]
+    return HeadPolicy.from_rules(info, rules, scores=scores)
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------------------
@@ -269,23 +343,31 @@ def compile_policy(
     secs: dict[str, float] = {}
     t_all = time.perf_counter()
 
-    with _timed(secs, "tasks"):
-        tasks = make_tasks(model, codec, s)
+    with _timed(secs, "calibration"):
+        data = make_calibration(codec, s)
+    with _timed(secs, "reference"):
+        n = len(data.calib.tasks) + len(data.calib.texts)
+        with _bar(n, "full model", progress) as bar:
+            ref = O.reference(model, data.calib, progress=bar)
+    if not any(ref.answered):  # only the text terms are left to keep
+        log.warning("the full model answers none of the %d calibration tasks; selection keeps its text NLL only",
+                    len(data.calib.tasks))  # fmt: skip
     with _timed(secs, "score"):
-        maps = score(model, tasks, s, progress=progress)
-    final = maps[s.method]
-    verifier = None
-    if tasks.heldout:
-        with _timed(secs, "heldout_full"):
-            make_policy = lambda table: _policy(info, s, table, final)
-            verifier = Verifier(model, codec, tasks.heldout, make_policy, tolerance=s.target_drop, progress=progress)
+        scored = score(model, data, ref, s, progress=progress)
+    measure = Measurer(model, info, data.calib, ref, lambda rules: _policy(info, rules, scored), progress)
     with _timed(secs, "select"):
-        chosen = select(final, info, s, verifier)
+        chosen, trace = select(scored, info, s, measure)
+    heldout = None
+    if data.heldout is not None:
+        with _timed(secs, "heldout"):
+            href = O.reference(model, data.heldout)
+            heldout = Measurer(model, info, data.heldout, href, measure.make_policy, progress)(chosen)
     secs["total"] = time.perf_counter() - t_all
-    policy = record(info, s, final, chosen, verifier, secs)
-    log.info("compiled: %d/%d retrieval heads, KV %.1f%% at %d", policy.num_retrieval, policy.num_heads,
-             100 * policy.results["kv_fraction"], s.reference_context)  # fmt: skip
-    return CompileReport(policy, maps, secs)
+    policy = record(info, s, data, ref, scored, chosen, trace, heldout, secs)
+    log.info("compiled: %d/%d retrieval heads, KV %.1f%% at %d, %s", policy.num_retrieval, policy.num_heads,
+             100 * policy.results["kv_fraction"], s.reference_context, chosen.loss.describe())  # fmt: skip
+    est = scored.losses if scored.per_head else None
+    return CompileReport(policy, scored.maps, secs, est)
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -299,3 +381,4 @@ def _timed(seconds: dict[str, float], stage: str):
     t = time.perf_counter()
     yield
     seconds[stage] = time.perf_counter() - t
+

@@ -7,8 +7,13 @@ span of prompt positions that holds the tokens the answer copies (the *needle*):
     multikey     several "The key for <name> is 12345." lines; one of them is asked
     repeat       random tokens r, then r again (for echo / induction heads); needle = first copy
 
-Haystacks are either the plain repeated-sentence filler (`filler="repeat"`) or text the
-model itself sampled (`filler="sampled"`, see `sample_haystack`), so no corpus ships.
+    word         one "The magic word is apple." (a word), code: one multi-token string ("QBX-4729")
+
+Haystacks are natural prose (bundled public-domain texts, `prose_pool`: Austen and the Jargon
+File for compile, Moby-Dick for held-out checks), text the model itself sampled
+(`filler="sampled"`, `sample_haystack`), or the plain repeated-sentence filler
+(`filler="repeat"`). Every needle kind has two wordings (`WORDINGS`): "A" for calibration, "B"
+for held-out checks.
 
 Prompts are built by concatenating separately encoded pieces, so the answer ids equal the
 needle ids exactly and `input_ids[needle[0]:needle[1]] == answer_ids` for needle tasks.
@@ -16,13 +21,16 @@ needle ids exactly and `input_ids[needle[0]:needle[1]] == answer_ids` for needle
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
+import lzma
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-NEEDLE_KINDS = ("passkey", "multikey")
+NEEDLE_KINDS = ("passkey", "word", "code", "multikey")
 KINDS = (*NEEDLE_KINDS, "repeat")
 FILLERS = ("repeat", "sampled")
 
@@ -55,6 +63,7 @@ class Task:
     seed: int
     answer: str = ""
     filler: str = "repeat"
+    wording: str = "A"
 
     @property
     def prompt_len(self) -> int:
@@ -66,7 +75,8 @@ class Task:
         return torch.tensor([ids], dtype=torch.long)
 
     def name(self) -> str:
-        return f"{self.kind}/{self.filler}/L{self.length}/d{self.depth:.2f}/s{self.seed}"
+        wording = "" if self.wording == "A" else f"/{self.wording}"
+        return f"{self.kind}/{self.filler}/L{self.length}/d{self.depth:.2f}/s{self.seed}{wording}"
 
 
 # ---- text <-> ids ----------------------------------------------------------------------------
@@ -155,6 +165,41 @@ def sample_haystack(model, codec, n_tokens: int = 4096, *, seed: int = 0, rows: 
     return pool
 
 
+# ---- natural prose --------------------------------------------------------------------------------
+PROSE = ("austen_emma", "jargon_file", "melville_mobydick")  # profiler/data/README.md: sources, licences
+CALIBRATION_PROSE = ("austen_emma", "jargon_file")  # compile
+HELDOUT_PROSE = "melville_mobydick"  # eval and held-out checks only
+
+
+@functools.cache
+def prose(name: str) -> str:
+    """A bundled public-domain text (one of PROSE), paragraphs separated by blank lines."""
+    if name not in PROSE:
+        raise ValueError(f"unknown text {name!r} (bundled: {', '.join(PROSE)})")
+    data = importlib.resources.files("headpolicy.profiler").joinpath("data", f"{name}.txt.xz").read_bytes()
+    return lzma.decompress(data).decode("utf-8")
+
+
+class Pool(list):
+    """Filler token ids with the name of their source (a Task records it as its `filler`)."""
+
+    def __init__(self, ids, name: str):
+        super().__init__(ids)
+        self.name = name
+
+
+_PROSE_POOLS: dict[tuple[int, str], Pool] = {}
+
+
+def prose_pool(codec, name: str) -> Pool:
+    """The whole bundled text `name` as token ids (tokenised once per tokenizer)."""
+    codec = as_codec(codec)
+    key = (id(getattr(codec, "tok", codec)), name)
+    if key not in _PROSE_POOLS:
+        _PROSE_POOLS[key] = Pool(codec.encode(prose(name)), name)
+    return _PROSE_POOLS[key]
+
+
 def _filler_tokens(codec: Codec, n: int, pool: Sequence[int] | None, rng: random.Random) -> list[int]:
     """`n` filler ids: the repeated sentence, or a window of the pool at a random offset.
 
@@ -197,12 +242,13 @@ def _assemble(
     pool: Sequence[int] | None,
     inserts: list[tuple[float, list[int]]],
     question: list[int],
+    intro_text: str = INTRO,
 ) -> tuple[list[int], list[int]]:
     """Intro + filler with `inserts` (relative depth, ids) + question, `length` tokens in all.
 
     Returns (ids, start offset of each insert in `ids`, in the given order).
     """
-    intro = codec.encode(INTRO)
+    intro = codec.encode(intro_text)
     n_fill = length - len(intro) - len(question) - sum(len(ids) for _, ids in inserts)
     if n_fill < 0:
         raise ValueError(f"length {length} is too short for this task (needs > {length - n_fill} tokens)")
@@ -222,24 +268,102 @@ def _assemble(
 
 
 # ---- task generators ----------------------------------------------------------------------------
-def passkey(codec, length: int, depth: float, seed: int, *, pool: Sequence[int] | None = None, digits: int = 5) -> Task:
-    """One pass key at relative `depth` (0 = start of the haystack, 1 = end)."""
+@dataclass(frozen=True)
+class Wording:
+    """How one needle kind is stated in the haystack and asked at the end.
+
+    The value follows `lead` directly (its ids are the answer's ids); `tail` may repeat it
+    (`{v}`); `question` ends where the answer should begin. `{name}`: the key name (multikey).
+    """
+
+    lead: str
+    tail: str
+    question: str
+    before: str = " "  # what separates the value from the lead (a quoted value: nothing)
+
+
+# Two wordings per kind: compile calibrates on "A", held-out checks and `headpolicy eval` use
+# "B", so a policy is never judged on the sentences it was fitted to. Words are quoted: unquoted,
+# SmolLM2-135M completed "The hidden password is" with the story's own words ("the whale") in 3
+# of 10 Moby-Dick prompts although it retrieves numbers and codes in the same text. "pass key *number*": with
+# a bare "pass key" a small model often answers what a pass key is ("a key that is used to
+# unlock ...") instead of retrieving it (SmolLM2-135M: 3/9 vs 8/9 at 2K tokens).
+WORDINGS: dict[str, dict[str, Wording]] = {
+    "A": {
+        "passkey": Wording(" The pass key number is", ". Remember it. {v} is the pass key number.\n",
+                           "\n\nWhat is the pass key number? The pass key number is"),
+        "word": Wording(' The magic word is "', '". Remember it. The magic word is "{v}".\n',
+                        '\n\nWhat is the magic word? The magic word is "', before=""),
+        "code": Wording(" The access code is", ". Remember it. {v} is the access code.\n",
+                        "\n\nWhat is the access code? The access code is"),
+        "multikey": Wording(" The key for {name} is", ".\n", "\n\nWhat is the key for {name}? The key for {name} is"),
+    },
+    "B": {
+        "passkey": Wording(" The secret number is", ". Keep it in mind: the secret number is {v}.\n",
+                           "\n\nWhat is the secret number? The secret number is"),
+        "word": Wording(' The hidden password is "', '". Do not forget it: the hidden password is "{v}".\n',
+                        '\n\nWhat is the hidden password? The hidden password is "', before=""),
+        "code": Wording(" The serial tag reads", ". Note it down: the serial tag reads {v}.\n",
+                        "\n\nWhat does the serial tag read? The serial tag reads"),
+        "multikey": Wording(" The number assigned to {name} is", ".\n",
+                            "\n\nWhat is the number assigned to {name}? The number assigned to {name} is"),
+    },
+}  # fmt: skip
+INTROS = {
+    "A": INTRO,
+    "B": "Below is a long text. One piece of information in it matters; you will be asked about it at the end.\n\n",
+}
+WORDS = {  # disjoint lists, so held-out answers are words calibration never saw
+    "A": ("apple", "river", "violin", "garden", "copper", "falcon", "lantern", "meadow", "harbor", "pepper",
+          "castle", "marble", "silver", "orchid", "tunnel", "walnut", "candle", "basket", "pillow", "rocket"),
+    "B": ("anchor", "bridge", "cactus", "dragon", "engine", "forest", "glacier", "helmet", "island", "jacket",
+          "kettle", "ladder", "magnet", "needle", "oyster", "parrot", "quartz", "saddle", "temple", "velvet"),
+}  # fmt: skip
+KEY_NAMES_B = ("Alice", "Bruno", "Clara", "Diego", "Elena", "Felix", "Greta", "Hugo",
+               "Irene", "Jonas", "Karla", "Lukas", "Marta", "Nadia", "Oscar", "Paula")  # fmt: skip
+
+
+def _needle_value(kind: str, wording: str, rng: random.Random, digits: int) -> str:
+    if kind in ("passkey", "multikey"):
+        return _value(rng, digits)
+    if kind == "word":
+        return rng.choice(WORDS[wording])
+    if kind == "code":  # several tokens: letters, a dash, digits
+        letters = "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(3))
+        return f"{letters}-{_value(rng, 4)}"
+    raise ValueError(f"unknown needle kind {kind!r} (known: {', '.join(NEEDLE_KINDS)})")
+
+
+def _needle(codec: Codec, w: Wording, value: str, name: str = "") -> tuple[list[int], list[int], int]:
+    """(inserted ids, answer ids, offset of the answer in the inserted ids)."""
+    lead = codec.encode(w.lead.format(name=name))
+    answer = codec.encode(w.before + value)
+    return lead + answer + codec.encode(w.tail.format(v=value, name=name)), answer, len(lead)
+
+
+def _filler_name(pool) -> str:
+    return "repeat" if pool is None else getattr(pool, "name", "sampled")
+
+
+def single_needle(
+    kind: str, codec, length: int, depth: float, seed: int, *, pool=None, wording: str = "A", digits: int = 5
+) -> Task:
+    """One needle of `kind` (passkey, word, code) at relative `depth` (0 = start of the haystack, 1 = end)."""
     codec = as_codec(codec)
-    rng = random.Random(f"passkey/{length}/{depth}/{seed}")
-    value = _value(rng, digits)
-    answer = codec.encode(" " + value)
-    # "pass key *number*": with a bare "pass key" a small model often answers what a pass key
-    # is ("a key that is used to unlock ...") instead of retrieving it (SmolLM2-135M: 3/9 vs
-    # 8/9 at 2K tokens), which measures its semantics, not its retrieval.
-    needle = codec.encode(" The pass key number is") + answer + codec.encode(". Remember it. ")
-    needle += codec.encode(value) + codec.encode(" is the pass key number.\n")
-    question = codec.encode("\n\nWhat is the pass key number? The pass key number is")
-    ids, (start,) = _assemble(codec, length, depth, rng, pool, [(depth, needle)], question)
-    at = start + len(codec.encode(" The pass key number is"))
-    return Task(
-        "passkey", tuple(ids), tuple(answer), (at, at + len(answer)), length, depth, seed, value,
-        "repeat" if pool is None else "sampled",
-    )  # fmt: skip
+    w = WORDINGS[wording][kind]
+    rng = random.Random(f"{kind}/{length}/{depth}/{seed}" + ("" if wording == "A" else f"/{wording}"))
+    value = _needle_value(kind, wording, rng, digits)
+    needle, answer, offset = _needle(codec, w, value)
+    question = codec.encode(w.question)
+    ids, (start,) = _assemble(codec, length, depth, rng, pool, [(depth, needle)], question, INTROS[wording])
+    at = start + offset
+    return Task(kind, tuple(ids), tuple(answer), (at, at + len(answer)), length, depth, seed, value,
+                _filler_name(pool), wording)  # fmt: skip
+
+
+def passkey(codec, length: int, depth: float, seed: int, *, pool=None, digits: int = 5, wording: str = "A") -> Task:
+    """One pass key number at relative `depth` (0 = start of the haystack, 1 = end)."""
+    return single_needle("passkey", codec, length, depth, seed, pool=pool, wording=wording, digits=digits)
 
 
 def multikey(
@@ -248,30 +372,29 @@ def multikey(
     depth: float,
     seed: int,
     *,
-    pool: Sequence[int] | None = None,
+    pool=None,
     n_keys: int = 4,
     digits: int = 5,
+    wording: str = "A",
 ) -> Task:
     """`n_keys` lines "The key for <name> is N."; the asked one sits at `depth`, the others anywhere."""
     codec = as_codec(codec)
-    rng = random.Random(f"multikey/{length}/{depth}/{seed}")
-    names = rng.sample(KEY_NAMES, n_keys)
+    w = WORDINGS[wording]["multikey"]
+    rng = random.Random(f"multikey/{length}/{depth}/{seed}" + ("" if wording == "A" else f"/{wording}"))
+    names = rng.sample(KEY_NAMES if wording == "A" else KEY_NAMES_B, n_keys)
     values = [_value(rng, digits) for _ in names]
     depths = [depth] + [rng.random() for _ in names[1:]]
-    inserts, offsets = [], []
+    inserts, offsets, answers = [], [], []
     for name, value, d in zip(names, values, depths, strict=True):
-        head = codec.encode(f" The key for {name} is")
-        inserts.append((d, head + codec.encode(" " + value) + codec.encode(".\n")))
-        offsets.append(len(head))
-    asked = names[0]
-    question = codec.encode(f"\n\nWhat is the key for {asked}? The key for {asked} is")
-    ids, starts = _assemble(codec, length, depth, rng, pool, inserts, question)
-    answer = codec.encode(" " + values[0])
+        ids, answer, offset = _needle(codec, w, value, name)
+        inserts.append((d, ids))
+        offsets.append(offset)
+        answers.append(answer)
+    question = codec.encode(w.question.format(name=names[0]))
+    ids, starts = _assemble(codec, length, depth, rng, pool, inserts, question, INTROS[wording])
     at = starts[0] + offsets[0]
-    return Task(
-        "multikey", tuple(ids), tuple(answer), (at, at + len(answer)), length, depth, seed, values[0],
-        "repeat" if pool is None else "sampled",
-    )  # fmt: skip
+    return Task("multikey", tuple(ids), tuple(answers[0]), (at, at + len(answers[0])), length, depth, seed,
+                values[0], _filler_name(pool), wording)  # fmt: skip
 
 
 def repeated_tokens(vocab_size: int, length: int, seed: int, *, low: int = 3, prefix: Sequence[int] = ()) -> Task:
@@ -290,11 +413,11 @@ def repeated_tokens(vocab_size: int, length: int, seed: int, *, low: int = 3, pr
     return Task("repeat", tuple(ids), (), (start, start + n), len(ids), 0.0, seed, "", "random")
 
 
-def make_task(kind: str, codec, length: int, depth: float, seed: int, *, pool=None) -> Task:
-    if kind == "passkey":
-        return passkey(codec, length, depth, seed, pool=pool)
+def make_task(kind: str, codec, length: int, depth: float, seed: int, *, pool=None, wording: str = "A") -> Task:
     if kind == "multikey":
-        return multikey(codec, length, depth, seed, pool=pool)
+        return multikey(codec, length, depth, seed, pool=pool, wording=wording)
+    if kind in NEEDLE_KINDS:
+        return single_needle(kind, codec, length, depth, seed, pool=pool, wording=wording)
     if kind == "repeat":
         return repeated_tokens(as_codec(codec).vocab_size, length, seed)
     raise ValueError(f"unknown task kind {kind!r} (known: {', '.join(KINDS)})")
@@ -307,12 +430,13 @@ def task_grid(
     lengths: Sequence[int],
     depths: Sequence[float],
     seed: int,
-    pool: Sequence[int] | None = None,
+    pool=None,
+    wording: str = "A",
 ) -> list[Task]:
     """kinds x lengths x depths, each with its own derived seed."""
     out = []
     for kind in kinds:
         for length in lengths:
             for j, depth in enumerate(depths):
-                out.append(make_task(kind, codec, length, depth, seed * 1000 + j, pool=pool))
+                out.append(make_task(kind, codec, length, depth, seed * 1000 + j, pool=pool, wording=wording))
     return out

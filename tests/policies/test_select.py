@@ -1,10 +1,12 @@
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from headpolicy.errors import BudgetError
-from headpolicy.policies.select import budget_heads, rank_heads, select_budget, select_closed_loop, select_top
+from headpolicy.policies.select import allocate, budget_heads, rank_heads, select_budget, select_top, smallest_passing
 
 
 @settings(max_examples=60, deadline=None)
@@ -59,25 +61,39 @@ def test_bad_scores():
         select_budget(np.array([[1.0, np.nan]]), 0.5)
 
 
-def test_closed_loop_finds_smallest_passing_budget():
-    scores = np.arange(20, dtype=float).reshape(10, 2)
+def test_smallest_passing_bisects_and_reports_every_budget():
     calls = []
 
-    def evaluate(table):
-        calls.append(int(table.sum()))
-        return 100.0 if table.sum() >= 6 else 50.0  # needs 6 of 20 heads
+    def check(b):
+        calls.append(b)
+        return b >= 0.3, f"result {b}"
 
-    res = select_closed_loop(scores, evaluate, full_accuracy=100.0, tolerance=2.0)
-    assert res.budget == 0.3 and int(res.table.sum()) == 6 and res.accuracy == 100.0
-    assert len(calls) <= 5 and 20 not in calls  # all-retrieval is the full model: never run
-    assert [t["retrieval_heads"] for t in res.trace if t["evaluated"]] == calls
-    again = select_closed_loop(scores, evaluate, full_accuracy=100.0, tolerance=2.0)
-    np.testing.assert_array_equal(again.table, res.table)
+    found = smallest_passing((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0), check)
+    assert found.budget == 0.3 and found.result == "result 0.3"
+    assert calls[0] == 1.0 and len(calls) <= 4  # the largest first, then bisection
+    assert [(b, ok) for b, ok, _ in found.trace] == [(b, b >= 0.3) for b in calls]
+    none = smallest_passing((0.25, 0.5), lambda b: (False, b))
+    assert none.budget is None and [b for b, _, _ in none.trace] == [0.5]  # nothing else tried
 
 
-def test_closed_loop_impossible_target():
-    with pytest.raises(BudgetError, match="no budget up to 0.50"):
-        select_closed_loop(np.ones((4, 2)), lambda t: 0.0, full_accuracy=100.0, tolerance=1.0,
-                           budgets=(0.25, 0.5))  # fmt: skip
-    with pytest.raises(BudgetError, match="tolerance"):
-        select_closed_loop(np.ones((4, 2)), lambda t: 0.0, full_accuracy=100.0, tolerance=-1)
+def test_allocate_is_the_exact_knapsack_optimum():
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        H, n = rng.integers(1, 6), rng.integers(1, 4)
+        loss = rng.normal(size=(H, n))
+        cost = rng.integers(0, 6, size=(H, n)) * 64
+        budget = int(rng.integers(cost.min(1).sum(), cost.max(1).sum() + 1))
+        choice = allocate(loss, cost, budget)
+        assert cost[np.arange(H), choice].sum() <= budget
+        feasible = [c for c in itertools.product(range(n), repeat=H) if cost[np.arange(H), c].sum() <= budget]
+        best = min(loss[np.arange(H), c].sum() for c in feasible)
+        assert loss[np.arange(H), choice].sum() == pytest.approx(best, abs=1e-9)
+
+
+def test_allocate_equal_costs_is_top_k_and_impossible_budgets_fail():
+    scores = np.array([0.9, 0.1, 0.5, 0.7])  # loss of streaming each head
+    loss = np.stack([np.zeros(4), scores], axis=1)  # options: retrieval (cost 4), streaming (cost 1)
+    cost = np.tile([4, 1], (4, 1))
+    assert allocate(loss, cost, 4 + 4 + 1 + 1).tolist() == [0, 1, 1, 0]  # the two best heads keep everything
+    with pytest.raises(BudgetError, match="cheapest option"):
+        allocate(loss, cost, 3)

@@ -1,54 +1,64 @@
-"""compile's closed loop with a scripted model: a held-out task is answered iff the heads it needs keep their cache."""
+"""compile's --target-drop search with a scripted objective: the smallest KV budget whose measured loss
+is within tolerance, every budget tried reported, and a plain error when none is."""
 
 import numpy as np
 import pytest
 
-from headpolicy.profiler import scorers
+from headpolicy import BudgetError
+from headpolicy.profiler import compile as C
+from headpolicy.profiler import objective as O
 from headpolicy.profiler import tasks as T
-from headpolicy.profiler.compile import CompileSettings, compile_policy
-from headpolicy.runtime import generate as G
 from headpolicy.runtime.state import applied
 from tests.conftest import tiny_llama
 
 CODEC = T.CharCodec(97)
-NEEDS = {1: [(0, 0), (1, 1)], 2: [(1, 1)]}  # depth index -> (layer, kv head) the task needs; index 0: unanswerable
+FAST = dict(lengths=(400,), depths=(0.5,), kinds=("passkey",), text_length=500, text_from=100, sink=4, window=8,
+            windows=(8, 32), heldout=False, reference_context=400)  # fmt: skip
 
 
 @pytest.fixture
-def runs(monkeypatch):
-    """Scripted answers and a fixed score map; returns (retrieval heads, task name) of every policy run."""
-    log: list[tuple[int, str]] = []
+def scripted(monkeypatch):
+    """measure() reports a loss that falls with the KV a policy keeps; records the fractions measured."""
+    measured: list[float] = []
 
-    def scripted(model, decode, task, **kw):
-        j = task.seed % 1000  # task_grid: seed * 1000 + depth index
-        state = applied(model)
-        if state is None:  # the full model answers all but the depth-0 tasks
-            return G.Outcome(task, j != 0, "", 0)
-        log.append((state.policy.num_retrieval, task.name()))
-        table = state.policy.retrieval_table()
-        return G.Outcome(task, j in NEEDS and all(table[li][h] for li, h in NEEDS[j]), "", 0)
+    def fake_measure(model, calib, ref, progress=None):
+        policy = applied(model).policy
+        kv = policy.kv_fraction(400)
+        measured.append(kv)
+        return O.Loss(0.0, 0.0, 0.0, 1.0, 0.1 * (1 - kv), 1)  # text NLL: 0.1 nats at no KV, 0 at full
 
-    fixed = np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32)  # (0,0) first, then (1,1)
-    monkeypatch.setattr(G, "answer", scripted)
-    scorers.get_scorer("attention_mass")  # load the registry before replacing an entry
-    monkeypatch.setitem(scorers._SCORERS, "attention_mass",
-                        scorers.Scorer("attention_mass", "fixed", T.NEEDLE_KINDS, lambda *a, **k: fixed))  # fmt: skip
-    return log
+    monkeypatch.setattr(O, "measure", fake_measure)
+    return measured
 
 
-def test_closed_loop_picks_the_smallest_passing_budget_and_stops_failing_candidates_early(runs):
-    s = CompileSettings(method="attention_mass", lengths=(600,), depths=(0.5,), heldout_lengths=(600, 700),
-                        heldout_depths=(0.2, 0.4, 0.6), repeat_length=300, sink=4, window=8,
-                        budgets=(0.25, 0.5, 0.75, 1.0))  # fmt: skip
-    policy = compile_policy(tiny_llama(vocab=97), CODEC, s).policy
-    r = policy.results
-    assert policy.num_retrieval == 2 and r["budget"] == 0.5
-    held = r["heldout"]
-    assert held["tasks"] == 12 and held["full_accuracy"] == pytest.approx(100 * 8 / 12)
-    assert held["policy_accuracy"] == held["full_accuracy"]
-    assert all(name.split("/s")[-1][-1] != "0" for _, name in runs)  # unanswered tasks never ran with a policy
-    steps = {step["retrieval_heads"]: step for step in r["search"]}
-    # 1 head fails its first task; tolerance 2 points of 12 tasks allows no miss, so it stops there
-    assert not steps[1]["ok"] and steps[1]["stopped_early"] and sum(k == 1 for k, _ in runs) == 1
-    assert steps[2]["ok"] and not steps[2]["stopped_early"] and sum(k == 2 for k, _ in runs) == 8
-    assert not steps[4]["evaluated"]  # all retrieval is the full model
+def test_target_drop_finds_the_smallest_passing_kv_budget(scripted):
+    s = C.CompileSettings(target_drop=5.0, max_kv_budget=1.0, **FAST)  # passes iff 0.1 (1 - kv) <= ln 1.05
+    policy = C.compile_policy(tiny_llama(layers=2, vocab=97), CODEC, s).policy
+    search = policy.results["search"]
+    assert search[0]["kv_budget"] == 1.0 and search[0]["ok"]  # the largest first
+    assert all(step["ok"] == (step["kv_fraction"] >= 1 - 10 * np.log(1.05)) for step in search)
+    chosen = min(step["kv_budget"] for step in search if step["ok"])
+    assert chosen < 1.0 and all(not step["ok"] for step in search if step["kv_budget"] < chosen)
+    assert policy.results["kv_fraction_chosen_heads"] <= chosen + 1e-9
+    assert policy.results["calibration"]["loss"]["ppl_ratio"] <= 1.05
+    assert len(scripted) == len([s for s in search if s["kv_fraction"] < 1])  # all-full is never run
+
+
+def test_no_passing_budget_is_one_plain_error_with_every_loss(scripted):
+    s = C.CompileSettings(target_drop=1.0, max_kv_budget=0.5, **FAST)
+    with pytest.raises(BudgetError) as err:
+        C.compile_policy(tiny_llama(layers=2, vocab=97), CODEC, s)
+    msg = str(err.value)
+    assert "no KV budget up to 50%" in msg and "KV 50%: perplexity x" in msg and "\n" not in msg
+    assert len(scripted) == 1  # the largest budget failed: nothing smaller is tried
+
+
+def test_kv_budget_uses_per_head_windows_within_the_bytes():
+    s = C.CompileSettings(kv_budget=0.3, **FAST)
+    report = C.compile_policy(tiny_llama(layers=2, vocab=97), CODEC, s)
+    policy = report.policy
+    assert report.estimates.shape == (2, 2, 2)
+    assert policy.kv_fraction(400) <= 0.3 + 1e-9
+    windows = {policy.head_window(li, h)[1] for li in range(2) for h in range(2) if not policy.layers[li][h].is_retrieval}
+    assert windows <= {8, 32}
+    assert np.isfinite(policy.results["calibration"]["loss"]["value"])

@@ -142,14 +142,14 @@ def test_scaled_window_and_spearman():
 
 @pytest.mark.slow
 def test_smollm2_gates_on_compile_tasks():
-    """The gates scorer on SmolLM2-135M with `compile`'s scoring tasks (minutes on 2 CPU cores)."""
+    """The gates scorer on SmolLM2-135M with `compile`'s calibration tasks at 1K (minutes on 2 CPU cores)."""
     from headpolicy import load_model
-    from headpolicy.profiler.compile import CompileSettings, haystack_pool, scoring_tasks
+    from headpolicy.profiler.compile import CompileSettings, make_calibration
 
     model, tok = load_model("smollm2-135m")
     codec = T.as_codec(tok)
-    s = CompileSettings()
-    tasks = scoring_tasks(codec, s, haystack_pool(model, codec, s))
+    s = CompileSettings(lengths=(1024,), heldout=False)
+    tasks = make_calibration(codec, s).scoring
     run = train_gates(model, tasks, sink=s.sink, window=s.window)
     assert run.scores.shape == (30, 3) and np.isfinite(run.scores).all()
     assert ((run.gates >= 0) & (run.gates <= 1)).all()

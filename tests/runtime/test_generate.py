@@ -5,7 +5,6 @@ import torch
 
 from headpolicy import PromptError, apply
 from headpolicy.profiler import tasks as T
-from headpolicy.profiler.compile import allowed_misses
 from headpolicy.runtime import generate as G
 from tests.conftest import policy_for, tiny_llama
 
@@ -37,11 +36,6 @@ def test_answers_stop_after_the_allowed_misses(scripted):
     assert ran == [0, 1, 2, 3] and len(outs) == 4  # the second miss ends the run
     ran.clear()
     assert len(G.answers(None, CODEC.decode, _tasks(6))) == 6 and ran == list(range(6))
-
-
-@pytest.mark.parametrize(("tolerance", "n", "misses"), [(2, 12, 0), (0, 5, 0), (10, 20, 2), (5, 20, 1), (100, 3, 3)])
-def test_allowed_misses(tolerance, n, misses):
-    assert allowed_misses(tolerance, n) == misses
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCORER_MODULES = ("retrieval", "attention_mass", "echo_induction", "gates", "ensemble")
+SCORER_MODULES = ("retrieval", "attention_mass", "echo_induction", "gates", "causal", "ensemble")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,82 @@
+"""The selection objective (teacher-forced loss against the full model) and the causal estimate of it."""
+
+import numpy as np
+import pytest
+import torch
+
+from headpolicy import HeadPolicy, describe_model
+from headpolicy.policies.stats import spearman
+from headpolicy.profiler import objective as O
+from headpolicy.profiler import tasks as T
+from headpolicy.profiler.scorers.causal import estimate
+from headpolicy.runtime.generate import applied_copy
+from tests.conftest import tiny_llama
+
+CODEC = T.CharCodec(97)
+
+
+def calibration(n_tasks=2, length=320, text=200, text_from=40):
+    tasks = tuple(T.passkey(CODEC, length, d, seed=i) for i, d in enumerate((0.2, 0.7)[:n_tasks]))
+    rng = np.random.default_rng(0)
+    texts = (tuple(int(x) for x in rng.integers(3, 97, size=text)),)
+    return O.Calibration(tasks, texts, text_from)
+
+
+def answered_everything(ref):
+    """A random model answers nothing: count every task as answered so the answer terms are exercised."""
+    ref.answered = [True] * len(ref.answered)
+    return ref
+
+
+def single_head(model, layer, head, sink, window) -> HeadPolicy:
+    info = describe_model(model)
+    rules = [[None] * info.num_kv_heads for _ in range(info.num_layers)]
+    rules[layer][head] = (sink, window)
+    return HeadPolicy.from_rules(info, rules)
+
+
+def test_an_all_retrieval_policy_loses_nothing():
+    model = tiny_llama(layers=2, seed=1)
+    calib = calibration()
+    ref = answered_everything(O.reference(model, calib))
+    policy = HeadPolicy.from_kinds(describe_model(model), [[True, True]] * 2)
+    loss = O.measure(applied_copy(model, policy), calib, ref)
+    assert abs(loss.ans_drop) < 1e-5 and abs(loss.text_dnll) < 1e-5 and loss.ans_kl < 1e-6
+    assert loss.ans_kept == 1.0 and loss.tasks == 2 and loss.within(0.0001)
+
+
+def test_streaming_every_head_is_measured_as_a_loss():
+    model = tiny_llama(layers=2, seed=1)
+    calib = calibration()
+    ref = answered_everything(O.reference(model, calib))
+    policy = HeadPolicy.from_kinds(describe_model(model), [[False, False]] * 2, sink=1, window=4)
+    loss = O.measure(applied_copy(model, policy), calib, ref)
+    assert loss.ans_kl > 0 and loss.text_dnll != 0 and loss.value == pytest.approx(loss.ans_drop + loss.text_dnll)
+    assert loss.ans_drop_max >= loss.ans_drop
+    assert not O.Loss(0.0, 0.0, 0.0, 0.5, 0.0, 2).within(10)  # an answer lost fails whatever the tolerance
+    assert not O.Loss(0.0, 0.0, 0.0, 1.0, 0.03, 2).within(2) and O.Loss(0.0, 0.0, 0.0, 1.0, 0.019, 2).within(2)
+
+
+def test_text_must_be_longer_than_text_from():
+    with pytest.raises(ValueError, match="longer than text_from"):
+        O.Calibration((), ((1, 2, 3),), 5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_causal_estimate_ranks_single_head_effects(seed):
+    """The first-order estimate of streaming one head (for each option) against the measured change."""
+    torch.manual_seed(seed)
+    model = tiny_llama(layers=2, seed=seed)
+    calib = calibration()
+    ref = answered_everything(O.reference(model, calib))
+    options = [(1, 8), (2, 32)]
+    est = estimate(model, calib, options, ref=ref)
+    assert est.shape == (2, 2, 2) and np.isfinite(est).all()
+    measured = np.zeros_like(est)
+    for li in range(2):
+        for h in range(2):
+            for j, (sink, window) in enumerate(options):
+                m = applied_copy(model, single_head(model, li, h, sink, window))
+                measured[li, h, j] = O.measure(m, calib, ref).value
+    assert spearman(est, measured) > 0.8
+    np.testing.assert_allclose(est, measured, rtol=0.5, atol=2e-3)  # small changes: close to linear
