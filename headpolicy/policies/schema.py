@@ -41,6 +41,11 @@ STREAMING: Literal["streaming"] = "streaming"
 KINDS = (RETRIEVAL, STREAMING)
 Kind = Literal["retrieval", "streaming"]
 
+# The largest sink, window or native window a policy may name: int32, the type of the token
+# ranks and of the kernels' window arguments. Any real context is far shorter, and a larger
+# value would overflow there instead of being refused here.
+MAX_TOKENS = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -357,6 +362,13 @@ def _need_int(x: Any, where: str, *, minimum: int) -> int:
     return x
 
 
+def need_tokens(x: Any, where: str, *, minimum: int) -> int:
+    """`x` as a token count (sink, window) in [minimum, MAX_TOKENS]; else PolicyError naming `where` and the cap."""
+    if not _is_int(x) or not minimum <= x <= MAX_TOKENS:
+        raise PolicyError(f"{where}: expected an integer from {minimum} to MAX_TOKENS = {MAX_TOKENS}, got {x!r}")
+    return x
+
+
 def _need_str(x: Any, where: str) -> str:
     if not isinstance(x, str) or not x:
         raise PolicyError(f"{where}: expected a non-empty string, got {x!r}")
@@ -392,8 +404,8 @@ def _parse_head(x: Any, where: str) -> HeadSpec:
     kind = x["kind"]
     if kind not in KINDS:
         raise PolicyError(f"{where}.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-    sink = None if x.get("sink") is None else _need_int(x["sink"], f"{where}.sink", minimum=0)
-    window = None if x.get("window") is None else _need_int(x["window"], f"{where}.window", minimum=1)
+    sink = None if x.get("sink") is None else need_tokens(x["sink"], f"{where}.sink", minimum=0)
+    window = None if x.get("window") is None else need_tokens(x["window"], f"{where}.window", minimum=1)
     score = x.get("score")
     if score is not None:
         if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
@@ -407,7 +419,9 @@ def _parse_native_windows(x: Any, num_layers: int) -> tuple[int | None, ...] | N
         return None
     if not isinstance(x, list) or len(x) != num_layers:
         raise PolicyError(f"model.native_windows: expected a list of {num_layers} entries (window or null), got {x!r}")
-    return tuple(None if w is None else _need_int(w, f"model.native_windows[{i}]", minimum=1) for i, w in enumerate(x))
+    return tuple(
+        None if w is None else need_tokens(w, f"model.native_windows[{i}]", minimum=1) for i, w in enumerate(x)
+    )
 
 
 def _parse_policy(data: Any) -> HeadPolicy:
@@ -437,8 +451,8 @@ def _parse_policy(data: Any) -> HeadPolicy:
 
     d = _need_mapping(data.get("defaults") or {}, "defaults")
     _no_unknown(d, {"sink", "window"}, "defaults")
-    sink = _need_int(d.get("sink", 64), "defaults.sink", minimum=0)
-    window = _need_int(d.get("window", 256), "defaults.window", minimum=1)
+    sink = need_tokens(d.get("sink", 64), "defaults.sink", minimum=0)
+    window = need_tokens(d.get("window", 256), "defaults.window", minimum=1)
 
     rows = data["layers"]
     if not isinstance(rows, list):
@@ -492,8 +506,14 @@ def _validate_policy(p: HeadPolicy) -> None:
         raise PolicyError(
             f"model: num_attention_heads ({m.num_attention_heads}) is not a multiple of num_kv_heads ({m.num_kv_heads})"
         )
-    if m.native_windows is not None and len(m.native_windows) != m.num_layers:
-        raise PolicyError(f"model.native_windows: expected {m.num_layers} entries, got {len(m.native_windows)}")
+    if m.native_windows is not None:
+        if len(m.native_windows) != m.num_layers:
+            raise PolicyError(f"model.native_windows: expected {m.num_layers} entries, got {len(m.native_windows)}")
+        for li, w in enumerate(m.native_windows):
+            if w is not None:
+                need_tokens(w, f"model.native_windows[{li}]", minimum=1)
+    need_tokens(p.sink, "defaults.sink", minimum=0)
+    need_tokens(p.window, "defaults.window", minimum=1)
     if len(p.layers) != m.num_layers:
         raise PolicyError(f"layers: expected {m.num_layers} layers (model.num_layers), got {len(p.layers)}")
     for li, row in enumerate(p.layers):
@@ -515,11 +535,7 @@ def _validate_policy(p: HeadPolicy) -> None:
                     f"layer {li} head {hi}: layer {li} is the model's own sliding-window layer "
                     f"(window {native}); its heads must be streaming with sink 0 and window {native}"
                 )
-            if spec.kind == STREAMING:
-                s, w = p.head_window(li, hi)
-                if not (_is_int(s) and s >= 0 and _is_int(w) and w >= 1):
-                    raise PolicyError(f"layer {li} head {hi}: need sink >= 0 and window >= 1, got {s}, {w}")
-    if not (_is_int(p.sink) and p.sink >= 0):
-        raise PolicyError(f"defaults.sink: expected an integer >= 0, got {p.sink!r}")
-    if not (_is_int(p.window) and p.window >= 1):
-        raise PolicyError(f"defaults.window: expected an integer >= 1, got {p.window!r}")
+            if spec.sink is not None:
+                need_tokens(spec.sink, f"layer {li} head {hi}.sink", minimum=0)
+            if spec.window is not None:
+                need_tokens(spec.window, f"layer {li} head {hi}.window", minimum=1)

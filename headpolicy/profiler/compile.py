@@ -35,7 +35,7 @@ import numpy as np
 
 from headpolicy.errors import BudgetError
 from headpolicy.models import describe_model
-from headpolicy.policies.schema import HeadPolicy, ModelInfo, Provenance
+from headpolicy.policies.schema import MAX_TOKENS, HeadPolicy, ModelInfo, Provenance
 from headpolicy.policies.select import DEFAULT_GRID, budget_heads, select_budget, select_closed_loop
 from headpolicy.profiler import tasks as T
 from headpolicy.profiler.scorers import get_scorer, scorer_names
@@ -75,8 +75,11 @@ class CompileSettings:
                 raise BudgetError(f"budget {self.budget} exceeds --max-budget {self.max_budget}")
         if self.target_drop < 0:
             raise BudgetError(f"--target-drop must be >= 0 points, got {self.target_drop}")
-        if self.sink < 0 or self.window < 1:
-            raise BudgetError(f"need sink >= 0 and window >= 1, got sink {self.sink}, window {self.window}")
+        if not (0 <= self.sink <= MAX_TOKENS and 1 <= self.window <= MAX_TOKENS):
+            raise BudgetError(
+                f"need 0 <= sink <= MAX_TOKENS and 1 <= window <= MAX_TOKENS (= {MAX_TOKENS}), "
+                f"got sink {self.sink}, window {self.window}"
+            )
         if not self.lengths or any(n < 64 for n in (*self.lengths, *self.heldout_lengths)):
             raise BudgetError("task lengths must be >= 64 tokens")
 

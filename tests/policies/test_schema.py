@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from headpolicy import HeadPolicy, HeadSpec, ModelInfo, PolicyError, PolicyMismatchError, Provenance
+from headpolicy.policies.schema import MAX_TOKENS
 
 INFO = ModelInfo("toy", "LlamaForCausalLM", 3, 6, 2, 16, "sha256:abc")
 
@@ -96,7 +97,11 @@ DELETE = object()
         (("model", "head_dim"), "64", "model.head_dim: expected an integer"),
         (("model", "fingerprint"), DELETE, "model: missing required key 'fingerprint'"),
         (("model", "colour"), "red", "model: unknown key 'colour'"),
-        (("defaults", "window"), 0, "defaults.window: expected an integer >= 1, got 0"),
+        (("defaults", "window"), 0, "defaults.window: expected an integer from 1 to MAX_TOKENS = 2147483647, got 0"),
+        (("defaults", "sink"), 10**30, "defaults.sink: expected an integer from 0 to MAX_TOKENS = 2147483647"),
+        (("defaults", "window"), 2**31, "defaults.window: expected an integer from 1 to MAX_TOKENS"),
+        (("layers", 1, "heads", 0, "sink"), 10**30, "layer 1 head 0.sink: expected an integer from 0 to MAX_TOKENS"),
+        (("layers", 1, "heads", 1, "window"), 2**31, "layer 1 head 1.window: expected an integer from 1 to MAX_TOKENS"),
         (("defaults", "sink"), True, "defaults.sink: expected an integer"),
         (("layers", 1, "heads", 0, "kind"), "sliding", "layer 1 head 0.kind: expected one of retrieval, streaming"),
         (("layers", 2, "heads", 1, "window"), -3, "layer 2 head 1.window"),
@@ -113,6 +118,22 @@ def test_bad_policies_raise_named_errors(path, value, message):
     with pytest.raises(PolicyError) as e:
         HeadPolicy.from_yaml(mutate(path, value))
     assert message in str(e.value)
+
+
+def test_sink_and_window_are_capped_at_max_tokens():
+    """Out-of-range values used to load and then overflow inside generate (int too big to convert)."""
+    p = make_policy()
+    top = p.replace(sink=MAX_TOKENS, window=MAX_TOKENS)
+    assert HeadPolicy.from_yaml(top.to_yaml()) == top  # the cap itself is a valid value
+    with pytest.raises(PolicyError, match=r"defaults.window: expected an integer from 1 to MAX_TOKENS = 2147483647"):
+        p.replace(window=MAX_TOKENS + 1)  # policies made in code are held to the same bound
+    layers = list(p.layers)
+    layers[1] = (HeadSpec("streaming", sink=10**30), layers[1][1])
+    with pytest.raises(PolicyError, match=r"layer 1 head 0.sink: expected an integer from 0 to MAX_TOKENS"):
+        p.replace(layers=tuple(layers))
+    hybrid = ModelInfo(**{**INFO.__dict__, "native_windows": (None, 2**40, None)})
+    with pytest.raises(PolicyError, match=r"model.native_windows\[1\]: expected an integer from 1 to MAX_TOKENS"):
+        HeadPolicy.from_kinds(hybrid, [[True, False]] * 3)
 
 
 @pytest.mark.parametrize("text", ["", "[1, 2]", "schema: [", "42", "{a: 1}", "!!python/object:os.system {}"])
