@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 from headpolicy import (
+    PolicyError,
     PolicyMismatchError,
     UnsupportedModelError,
     applied_policy,
@@ -21,7 +22,7 @@ from headpolicy.cli import main
 from headpolicy.policies.schema import CHECKPOINT_FILE as POLICY_FILE
 from headpolicy.runtime.apply import save_pretrained
 from headpolicy.runtime.checkpoint import attach, attached_policy
-from tests.conftest import policy_for, tiny_llama
+from tests.conftest import alias_bomb, policy_for, tiny_llama
 
 RETRIEVAL = [[False, True], [True, False]]  # retrieval heads not first: apply permutes both layers
 
@@ -138,6 +139,20 @@ def test_a_stale_attached_policy_is_a_named_error(ckpt, tmp_path):
     save_checkpoint(tiny_llama(seed=9), ckpt)  # new weights, old policy file left behind
     with pytest.raises(PolicyMismatchError, match=f"{POLICY_FILE}.*apply_policy=False"):
         load_model(ckpt)
+    model, _ = load_model(ckpt, apply_policy=False)
+    assert applied_policy(model) is None
+
+
+@pytest.mark.timeout(30)
+def test_a_poisoned_attached_policy_fails_fast_before_the_weights_load(ckpt, monkeypatch):
+    """An alias bomb in head_policy.yaml used to hang every load_model of its checkpoint."""
+    (ckpt / POLICY_FILE).write_text(alias_bomb(policy_for(plain(ckpt), RETRIEVAL).to_yaml()))
+    loads = []
+    monkeypatch.setattr("headpolicy.runtime.checkpoint.load_source", lambda *a, **k: loads.append(a))
+    with pytest.raises(PolicyError, match=f"{POLICY_FILE}: line .*MAX_YAML_NODES.*apply_policy=False"):
+        load_model(ckpt)
+    assert loads == []  # refused before the weights were read
+    monkeypatch.undo()
     model, _ = load_model(ckpt, apply_policy=False)
     assert applied_policy(model) is None
 

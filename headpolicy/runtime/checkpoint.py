@@ -41,13 +41,18 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, apply_policy: bool 
     """(model, tokenizer) from an alias, a checkpoint directory or a .gguf file (models.load_source),
     with the checkpoint's attached `head_policy.yaml` applied, and logged, unless apply_policy=False.
 
+    The attached policy is read and validated before the weights load, so a bad one fails at once.
     Other keyword arguments go to models.load_source (dtype, device, config_overrides, ...).
     """
-    model, tokenizer = load_source(source, **kwargs)
+    policy, path = None, None
     if apply_policy:
         _, directory, gguf = resolve_source(source)
         if gguf is None:
-            apply_attached(model, directory)
+            path = policy_path(directory)
+            policy = _read_attached(path)
+    model, tokenizer = load_source(source, **kwargs)
+    if policy is not None:
+        _apply_attached(model, policy, path)
     return model, tokenizer
 
 
@@ -88,13 +93,29 @@ def attach(
 def apply_attached(model: nn.Module, checkpoint_dir: str | os.PathLike) -> HeadPolicy | None:
     """Apply CHECKPOINT_DIR/head_policy.yaml to a freshly loaded model, if there is one."""
     path = policy_path(checkpoint_dir)
+    policy = _read_attached(path)
+    if policy is not None:
+        _apply_attached(model, policy, path)
+    return policy
+
+
+_PLAIN_HINT = "(load with apply_policy=False to get the plain model)"
+
+
+def _read_attached(path: Path) -> HeadPolicy | None:
     if not path.is_file():
         return None
-    policy = HeadPolicy.load(path)
+    try:
+        return HeadPolicy.load(path)
+    except PolicyError as e:
+        raise type(e)(f"{e} {_PLAIN_HINT}") from None
+
+
+def _apply_attached(model: nn.Module, policy: HeadPolicy, path: Path) -> None:
     try:
         apply(model, policy)
     except PolicyError as e:
-        raise type(e)(f"{path}: {e} (load with apply_policy=False to get the plain model)") from None
+        raise type(e)(f"{path}: {e} {_PLAIN_HINT}") from None
     log.info(
         "headpolicy: applied %s: %d/%d KV heads retrieval, sink %d, window %d",
         path,
@@ -103,4 +124,3 @@ def apply_attached(model: nn.Module, checkpoint_dir: str | os.PathLike) -> HeadP
         policy.sink,
         policy.window,
     )
-    return policy

@@ -8,7 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from headpolicy import HeadPolicy, HeadSpec, ModelInfo, PolicyError, PolicyMismatchError, Provenance
-from headpolicy.policies.schema import MAX_TOKENS
+from headpolicy.policies import schema
+from headpolicy.policies.schema import MAX_POLICY_BYTES, MAX_TOKENS
+from tests import conftest
 
 INFO = ModelInfo("toy", "LlamaForCausalLM", 3, 6, 2, 16, "sha256:abc")
 
@@ -156,6 +158,103 @@ def test_check_model():
     with pytest.raises(PolicyMismatchError, match="fingerprint"):
         p.check_model(other)
     p.check_model(other, check_fingerprint=False)
+
+
+# ---- bounded loading: hostile files fail at once (issue 12) ------------------------------------
+# The timeouts turn a regression into a failure instead of a hang: without the bounds each of
+# these inputs runs for minutes (the alias bomb expands to 9**9 nodes).
+def alias_bomb(levels: int = 9) -> str:
+    return conftest.alias_bomb(make_policy().to_yaml(), levels)
+
+
+@pytest.mark.timeout(30)
+def test_an_alias_bomb_is_refused(tmp_path):
+    with pytest.raises(PolicyError, match=r"line \d+: expands to more than MAX_YAML_NODES = 250000 YAML nodes"):
+        HeadPolicy.from_yaml(alias_bomb())
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(12))
+    with pytest.raises(PolicyError, match=f"{path}: line"):
+        HeadPolicy.load(path)
+
+
+def test_a_few_aliases_are_still_fine():
+    text = alias_bomb(2)  # 9 * 9 * 9 leaves
+    assert len(HeadPolicy.from_yaml(text).results["a2"]) == 9
+
+
+@pytest.mark.parametrize(
+    ("insert", "match"),
+    [
+        ("  r: &r [1, *r]\n", r"line \d+: an alias refers to a node that contains it"),
+        ("  d: " + "[" * 100 + "]" * 100 + "\n", r"nested more than MAX_YAML_DEPTH = 64 levels deep"),
+        ("  d:\n" + "".join("  " * (i + 2) + "-\n" for i in range(100)), r"nested more than MAX_YAML_DEPTH"),
+    ],
+)
+def test_recursive_and_deep_yaml_is_refused(insert, match):
+    with pytest.raises(PolicyError, match=match):
+        HeadPolicy.from_yaml(make_policy().to_yaml().replace("results:\n", "results:\n" + insert))
+
+
+@pytest.mark.timeout(30)
+def test_a_file_over_the_size_cap_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "huge.yaml"
+    with open(path, "w") as f:  # a 12 MB results list: minutes of parsing without the cap
+        f.write(make_policy().to_yaml().replace("results:", "results:\n  x:"))
+        f.write("  - 1\n" * (2 * 2**20))
+    assert path.stat().st_size > MAX_POLICY_BYTES
+    with pytest.raises(PolicyError, match=f"{path} is larger than MAX_POLICY_BYTES = 4194304 bytes"):
+        HeadPolicy.load(path)
+    with pytest.raises(PolicyError, match="more than MAX_POLICY_BYTES"):
+        HeadPolicy.from_yaml(path.read_text())
+
+
+@pytest.mark.timeout(30)
+def test_a_device_without_a_size_is_read_only_up_to_the_cap():
+    with pytest.raises(PolicyError, match="/dev/zero is larger than MAX_POLICY_BYTES"):
+        HeadPolicy.load("/dev/zero")  # stat says 0 bytes; reading it all would never end
+
+
+def test_node_and_alias_counts_are_capped_while_composing(monkeypatch):
+    monkeypatch.setattr(schema, "MAX_YAML_NODES", 500)
+    text = make_policy().to_yaml().replace("results:", "results:\n  x: [" + ", ".join(["1"] * 600) + "]\n  y:")
+    with pytest.raises(PolicyError, match=r"line \d+: more than MAX_YAML_NODES = 500 YAML nodes"):
+        HeadPolicy.from_yaml(text)
+    monkeypatch.setattr(schema, "MAX_YAML_ALIASES", 3)
+    with pytest.raises(PolicyError, match=r"more than MAX_YAML_ALIASES = 3 aliases"):
+        HeadPolicy.from_yaml(alias_bomb(1))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda t: t.replace("{kind: retrieval, score: 0.9}", "{kind: streaming, kind: retrieval, score: 0.9}"),
+         r"line 9: duplicate key 'kind' \(first at line 9\)"),
+        (lambda t: t + "schema: headpolicy/v1\n", r"duplicate key 'schema' \(first at line 2\)"),
+        (lambda t: t.replace("defaults: {sink: 4, window: 32}", "defaults: {sink: 4, window: 32}\ndefaults: {}"),
+         r"duplicate key 'defaults'"),
+        (lambda t: t.replace("  accuracy:", "  accuracy: 1\n  accuracy:"), r"duplicate key 'accuracy'"),
+        (lambda t: t.replace("{kind: retrieval, score: 0.9}", "{kind: retrieval, score: 0.9, score: 9}"),
+         r"duplicate key 'score'"),
+    ],
+)  # fmt: skip
+def test_duplicate_keys_are_refused_at_any_level(edit, match):
+    """YAML keeps the last of two equal keys; a file that says two things is refused instead."""
+    with pytest.raises(PolicyError, match=match):
+        HeadPolicy.from_yaml(edit(make_policy().to_yaml()))
+
+
+def test_a_merge_key_may_be_overridden():
+    merged = "results:\n  base: &b {x: 1, y: 2}\n  more: {<<: *b, y: 3}\n  z:"
+    text = make_policy().to_yaml().replace("results:", merged)
+    assert HeadPolicy.from_yaml(text).results["more"] == {"x": 1, "y": 3}
+
+
+def test_saved_policies_hold_no_anchors_or_aliases():
+    shared = {"lengths": [1024, 2048]}
+    p = make_policy().replace(results={"a": shared, "b": shared, "c": [shared, shared]})
+    text = p.to_yaml()
+    assert "&" not in text and "*" not in text
+    assert HeadPolicy.from_yaml(text) == p
 
 
 # ---- fuzzing: the loader raises PolicyError subclasses and nothing else ----------------------
