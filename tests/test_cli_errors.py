@@ -4,6 +4,11 @@ Each test is a case of issue 12 that used to exit 1 with a traceback, hang, or l
 """
 
 import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +16,7 @@ from headpolicy.cli import main
 from headpolicy.policies.schema import MAX_TOKENS, HeadPolicy
 from tests.conftest import policy_for, tiny_llama
 from tests.test_checkpoint import save_checkpoint
+from tests.test_models import write_gguf
 
 RETRIEVAL = [[True, False], [False, True]]
 
@@ -167,3 +173,162 @@ def test_import_checks_the_model_shape_after_loading_it(tmp_path, capsys, loads,
     (tmp_path / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.6\n")
     rc, out_text, err = run(capsys, "import", "duo", tmp_path, "--model", ckpt, "-o", out)
     assert rc == 0 and "2/4 retrieval KV heads" in out_text, err
+
+
+# ---- user errors that used to be tracebacks (exit 1) --------------------------------------------------
+def test_generate_refuses_an_empty_prompt(capsys, ckpt):
+    rc, out, err = run(capsys, "generate", ckpt, "--prompt", "")
+    assert_error(rc, err, "generate", "PromptError", "the prompt is empty")
+    assert out == ""
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context(capsys, ckpt):
+    """4095 prompt tokens + 32 new ones > the tiny model's 4096 positions: refused, not answered wrongly."""
+    rc, out, err = run(capsys, "generate", ckpt, "--prompt", " ".join(["w5"] * 4095))
+    assert_error(rc, err, "generate", "PromptError", "the prompt is 4095 tokens and 32 more are asked for")
+    assert "at most 4096 tokens" in err and out == ""
+
+
+@pytest.mark.parametrize("with_policy", [False, True])
+def test_generate_warns_nothing_deprecated(tmp_path, capsys, ckpt, policy, with_policy):
+    """transformers' past_key_values/cache deprecation reminders came from our own calls."""
+    path = tmp_path / "p.yaml"
+    policy.save(path)
+    extra = ["--policy", path] if with_policy else []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, out, err = run(capsys, "generate", ckpt, "--prompt", "w5 w6 w7", "--max-new-tokens", 3, *extra)
+    assert rc == 0, err
+    deprecated = [w for w in caught if issubclass(w.category, DeprecationWarning | FutureWarning)]
+    assert deprecated == [], [f"{w.filename}:{w.lineno}: {w.message}" for w in deprecated]
+    assert "past_key_values" not in err and "deprecated" not in err.lower()
+
+
+@pytest.mark.parametrize("keep", [100, 0.5])
+def test_compile_of_a_truncated_gguf_is_one_named_line(tmp_path, capsys, keep):
+    data = write_gguf(tmp_path / "model.gguf").read_bytes()
+    cut = tmp_path / "t.gguf"
+    cut.write_bytes(data[: int(keep * len(data)) if isinstance(keep, float) else keep])
+    out = tmp_path / "x.yaml"
+    rc, _, err = run(capsys, "compile", cut, "-o", out, "--budget", "0.3")
+    assert_error(rc, err, "compile", "ModelSourceError", f"cannot load {cut}: ")
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_inspect_png_into_a_directory(tmp_path, capsys, policy):
+    path, target = tmp_path / "p.yaml", tmp_path / "maps"
+    policy.save(path)
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    rc, _, err = run(capsys, "inspect", path, "--png", target)
+    assert_error(rc, err, "inspect", "OutputError", f"cannot write {target}: it is a directory")
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]  # no .png.tmp left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps", "p.yaml"]
+
+
+def test_inspect_png_below_a_regular_file(tmp_path, capsys, policy):
+    path = tmp_path / "p.yaml"
+    policy.save(path)
+    rc, _, err = run(capsys, "inspect", path, "--png", path / "heads.png")
+    assert_error(rc, err, "inspect", "OutputError", f"{path} is not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
+
+
+def attached(ckpt) -> Path:
+    return ckpt / "head_policy.yaml"
+
+
+def test_attach_where_the_policy_file_cannot_be(tmp_path, capsys, ckpt, policy):
+    """head_policy.yaml taken by a directory: the write is impossible even for root."""
+    path = tmp_path / "p.yaml"
+    policy.save(path)
+    attached(ckpt).mkdir()
+    try:
+        rc, _, err = run(capsys, "attach", ckpt, path)
+        assert_error(rc, err, "attach", "OutputError", "head_policy.yaml: it is a directory")
+        assert list(attached(ckpt).iterdir()) == []
+    finally:
+        attached(ckpt).rmdir()
+
+
+def test_attach_into_a_folder_it_may_not_write(tmp_path, capsys, monkeypatch, ckpt, policy):
+    """A read-only checkpoint (simulated: the tests run as root, who may write anywhere)."""
+    path = tmp_path / "p.yaml"
+    policy.save(path)
+    before = sorted(p.name for p in ckpt.iterdir())
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(ckpt))
+
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    rc, _, err = run(capsys, "attach", ckpt, path)
+    assert_error(rc, err, "attach", "OutputError", f"cannot write {attached(ckpt)}: Permission denied")
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
+def test_attach_into_a_read_only_checkpoint(tmp_path, capsys, policy):
+    ckpt = save_checkpoint(tiny_llama(seed=3), tmp_path / "ro")
+    path = tmp_path / "p.yaml"
+    policy.save(path)
+    ckpt.chmod(0o555)
+    try:
+        rc, _, err = run(capsys, "attach", ckpt, path)
+    finally:
+        ckpt.chmod(0o755)
+    assert_error(rc, err, "attach", "OutputError", "Permission denied")
+    assert not attached(ckpt).exists()
+
+
+# ---- a reader that goes away: quiet exit 141 ------------------------------------------------------------
+def headpolicy_process(*argv, **kw) -> subprocess.Popen:
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-m", "headpolicy", *map(str, argv)], env=env, cwd=root, **kw)
+
+
+def test_a_closed_stdout_exits_141_without_a_traceback(tmp_path, policy):
+    """The pipe's reader is gone before headpolicy writes: every write fails with EPIPE."""
+    path = tmp_path / "p.yaml"
+    policy.save(path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = headpolicy_process("inspect", path, stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == b"", err.decode()
+
+
+def test_inspect_piped_into_head(tmp_path, policy):
+    """`headpolicy inspect P | head -1` on a long policy: the first line, nothing on stderr."""
+    from headpolicy import ModelInfo
+
+    big = HeadPolicy.from_kinds(
+        ModelInfo("big", "LlamaForCausalLM", 2000, 4, 2, 16, "sha256:1"), [[True, False]] * 2000
+    )
+    path = tmp_path / "big.yaml"
+    big.save(path)
+    proc = headpolicy_process("inspect", path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = subprocess.run(["head", "-1"], stdin=proc.stdout, capture_output=True, timeout=120)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert head.stdout.decode().startswith("model       big (LlamaForCausalLM), 2000 layers")
+    assert err == b"", err.decode()
+    assert proc.returncode in (0, 141)  # 0 only if every line fit in the pipe before head exited
+
+
+def test_main_returns_141_when_stdout_breaks(monkeypatch, tmp_path, policy):
+    path = tmp_path / "p.yaml"
+    policy.save(path)
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["inspect", str(path)]) == 141

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from headpolicy.errors import ModelSourceError, PolicyError
-from headpolicy.models import DEFAULT_MODEL, describe_model, load_source, resolve_source
+from headpolicy.errors import HeadPolicyError, ModelSourceError, PolicyError
+from headpolicy.models import DEFAULT_MODEL, describe_model, load_error, load_source, resolve_source
 from headpolicy.policies.schema import CHECKPOINT_FILE, HeadPolicy
 from headpolicy.runtime.apply import apply
 
@@ -81,8 +81,10 @@ def attach(
         model = AutoModelForCausalLM.from_pretrained(
             directory, local_files_only=True, dtype=torch.bfloat16, **(config_overrides or {})
         )
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelSourceError(f"cannot load the model in {directory}: {' '.join(str(e).split())[:400]}") from e
+    except HeadPolicyError:
+        raise
+    except Exception as e:  # as in models.load_source: whatever a bad checkpoint makes transformers raise
+        raise ModelSourceError(f"cannot load the model in {directory}: {load_error(e)}") from e
     info = describe_model(model, name=directory.name)
     policy.check_model(info)
     path = policy.save(policy_path(directory))
