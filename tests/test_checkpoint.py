@@ -175,6 +175,26 @@ def test_cli_import_attach_inspect(ckpt, tmp_path, capsys):
     assert attached_policy(ckpt) == policy
 
 
+def test_cli_attach_without_the_fingerprint_check(ckpt, tmp_path, capsys):
+    """The mismatch message names the CLI flag, and the flag exists; the attached copy then loads."""
+    other = tmp_path / "other.yaml"
+    foreign = policy_for(tiny_llama(seed=11), RETRIEVAL)  # same shape, other weights
+    foreign.save(other)
+    assert main(["attach", str(ckpt), str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("headpolicy attach: PolicyMismatchError: policy fingerprint")
+    assert "pass --no-fingerprint-check (check_fingerprint=False in Python)" in err
+    assert not (ckpt / POLICY_FILE).exists()
+
+    assert main(["attach", str(ckpt), str(other), "--no-fingerprint-check"]) == 0
+    kept = attached_policy(ckpt)
+    assert kept.retrieval_table() == foreign.retrieval_table()
+    assert kept.model.fingerprint == fingerprint(plain(ckpt))
+    assert kept.provenance.settings["compiled_for_fingerprint"] == foreign.model.fingerprint
+    model, _ = load_model(ckpt)
+    assert applied_policy(model) == kept
+
+
 def test_model_with_its_own_window_loads_only_without_it(tmp_path):
     cfg = MistralConfig(
         vocab_size=97,

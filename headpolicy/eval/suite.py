@@ -40,14 +40,17 @@ def suite_tasks(model, codec, s: SuiteSettings) -> list[T.Task]:
     return T.task_grid(codec, kinds=s.kinds, lengths=s.lengths, depths=s.depths, seed=s.seed, pool=pool)
 
 
-def run_suite(model, tokenizer, policy, settings: SuiteSettings | None = None, *, progress: bool = False) -> dict:
-    """Run every configuration; returns plain data (JSON-ready)."""
+def run_suite(
+    model, tokenizer, policy, settings: SuiteSettings | None = None, *, progress: bool = False, check_fingerprint=True
+) -> dict:
+    """Run every configuration; returns plain data (JSON-ready). check_fingerprint=False accepts a
+    policy for the same shape but other weights."""
     from tqdm.auto import tqdm
 
     s = settings or SuiteSettings()
     codec = T.as_codec(tokenizer)
     info = describe_model(model)
-    policy.check_model(info)
+    policy.check_model(info, check_fingerprint=check_fingerprint)
     tasks = suite_tasks(model, codec, s)
     configs: list[tuple[str, object]] = [
         ("full", None),
@@ -61,7 +64,7 @@ def run_suite(model, tokenizer, policy, settings: SuiteSettings | None = None, *
     bar = tqdm(total=len(configs) * len(tasks), desc="eval", disable=not progress, dynamic_ncols=True)
     for name, pol in configs:
         t0 = time.perf_counter()
-        m = model if pol is None else applied_copy(model, pol)
+        m = model if pol is None else applied_copy(model, pol, check_fingerprint=check_fingerprint)
         bar.set_description(f"eval {name}")
         outs = answers(m, codec.decode, tasks, progress=bar)
         del m

@@ -241,7 +241,8 @@ class HeadPolicy:
             raise PolicyMismatchError(
                 f"policy fingerprint {mine.fingerprint} ({mine.name}) does not match the model's "
                 f"{theirs.fingerprint} ({theirs.name}): the policy was compiled for other weights. "
-                "Recompile it, or pass check_fingerprint=False if you know the heads are the same."
+                "Recompile it, or, if you know the heads are the same, pass --no-fingerprint-check "
+                "(check_fingerprint=False in Python)."
             )
 
     # ---- serialisation --------------------------------------------------------------------

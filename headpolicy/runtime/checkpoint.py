@@ -12,6 +12,7 @@ beside `config.json` and applies it on load.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -61,12 +62,17 @@ def attach(
     policy: HeadPolicy | str | os.PathLike,
     *,
     config_overrides: dict | None = None,
+    check_fingerprint: bool = True,
 ) -> Path:
     """Write `policy` as CHECKPOINT_DIR/head_policy.yaml after checking it was made for those weights.
 
     Loads the checkpoint's model (not its tokenizer) to compare fingerprints; raises
     PolicyMismatchError for a policy made for another model and leaves the directory as it was.
-    `config_overrides` as in load_model (the same ones are needed when loading it).
+    check_fingerprint=False accepts a policy for the same shape but other weights (a fine-tune
+    whose heads you know behave the same); the attached copy then carries these weights'
+    fingerprint, so load_model applies it, and keeps the one it was compiled for in
+    provenance.settings["compiled_for_fingerprint"]. `config_overrides` as in load_model (the
+    same ones are needed when loading it).
     """
     from transformers import AutoModelForCausalLM
 
@@ -86,10 +92,20 @@ def attach(
     except Exception as e:  # as in models.load_source: whatever a bad checkpoint makes transformers raise
         raise ModelSourceError(f"cannot load the model in {directory}: {load_error(e)}") from e
     info = describe_model(model, name=directory.name)
-    policy.check_model(info)
+    policy.check_model(info, check_fingerprint=check_fingerprint)
+    if policy.model.fingerprint != info.fingerprint:  # accepted for these weights: say so in the file
+        policy = _refingerprinted(policy, info.fingerprint)
     path = policy.save(policy_path(directory))
     log.info("headpolicy: attached %s (%d/%d retrieval KV heads)", path, policy.num_retrieval, policy.num_heads)
     return path
+
+
+def _refingerprinted(policy: HeadPolicy, fingerprint: str) -> HeadPolicy:
+    settings = {**policy.provenance.settings, "compiled_for_fingerprint": policy.model.fingerprint}
+    return policy.replace(
+        model=dataclasses.replace(policy.model, fingerprint=fingerprint),
+        provenance=dataclasses.replace(policy.provenance, settings=settings),
+    )
 
 
 def apply_attached(model: nn.Module, checkpoint_dir: str | os.PathLike) -> HeadPolicy | None:
