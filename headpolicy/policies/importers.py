@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from headpolicy.errors import BudgetError, PolicyError
-from headpolicy.policies.schema import MAX_TOKENS, HeadPolicy, ModelInfo, Provenance, need_tokens
+from headpolicy.policies.schema import MAX_TOKENS, HeadPolicy, ModelInfo, Provenance, finite_number, need_tokens
 from headpolicy.policies.select import budget_heads, select_budget
 from headpolicy.version import __version__
 
@@ -140,9 +139,7 @@ def check_options(
         )
     if budget is not None:
         budget_heads(budget, 1)  # the range check
-    if threshold is not None and (
-        isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold)
-    ):
+    if threshold is not None and finite_number(threshold) is None:
         raise BudgetError(f"threshold must be a finite number, got {threshold!r}")
     if sink is not None:
         need_tokens(sink, "sink", minimum=0)
@@ -240,20 +237,26 @@ def _read_json(path: Path, fmt: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ImportFormatError(f"{fmt}: {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except ValueError as e:  # json parsed it but cannot build it: an integer of more than 4300 digits
+        raise ImportFormatError(f"{fmt}: {path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
     except RecursionError:
         raise ImportFormatError(f"{fmt}: {path}: JSON nested too deeply") from None
 
 
 def _number(x: Any, where: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
-        raise ImportFormatError(f"{where}: expected a finite number, got {x!r}")
-    return float(x)
+    value = finite_number(x)
+    if value is None:
+        raise ImportFormatError(f"{where}: expected a finite number, got {x!r:.80}")
+    return value
 
 
 def _int_key(text: str, where: str) -> int:
-    if not text.strip().isdigit():
-        raise ImportFormatError(f"{where}: expected a non-negative integer, got {text!r}")
-    return int(text)
+    # ASCII digits only: str.isdigit() also accepts '²', which int() refuses; and no more digits
+    # than int() converts (4300)
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
+        raise ImportFormatError(f"{where}: expected a non-negative integer (a layer or head number), got {text!r:.80}")
+    return int(digits)
 
 
 # ---- DuoAttention -------------------------------------------------------------------------------

@@ -398,8 +398,11 @@ def _load_yaml(text: str) -> Any:
             return None
         _check_tree(loader, root)
         return loader.construct_document(root)
-    except yaml.YAMLError as e:
-        raise PolicyError(f"policy is not valid YAML: {_one_line(e)}") from None
+    except PolicyError:
+        raise  # (a ValueError too)
+    except (yaml.YAMLError, ValueError, OverflowError) as e:
+        # ValueError: a value PyYAML recognises but cannot build (date 2001-13-01, a 5000-digit int)
+        raise PolicyError(f"policy is not valid YAML: {_one_line(e)[:300]}") from None
     except RecursionError:
         raise PolicyError("policy YAML is nested too deeply") from None
     finally:
@@ -495,6 +498,18 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def finite_number(x: Any) -> float | None:
+    """`x` as a float when it is a finite int or float (not a bool), else None. An int too large
+    for a float (10**400) is not finite: math.isfinite would raise OverflowError on it."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    try:
+        value = float(x)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def _need_mapping(x: Any, where: str) -> Mapping:
     if not isinstance(x, Mapping):
         raise PolicyError(f"{where}: expected a mapping, got {type(x).__name__}")
@@ -564,9 +579,9 @@ def _parse_head(x: Any, where: str) -> HeadSpec:
     window = None if x.get("window") is None else need_tokens(x["window"], f"{where}.window", minimum=1)
     score = x.get("score")
     if score is not None:
-        if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
-            raise PolicyError(f"{where}.score: expected a finite number, got {score!r}")
-        score = float(score)
+        if finite_number(score) is None:
+            raise PolicyError(f"{where}.score: expected a finite number, got {score!r:.80}")
+        score = finite_number(score)
     return HeadSpec(kind=kind, sink=sink, window=window, score=score)
 
 

@@ -156,6 +156,9 @@ def test_retrieval_head_reduces_mean_over_trials_then_max_over_group(tmp_path):
         (lambda d: d.update({"3-0": [0.1]}), r"key '3-0': out of range"),
         (lambda d: d.update({"1-1": []}), r"key '1-1': expected a non-empty list"),
         (lambda d: d.update({"1-1": [0.1, "a"]}), r"key '1-1'\[1\]: expected a finite number"),
+        (lambda d: d.update({"1-1": [10**400]}), r"key '1-1'\[0\]: expected a finite number"),  # float() overflows
+        (lambda d: d.update({"\u00b2-1": [0.1]}), r"key '\u00b2-1': expected a non-negative integer"),  # '²'.isdigit()
+        (lambda d: d.update({"1" * 5000 + "-1": [0.1]}), r"expected a non-negative integer"),
         (lambda d: d.pop("2-3"), r"missing key '2-3' \(1 of 18 query heads have no scores\)"),
     ],
 )
@@ -166,6 +169,17 @@ def test_retrieval_head_malformed(tmp_path, edit, match):
     src.write_text(json.dumps(data))
     with pytest.raises(ImportFormatError, match=match):
         import_policy("retrieval-head", src, INFO)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [("[" * 100_000 + "]" * 100_000, r"JSON nested too deeply"), ('{"0": [' + "1" * 5000 + "]}", r"not valid JSON")],
+)
+def test_json_python_cannot_build_is_a_format_error(tmp_path, text, match):
+    src = tmp_path / "r.json"
+    src.write_text(text)
+    with pytest.raises(ImportFormatError, match=match):
+        import_policy("razor-attention", src, INFO)
 
 
 def test_retrieval_head_invalid_json_names_the_line(tmp_path):

@@ -108,6 +108,7 @@ DELETE = object()
         (("layers", 1, "heads", 0, "kind"), "sliding", "layer 1 head 0.kind: expected one of retrieval, streaming"),
         (("layers", 2, "heads", 1, "window"), -3, "layer 2 head 1.window"),
         (("layers", 0, "heads", 0, "score"), float("nan"), "layer 0 head 0.score: expected a finite number"),
+        (("layers", 0, "heads", 0, "score"), 10**400, "layer 0 head 0.score: expected a finite number"),
         (("layers", 0, "heads", 0, "sink"), 4, "layer 0 head 0: a retrieval head keeps every token"),
         (("layers", 1, "layer"), 5, "layers[1].layer: expected 1"),
         (("layers", 1, "heads"), "all", "layers[1].heads: expected a list of 2 heads"),
@@ -138,7 +139,19 @@ def test_sink_and_window_are_capped_at_max_tokens():
         HeadPolicy.from_kinds(hybrid, [[True, False]] * 3)
 
 
-@pytest.mark.parametrize("text", ["", "[1, 2]", "schema: [", "42", "{a: 1}", "!!python/object:os.system {}"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "[1, 2]",
+        "schema: [",
+        "42",
+        "{a: 1}",
+        "!!python/object:os.system {}",
+        "created: 2001-13-01",  # a timestamp PyYAML recognises but cannot build (ValueError)
+        "x: " + "1" * 5000,  # more digits than int() converts (ValueError)
+    ],
+)
 def test_not_a_policy(text):
     with pytest.raises(PolicyError):
         HeadPolicy.from_yaml(text)
