@@ -312,7 +312,8 @@ def test_inspect_piped_into_head(tmp_path, policy):
     proc = headpolicy_process("inspect", path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     head = subprocess.run(["head", "-1"], stdin=proc.stdout, capture_output=True, timeout=120)
     proc.stdout.close()
-    err = proc.stderr.read()
+    with proc.stderr:
+        err = proc.stderr.read()
     proc.wait(timeout=120)
     assert head.stdout.decode().startswith("model       big (LlamaForCausalLM), 2000 layers")
     assert err == b"", err.decode()
