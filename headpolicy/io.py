@@ -108,10 +108,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            _replace_folder(path, tmp)
         else:
             os.replace(tmp, path)
     except BaseException as e:
@@ -119,3 +116,21 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, OSError):
             raise OutputError(f"cannot write folder {path}: {e.strerror or e}") from None
         raise
+
+
+def _replace_folder(path: Path, new: Path) -> None:
+    """Swap folder `new` in for the folder at `path`; on failure the old folder is back at `path`
+    (or, if even that fails, kept in a `.NAME.old.*` folder beside it: never deleted)."""
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+    try:
+        os.replace(path, old / path.name)
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old / path.name, path)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from headpolicy.errors import ModelSourceError, UnsupportedModelError
+from headpolicy.errors import HeadPolicyError, ModelSourceError, UnsupportedModelError
 from headpolicy.policies.plan import kv_rows, query_rows
 from headpolicy.policies.schema import ModelInfo
 
@@ -102,6 +102,12 @@ def resolve_source(source: str | Path) -> tuple[str, Path, str | None]:
     )
 
 
+def load_error(e: BaseException) -> str:
+    """One line saying what loading met: the exception's type and the start of its message."""
+    kind = type(e).__qualname__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__qualname__}"
+    return f"{kind}: {' '.join(str(e).split())[:400]}"
+
+
 def load_source(
     source: str | Path = DEFAULT_MODEL,
     *,
@@ -129,10 +135,12 @@ def load_source(
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, attn_implementation=attn_implementation, **kwargs, **model_kwargs
         )
-    except (OSError, ValueError, KeyError) as e:
-        if isinstance(e, UnsupportedModelError):
-            raise
-        raise ModelSourceError(f"cannot load model from {source!r}: {' '.join(str(e).split())[:400]}") from e
+    except HeadPolicyError:
+        raise
+    except Exception as e:
+        # transformers and gguf raise whatever their readers meet in a bad file (struct.error,
+        # IndexError, numpy errors for a truncated .gguf...): all of them mean this file cannot load.
+        raise ModelSourceError(f"cannot load {directory / gguf if gguf else directory}: {load_error(e)}") from e
     model.to(device).eval()
     get_adapter(model)  # fail early on unsupported architectures
     model._headpolicy_name = name

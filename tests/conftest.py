@@ -34,6 +34,15 @@ def policy_for(model, retrieval, *, sink=4, window=8, **kw) -> HeadPolicy:
     return HeadPolicy.from_kinds(describe_model(model), retrieval, sink=sink, window=window, **kw)
 
 
+def alias_bomb(policy_yaml: str, levels: int = 9) -> str:
+    """`policy_yaml` with `levels` nested levels of nine aliases each under `results` (9**levels
+    leaves once expanded; about 6 KB of text at 9 levels)."""
+    lines = ["results:", "  a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels + 1):
+        lines.append(f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return policy_yaml.replace("results:", "\n".join(lines) + "\n  measured:", 1)
+
+
 def make_plan(num_retrieval, groups, group_size) -> LayerPlan:
     """A one-layer plan: `num_retrieval` retrieval KV heads, then groups of (num_heads, sink, window)."""
     out, pos = [], num_retrieval

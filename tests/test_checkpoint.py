@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 from headpolicy import (
+    PolicyError,
     PolicyMismatchError,
     UnsupportedModelError,
     applied_policy,
@@ -21,7 +22,7 @@ from headpolicy.cli import main
 from headpolicy.policies.schema import CHECKPOINT_FILE as POLICY_FILE
 from headpolicy.runtime.apply import save_pretrained
 from headpolicy.runtime.checkpoint import attach, attached_policy
-from tests.conftest import policy_for, tiny_llama
+from tests.conftest import alias_bomb, policy_for, tiny_llama
 
 RETRIEVAL = [[False, True], [True, False]]  # retrieval heads not first: apply permutes both layers
 
@@ -142,6 +143,20 @@ def test_a_stale_attached_policy_is_a_named_error(ckpt, tmp_path):
     assert applied_policy(model) is None
 
 
+@pytest.mark.timeout(30)
+def test_a_poisoned_attached_policy_fails_fast_before_the_weights_load(ckpt, monkeypatch):
+    """An alias bomb in head_policy.yaml used to hang every load_model of its checkpoint."""
+    (ckpt / POLICY_FILE).write_text(alias_bomb(policy_for(plain(ckpt), RETRIEVAL).to_yaml()))
+    loads = []
+    monkeypatch.setattr("headpolicy.runtime.checkpoint.load_source", lambda *a, **k: loads.append(a))
+    with pytest.raises(PolicyError, match=f"{POLICY_FILE}: line .*MAX_YAML_NODES.*apply_policy=False"):
+        load_model(ckpt)
+    assert loads == []  # refused before the weights were read
+    monkeypatch.undo()
+    model, _ = load_model(ckpt, apply_policy=False)
+    assert applied_policy(model) is None
+
+
 def test_cli_import_attach_inspect(ckpt, tmp_path, capsys):
     info = describe_model(plain(ckpt))
     src = tmp_path / "razor.json"
@@ -158,6 +173,26 @@ def test_cli_import_attach_inspect(ckpt, tmp_path, capsys):
     assert main(["attach", str(ckpt), str(other)]) == 2
     assert "PolicyMismatchError" in capsys.readouterr().err
     assert attached_policy(ckpt) == policy
+
+
+def test_cli_attach_without_the_fingerprint_check(ckpt, tmp_path, capsys):
+    """The mismatch message names the CLI flag, and the flag exists; the attached copy then loads."""
+    other = tmp_path / "other.yaml"
+    foreign = policy_for(tiny_llama(seed=11), RETRIEVAL)  # same shape, other weights
+    foreign.save(other)
+    assert main(["attach", str(ckpt), str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("headpolicy attach: PolicyMismatchError: policy fingerprint")
+    assert "pass --no-fingerprint-check (check_fingerprint=False in Python)" in err
+    assert not (ckpt / POLICY_FILE).exists()
+
+    assert main(["attach", str(ckpt), str(other), "--no-fingerprint-check"]) == 0
+    kept = attached_policy(ckpt)
+    assert kept.retrieval_table() == foreign.retrieval_table()
+    assert kept.model.fingerprint == fingerprint(plain(ckpt))
+    assert kept.provenance.settings["compiled_for_fingerprint"] == foreign.model.fingerprint
+    model, _ = load_model(ckpt)
+    assert applied_policy(model) == kept
 
 
 def test_model_with_its_own_window_loads_only_without_it(tmp_path):

@@ -74,6 +74,36 @@ def test_compile_target_drop_then_eval(checkpoint, tmp_path, capsys):
     assert "lost" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("budget", "warned"), [("0", True), ("0.1", True), ("0.5", False)])
+def test_a_policy_without_retrieval_heads_is_warned_about(checkpoint, tmp_path, capsys, budget, warned):
+    """--budget 0 (or one that rounds to no head of 4) writes the all-streaming baseline: say so."""
+    out = tmp_path / "p.yaml"
+    assert main(["compile", str(checkpoint), "-o", str(out), "--budget", budget, "--no-heldout", *FAST]) == 0
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if line.startswith("headpolicy compile: warning:")]
+    assert HeadPolicy.load(out).num_retrieval == (0 if warned else 2)
+    if warned:
+        assert len(warning) == 1 and f"--budget {budget} keeps none" in warning[0]
+        assert "sink 4 + window 8" in warning[0]
+    else:
+        assert warning == []
+
+
+def test_eval_of_a_policy_for_other_weights_needs_the_flag(checkpoint, tmp_path, capsys):
+    from tests.conftest import policy_for
+
+    foreign = tmp_path / "foreign.yaml"
+    policy_for(tiny_llama(vocab=VOCAB, layers=2, seed=9), [[True, False], [False, True]]).save(foreign)
+    args = ["eval", str(checkpoint), "--policy", str(foreign), "--lengths", "600", "--depths", "0.5",
+            "--kinds", "passkey", "--seeds", "1", "--text-lengths", "1200", "-o", str(tmp_path / "e.json"),
+            "--quiet"]  # fmt: skip
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("headpolicy eval: PolicyMismatchError") and "--no-fingerprint-check" in last
+    assert main([*args, "--no-fingerprint-check"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["configs"]["policy"]
+
+
 def test_bad_model_path_fails_cleanly(tmp_path, capsys):
     out = tmp_path / "p.yaml"
     rc = main(["compile", str(tmp_path / "no-such-model"), "-o", str(out), "--budget", "0.5", "--quiet"])

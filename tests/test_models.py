@@ -39,6 +39,36 @@ def test_bad_sources(tmp_path):
         load_model(tmp_path / "missing.gguf")
 
 
+def write_gguf(path):
+    """A small but well-formed .gguf (llama metadata, a vocabulary, one tensor)."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(64)
+    w.add_embedding_length(16)
+    w.add_head_count(2)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}".encode() for i in range(8)])
+    w.add_tensor("token_embd.weight", np.zeros((8, 16), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("keep", [3, 12, 100, 0.5])
+def test_a_truncated_gguf_is_a_model_source_error(tmp_path, keep):
+    """gguf's reader raises struct.error, ValueError... on a cut file: all become one named error."""
+    data = write_gguf(tmp_path / "full.gguf").read_bytes()
+    cut = tmp_path / "t.gguf"
+    cut.write_bytes(data[: int(keep * len(data)) if isinstance(keep, float) else keep])
+    with pytest.raises(ModelSourceError, match=f"cannot load {cut}: "):
+        load_model(cut)
+
+
 def test_checkpoint_directory_round_trip(tmp_path):
     """A Hugging Face checkpoint directory loads offline (tokenizer from a tiny word-level vocab)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -3,8 +3,9 @@
 One module per subcommand (cli/compile.py, cli/eval.py, ...), each registering itself with
 `@command`; shared argument types live in cli/args.py.
 
-Exit codes: 0 success; 2 bad input (a HeadPolicyError: the one-line reason is printed);
-1 anything unexpected.
+Exit codes: 0 success; 2 bad input (a HeadPolicyError, or a bad option: the one-line reason is
+printed); 141 when the reader of stdout went away (`headpolicy inspect P | head -1`: quietly, as
+a standard tool killed by SIGPIPE); 130 on Ctrl-C; 1 anything unexpected (a bug).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -20,6 +22,10 @@ from headpolicy.errors import HeadPolicyError
 # The subcommand modules, in --help order. Add yours here.
 COMMAND_MODULES = [f"headpolicy.cli.{m}" for m in
                    ("compile", "eval", "generate", "export", "import_", "inspect", "diff", "attach")]  # fmt: skip
+
+# 128 + SIGPIPE: what a shell reports for `cat`, `grep`... when the reader of their output exits
+# first, so scripts with `set -o pipefail` see headpolicy behave like any other tool.
+EXIT_BROKEN_PIPE = 141
 
 _COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int], str]] = {}
 
@@ -49,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, where it can be caught, not at interpreter exit
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -60,6 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"headpolicy {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_to_devnull() -> None:
+    """Python flushes stdout once more at exit; with the reader gone that would print 'Exception ignored'."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is no file descriptor (a test's capture): nothing reaches a pipe at exit
 
 
 if __name__ == "__main__":

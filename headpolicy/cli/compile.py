@@ -89,12 +89,24 @@ def run_compile(args: argparse.Namespace) -> int:
         }
         write_json(args.json, report_data)
     print(summary_table(policy, out), file=sys.stdout)
+    if policy.num_retrieval == 0:
+        print(all_streaming_warning(policy, args.budget), file=sys.stderr)
     members = {k: v for k, v in report.scores.items() if k != args.method}
     if len(members) > 1:  # a combined method: how much do its members agree?
         from headpolicy.profiler.scorers.ensemble import agreement, format_agreement
 
         print(format_agreement(agreement(members)), file=sys.stdout)
     return 0
+
+
+def all_streaming_warning(policy, budget: float | None) -> str:
+    """A policy without retrieval heads is StreamingLLM: valid, but rarely what a user meant."""
+    why = f"--budget {budget:g} keeps none" if budget is not None else "the KV budget left room for none"
+    return (
+        f"headpolicy compile: warning: no KV head keeps the full cache ({why}): every head keeps only "
+        f"sink {policy.sink} + window {policy.window} tokens, so the model cannot retrieve anything older "
+        "than the window; raise --budget or --kv-budget to keep retrieval heads"
+    )
 
 
 def head_map(policy) -> str:

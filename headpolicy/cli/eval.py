@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from headpolicy.cli import command
-from headpolicy.cli.args import add_model, float_list, int_list
+from headpolicy.cli.args import add_model, add_no_fingerprint_check, float_list, int_list
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -26,6 +26,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="task and text seed")
     p.add_argument("-o", "--output", help="JSON results file (default: eval_<policy name>.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_no_fingerprint_check(p, "evaluate")
 
 
 def _names(text: str, known: tuple[str, ...], option: str) -> tuple[str, ...]:
@@ -56,7 +57,8 @@ def run_eval(args: argparse.Namespace) -> int:
                              seed=args.seed)  # fmt: skip
     t0 = time.perf_counter()
     model, tok = load_source(args.model)
-    result = run_suite(model, tok, policy, settings, progress=not args.quiet)
+    result = run_suite(model, tok, policy, settings, progress=not args.quiet,
+                       check_fingerprint=not args.no_fingerprint_check)  # fmt: skip
     result["policy"]["file"] = str(args.policy)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.output or f"eval_{Path(args.policy).stem}.json")

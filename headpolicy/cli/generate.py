@@ -25,11 +25,13 @@ def run_generate(args: argparse.Namespace) -> int:
     from headpolicy.runtime.checkpoint import load_model
     from headpolicy.runtime.generate import cache_bytes, generate
 
+    # Read the policy before the model: a bad file fails in milliseconds, not after the model loads.
+    policy = HeadPolicy.load(args.policy) if args.policy else None
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     # A checkpoint's attached policy applies unless --policy names another one.
-    model, tok = load_model(args.model, apply_policy=not args.policy)
-    if args.policy:
-        apply(model, HeadPolicy.load(args.policy), check_fingerprint=not args.no_fingerprint_check)
+    model, tok = load_model(args.model, apply_policy=policy is None)
+    if policy is not None:
+        apply(model, policy, check_fingerprint=not args.no_fingerprint_check)
     enc = tok(prompt, return_tensors="pt")
     t0 = time.perf_counter()
     gen = generate(model, enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=args.max_new_tokens,

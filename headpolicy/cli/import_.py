@@ -25,18 +25,14 @@ def _configure(p: argparse.ArgumentParser) -> None:
          configure=_configure)  # fmt: skip
 def run_import(args: argparse.Namespace) -> int:
     from headpolicy.models import describe_model, load_source
-    from headpolicy.policies.importers import import_policy
+    from headpolicy.policies.importers import check_options, policy_from_source, read_source
 
+    options = {"budget": args.budget, "threshold": args.threshold, "sink": args.sink, "window": args.window}
+    # The format, the file's syntax and the options need no model: refuse them before the model loads.
+    source = read_source(args.format, args.src)
+    check_options(source, **options)
     model, _ = load_source(args.model)
-    policy = import_policy(
-        args.format,
-        args.src,
-        describe_model(model),
-        budget=args.budget,
-        threshold=args.threshold,
-        sink=args.sink,
-        window=args.window,
-    )
+    policy = policy_from_source(source, describe_model(model), **options)
     policy.save(args.output)
     print(
         f"wrote {args.output}: {policy.num_retrieval}/{policy.num_heads} retrieval KV heads, "

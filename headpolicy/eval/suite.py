@@ -79,8 +79,11 @@ def suite_texts(codec, s: SuiteSettings, limit: int | None) -> list[tuple[int, .
     return out
 
 
-def run_suite(model, tokenizer, policy, settings: SuiteSettings | None = None, *, progress: bool = False) -> dict:
-    """Run every configuration on the same items; returns plain data (JSON-ready)."""
+def run_suite(
+    model, tokenizer, policy, settings: SuiteSettings | None = None, *, progress: bool = False, check_fingerprint=True
+) -> dict:
+    """Run every configuration on the same items; returns plain data (JSON-ready).
+    check_fingerprint=False accepts a policy for the same shape but other weights."""
     from tqdm.auto import tqdm
 
     from headpolicy.runtime.generate import context_limit
@@ -88,7 +91,7 @@ def run_suite(model, tokenizer, policy, settings: SuiteSettings | None = None, *
     s = settings or SuiteSettings()
     codec = T.as_codec(tokenizer)
     info = describe_model(model)
-    policy.check_model(info)
+    policy.check_model(info, check_fingerprint=check_fingerprint)
     tasks = suite_tasks(codec, s)
     texts = suite_texts(codec, s, context_limit(model))
     configs: list[tuple[str, object]] = [("full", None), ("policy", policy)]
@@ -101,7 +104,7 @@ def run_suite(model, tokenizer, policy, settings: SuiteSettings | None = None, *
     bar = tqdm(total=len(configs) * (len(tasks) + len(texts)), desc="eval", disable=not progress, dynamic_ncols=True)
     for name, pol in configs:
         t0 = time.perf_counter()
-        m = model if pol is None else applied_copy(model, pol)
+        m = model if pol is None else applied_copy(model, pol, check_fingerprint=check_fingerprint)
         bar.set_description(f"eval {name}")
         outs = answers(m, codec.decode, tasks, progress=bar)
         nll = []

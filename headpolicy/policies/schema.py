@@ -16,7 +16,11 @@ A policy file looks like this (abridged)::
     results: {...}
 
 Loading is strict: anything unexpected raises a `PolicyError` that names the key
-(and layer/head) that is wrong and what was expected. Saving is atomic.
+(and layer/head) that is wrong and what was expected. Loading is also bounded, so a hostile
+file fails in well under a second instead of hanging every load of its checkpoint: at most
+MAX_POLICY_BYTES of text, MAX_YAML_NODES nodes counted with every alias expanded (an alias
+bomb is refused before any Python object is built), MAX_YAML_ALIASES aliases, MAX_YAML_DEPTH
+levels, and no duplicate mapping keys. Saving is atomic and never writes anchors or aliases.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.events import AliasEvent
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.resolver import Resolver
 
 from headpolicy.errors import PolicyError, PolicyMismatchError
 from headpolicy.io import atomic_write
@@ -40,6 +49,11 @@ RETRIEVAL: Literal["retrieval"] = "retrieval"
 STREAMING: Literal["streaming"] = "streaming"
 KINDS = (RETRIEVAL, STREAMING)
 Kind = Literal["retrieval", "streaming"]
+
+# The largest sink, window or native window a policy may name: int32, the type of the token
+# ranks and of the kernels' window arguments. Any real context is far shorter, and a larger
+# value would overflow there instead of being refused here.
+MAX_TOKENS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -264,7 +278,8 @@ class HeadPolicy:
             raise PolicyMismatchError(
                 f"policy fingerprint {mine.fingerprint} ({mine.name}) does not match the model's "
                 f"{theirs.fingerprint} ({theirs.name}): the policy was compiled for other weights. "
-                "Recompile it, or pass check_fingerprint=False if you know the heads are the same."
+                "Recompile it, or, if you know the heads are the same, pass --no-fingerprint-check "
+                "(check_fingerprint=False in Python)."
             )
 
     # ---- serialisation --------------------------------------------------------------------
@@ -315,15 +330,15 @@ class HeadPolicy:
 
     @classmethod
     def from_yaml(cls, text: str) -> HeadPolicy:
+        """Parse and validate policy YAML (bounded: see MAX_POLICY_BYTES and MAX_YAML_*)."""
         if not isinstance(text, str):
             raise PolicyError(f"policy text must be str, got {type(text).__name__}")
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise PolicyError(f"policy is not valid YAML: {_one_line(e)}") from None
-        except RecursionError:
-            raise PolicyError("policy YAML is nested too deeply") from None
-        return _parse_policy(data)
+        if len(text) > MAX_POLICY_BYTES:
+            raise PolicyError(
+                f"policy text is {len(text)} characters, more than MAX_POLICY_BYTES = {MAX_POLICY_BYTES}; "
+                "a policy for a 128-layer model is well under that"
+            )
+        return _parse_policy(_load_yaml(text))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the YAML atomically (io.atomic_write); returns the path written."""
@@ -332,12 +347,7 @@ class HeadPolicy:
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadPolicy:
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise PolicyError(f"policy file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise PolicyError(f"cannot read policy file {path}: {_one_line(e)}") from None
+        text = _read_policy_text(path)
         try:
             return cls.from_yaml(text)
         except PolicyError as e:
@@ -350,7 +360,8 @@ class _Flow(dict):
 
 
 class _Dumper(yaml.SafeDumper):
-    pass
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # shared objects are written out in full: a policy file never holds anchors or aliases
 
 
 _Dumper.add_representer(_Flow, lambda d, data: d.represent_mapping("tag:yaml.org,2002:map", data, flow_style=True))
@@ -358,6 +369,159 @@ _Dumper.add_representer(_Flow, lambda d, data: d.represent_mapping("tag:yaml.org
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
+
+
+# ---- bounded YAML reading -------------------------------------------------------------------
+# A policy for a 128-layer model with 128 KV heads a layer, each head with a score and its own
+# sink and window, is about 1 MiB and 150k YAML nodes. The caps leave room for that and refuse
+# what would take minutes or gigabytes: a 44 MB results list, nine nested levels of aliases.
+MAX_POLICY_BYTES = 4 * 2**20
+MAX_YAML_NODES = 250_000  # with every alias expanded: what validation (and a later save) walks
+MAX_YAML_ALIASES = 1_000  # our dumper writes none; a hand-written file may share a few anchors
+MAX_YAML_DEPTH = 64  # a policy is 6 levels deep; settings and results nest a little more
+
+# libyaml scans and parses in C when it is installed; composing stays in Python (below), so the
+# caps are counted as the node tree is built, not after.
+try:
+    from yaml.cyaml import CParser as _EventSource
+except ImportError:  # PyYAML built without libyaml: the same events, scanned in Python
+    from yaml.parser import Parser
+    from yaml.reader import Reader
+    from yaml.scanner import Scanner
+
+    class _EventSource(Reader, Scanner, Parser):
+        def __init__(self, stream: str) -> None:
+            Reader.__init__(self, stream)
+            Scanner.__init__(self)
+            Parser.__init__(self)
+
+
+class _BoundedLoader(Composer, _EventSource, SafeConstructor, Resolver):
+    """yaml.SafeLoader that counts nodes, aliases and depth while it composes (Composer comes
+    first, so its Python compose_node runs even over libyaml's events)."""
+
+    def __init__(self, text: str) -> None:
+        _EventSource.__init__(self, text)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+        self.nodes = self.aliases = self.depth = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        line = self.peek_event().start_mark.line + 1
+        if self.check_event(AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise PolicyError(f"line {line}: more than MAX_YAML_ALIASES = {MAX_YAML_ALIASES} aliases")
+        else:
+            self.nodes += 1
+            if self.nodes > MAX_YAML_NODES:
+                raise PolicyError(f"line {line}: more than MAX_YAML_NODES = {MAX_YAML_NODES} YAML nodes")
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise PolicyError(f"line {line}: nested more than MAX_YAML_DEPTH = {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _load_yaml(text: str) -> Any:
+    """Plain data from YAML text, refusing oversized, alias-bombed or ambiguous documents."""
+    loader = _BoundedLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _check_tree(loader, root)
+        return loader.construct_document(root)
+    except PolicyError:
+        raise  # (a ValueError too)
+    except (yaml.YAMLError, ValueError, OverflowError) as e:
+        # ValueError: a value PyYAML recognises but cannot build (date 2001-13-01, a 5000-digit int)
+        raise PolicyError(f"policy is not valid YAML: {_one_line(e)[:300]}") from None
+    except RecursionError:
+        raise PolicyError("policy YAML is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _children(node: Node) -> list[Node]:
+    if isinstance(node, SequenceNode):
+        return node.value
+    return [n for pair in node.value for n in pair]  # a MappingNode's keys and values
+
+
+def _check_tree(loader: _BoundedLoader, root: Node) -> None:
+    """Size and depth with aliases expanded, no recursive alias, no duplicate keys; O(composed nodes).
+
+    An alias is the same node object as its anchor, so the expanded size of a node is memoised
+    by identity: nine nested levels of nine aliases cost 81 steps here, not 9**9. Scalars (size
+    and depth 1) never enter the tables.
+    """
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()  # on the current path: meeting one again is a recursive alias
+    stack: list[tuple[Node, bool]] = [] if isinstance(root, ScalarNode) else [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            kids = _children(node)
+            size[key] = 1 + sum(size.get(id(k), 1) for k in kids)
+            depth[key] = 1 + max((depth.get(id(k), 1) for k in kids), default=0)
+            open_nodes.discard(key)
+            line = node.start_mark.line + 1
+            if size[key] > MAX_YAML_NODES:
+                raise PolicyError(
+                    f"line {line}: expands to more than MAX_YAML_NODES = {MAX_YAML_NODES} YAML nodes "
+                    "(an alias counts as a copy of its anchor)"
+                )
+            if depth[key] > MAX_YAML_DEPTH:
+                raise PolicyError(f"line {line}: nested more than MAX_YAML_DEPTH = {MAX_YAML_DEPTH} levels deep")
+            continue
+        if key in size:
+            continue
+        if key in open_nodes:
+            raise PolicyError(f"line {node.start_mark.line + 1}: an alias refers to a node that contains it")
+        open_nodes.add(key)
+        if isinstance(node, MappingNode):
+            _refuse_duplicate_keys(loader, node)
+        stack.append((node, True))
+        stack.extend((k, False) for k in _children(node) if not isinstance(k, ScalarNode))
+
+
+def _refuse_duplicate_keys(loader: _BoundedLoader, node: MappingNode) -> None:
+    """YAML would keep the last of two equal keys; a policy with `kind` twice is a mistake, not a choice."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # a merge key (<<) may be overridden; complex keys are refused when constructed
+        key = loader.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise PolicyError(f"line {line}: duplicate key {key!r} (first at line {seen[key]}); give it once")
+            seen[key] = line
+        except TypeError:
+            continue  # unhashable: the constructor refuses it with its own message
+
+
+def _read_policy_text(path: Path) -> str:
+    """The file's text, refusing more than MAX_POLICY_BYTES before reading it."""
+    too_big = f"policy file {path} is larger than MAX_POLICY_BYTES = {MAX_POLICY_BYTES} bytes; is it a policy?"
+    try:
+        if path.stat().st_size > MAX_POLICY_BYTES:
+            raise PolicyError(too_big)
+        with open(path, "rb") as f:
+            data = f.read(MAX_POLICY_BYTES + 1)  # a pipe or device has no size to stat
+        if len(data) > MAX_POLICY_BYTES:
+            raise PolicyError(too_big)
+        return data.decode("utf-8")
+    except FileNotFoundError:
+        raise PolicyError(f"policy file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PolicyError(f"cannot read policy file {path}: {_one_line(e)}") from None
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -369,6 +533,18 @@ _PROV_KEYS = {f.name for f in dataclasses.fields(Provenance)}
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def finite_number(x: Any) -> float | None:
+    """`x` as a float when it is a finite int or float (not a bool), else None. An int too large
+    for a float (10**400) is not finite: math.isfinite would raise OverflowError on it."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    try:
+        value = float(x)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _need_mapping(x: Any, where: str) -> Mapping:
@@ -391,6 +567,13 @@ def _need_int(x: Any, where: str, *, minimum: int) -> int:
         raise PolicyError(f"{where}: expected an integer >= {minimum}, got {x!r}")
     if x < minimum:
         raise PolicyError(f"{where}: expected an integer >= {minimum}, got {x}")
+    return x
+
+
+def need_tokens(x: Any, where: str, *, minimum: int) -> int:
+    """`x` as a token count (sink, window) in [minimum, MAX_TOKENS]; else PolicyError naming `where` and the cap."""
+    if not _is_int(x) or not minimum <= x <= MAX_TOKENS:
+        raise PolicyError(f"{where}: expected an integer from {minimum} to MAX_TOKENS = {MAX_TOKENS}, got {x!r}")
     return x
 
 
@@ -429,13 +612,13 @@ def _parse_head(x: Any, where: str) -> HeadSpec:
     kind = x["kind"]
     if kind not in KINDS:
         raise PolicyError(f"{where}.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-    sink = None if x.get("sink") is None else _need_int(x["sink"], f"{where}.sink", minimum=0)
-    window = None if x.get("window") is None else _need_int(x["window"], f"{where}.window", minimum=1)
+    sink = None if x.get("sink") is None else need_tokens(x["sink"], f"{where}.sink", minimum=0)
+    window = None if x.get("window") is None else need_tokens(x["window"], f"{where}.window", minimum=1)
     score = x.get("score")
     if score is not None:
-        if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
-            raise PolicyError(f"{where}.score: expected a finite number, got {score!r}")
-        score = float(score)
+        if finite_number(score) is None:
+            raise PolicyError(f"{where}.score: expected a finite number, got {score!r:.80}")
+        score = finite_number(score)
     return HeadSpec(kind=kind, sink=sink, window=window, score=score)
 
 
@@ -444,7 +627,9 @@ def _parse_native_windows(x: Any, num_layers: int) -> tuple[int | None, ...] | N
         return None
     if not isinstance(x, list) or len(x) != num_layers:
         raise PolicyError(f"model.native_windows: expected a list of {num_layers} entries (window or null), got {x!r}")
-    return tuple(None if w is None else _need_int(w, f"model.native_windows[{i}]", minimum=1) for i, w in enumerate(x))
+    return tuple(
+        None if w is None else need_tokens(w, f"model.native_windows[{i}]", minimum=1) for i, w in enumerate(x)
+    )
 
 
 def _parse_policy(data: Any) -> HeadPolicy:
@@ -474,8 +659,8 @@ def _parse_policy(data: Any) -> HeadPolicy:
 
     d = _need_mapping(data.get("defaults") or {}, "defaults")
     _no_unknown(d, {"sink", "window"}, "defaults")
-    sink = _need_int(d.get("sink", 64), "defaults.sink", minimum=0)
-    window = _need_int(d.get("window", 256), "defaults.window", minimum=1)
+    sink = need_tokens(d.get("sink", 64), "defaults.sink", minimum=0)
+    window = need_tokens(d.get("window", 256), "defaults.window", minimum=1)
 
     rows = data["layers"]
     if not isinstance(rows, list):
@@ -529,8 +714,14 @@ def _validate_policy(p: HeadPolicy) -> None:
         raise PolicyError(
             f"model: num_attention_heads ({m.num_attention_heads}) is not a multiple of num_kv_heads ({m.num_kv_heads})"
         )
-    if m.native_windows is not None and len(m.native_windows) != m.num_layers:
-        raise PolicyError(f"model.native_windows: expected {m.num_layers} entries, got {len(m.native_windows)}")
+    if m.native_windows is not None:
+        if len(m.native_windows) != m.num_layers:
+            raise PolicyError(f"model.native_windows: expected {m.num_layers} entries, got {len(m.native_windows)}")
+        for li, w in enumerate(m.native_windows):
+            if w is not None:
+                need_tokens(w, f"model.native_windows[{li}]", minimum=1)
+    need_tokens(p.sink, "defaults.sink", minimum=0)
+    need_tokens(p.window, "defaults.window", minimum=1)
     if len(p.layers) != m.num_layers:
         raise PolicyError(f"layers: expected {m.num_layers} layers (model.num_layers), got {len(p.layers)}")
     for li, row in enumerate(p.layers):
@@ -552,11 +743,7 @@ def _validate_policy(p: HeadPolicy) -> None:
                     f"layer {li} head {hi}: layer {li} is the model's own sliding-window layer "
                     f"(window {native}); its heads must be streaming with sink 0 and window {native}"
                 )
-            if spec.kind == STREAMING:
-                s, w = p.head_window(li, hi)
-                if not (_is_int(s) and s >= 0 and _is_int(w) and w >= 1):
-                    raise PolicyError(f"layer {li} head {hi}: need sink >= 0 and window >= 1, got {s}, {w}")
-    if not (_is_int(p.sink) and p.sink >= 0):
-        raise PolicyError(f"defaults.sink: expected an integer >= 0, got {p.sink!r}")
-    if not (_is_int(p.window) and p.window >= 1):
-        raise PolicyError(f"defaults.window: expected an integer >= 1, got {p.window!r}")
+            if spec.sink is not None:
+                need_tokens(spec.sink, f"layer {li} head {hi}.sink", minimum=0)
+            if spec.window is not None:
+                need_tokens(spec.window, f"layer {li} head {hi}.window", minimum=1)

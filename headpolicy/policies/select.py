@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from headpolicy.errors import BudgetError
+from headpolicy.policies.schema import finite_number
 
 
 def _check_scores(scores) -> np.ndarray:
@@ -31,7 +32,7 @@ def _check_scores(scores) -> np.ndarray:
 
 def budget_heads(budget: float, num_heads: int) -> int:
     """Retrieval heads for a fractional budget: round half up of budget * num_heads."""
-    if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget):
+    if finite_number(budget) is None:
         raise BudgetError(f"budget must be a number in [0, 1], got {budget!r}")
     if not 0.0 <= budget <= 1.0:
         raise BudgetError(f"budget must be a fraction of KV heads in [0, 1], got {budget}")

@@ -36,7 +36,7 @@ import numpy as np
 
 from headpolicy.errors import BudgetError
 from headpolicy.models import describe_model
-from headpolicy.policies.schema import HeadPolicy, ModelInfo, Provenance
+from headpolicy.policies.schema import MAX_TOKENS, HeadPolicy, ModelInfo, Provenance
 from headpolicy.policies.select import allocate, budget_heads, select_budget, smallest_passing
 from headpolicy.profiler import objective as O
 from headpolicy.profiler import tasks as T
@@ -93,8 +93,12 @@ class CompileSettings:
                                   f"got {value!r}")  # fmt: skip
         if not (math.isfinite(self.target_drop) and self.target_drop >= 0):
             raise BudgetError(f"--target-drop must be >= 0 percent, got {self.target_drop}")
-        if self.sink < 0 or self.window < 1 or any(w < 1 for w in self.windows):
-            raise BudgetError(f"need sink >= 0 and windows >= 1, got sink {self.sink}, windows {self.windows}")
+        windows = (self.window, *self.windows)
+        if not (0 <= self.sink <= MAX_TOKENS and all(1 <= w <= MAX_TOKENS for w in windows)):
+            raise BudgetError(
+                f"need 0 <= sink <= MAX_TOKENS and 1 <= window <= MAX_TOKENS (= {MAX_TOKENS}), "
+                f"got sink {self.sink}, windows {windows}"
+            )
         if not self.lengths or any(n < 64 for n in (*self.lengths, self.text_length)):
             raise BudgetError("task and text lengths must be >= 64 tokens")
         if not 0 <= self.text_from < self.text_length - 1:

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from headpolicy import BudgetError, HeadPolicy, ModelInfo, PolicyError
-from headpolicy.policies.importers import ImportFormatError, format_names, import_policy
+from headpolicy.policies.importers import (
+    ImportFormatError,
+    check_options,
+    format_names,
+    import_policy,
+    policy_from_source,
+    read_source,
+)
+from headpolicy.policies.schema import MAX_TOKENS
 
 # 3 layers x 2 KV heads, 3 query heads per KV head
 INFO = ModelInfo("tiny", "LlamaForCausalLM", 3, 6, 2, 16, "sha256:0123")
@@ -81,7 +89,7 @@ def test_duo_attention_without_config_uses_defaults(tmp_path):
         ("0.9\t0.1\n0.2\t0.6\n0.05\tabc\n", r"line 3, column 2: expected a number, got 'abc'"),
         ("0.9\t0.1\n0.2\tnan\n0.05\t0.4\n", r"line 2, column 2: expected a finite number"),
         ("0.9\t0.1\n0.2\t0.6\n", r"expected 3 lines \(one per layer of tiny\), got 2"),
-        ("0.9 0.1\n0.2 0.6\n0.1 0.1\n", r"line 1: expected 2 tab-separated"),
+        ("0.9 0.1\n0.2 0.6\n0.1 0.1\n", r"line 1, column 1: expected a number, got '0.9 0.1' \(.*separated by tabs"),
     ],
 )
 def test_duo_attention_malformed_tsv(tmp_path, text, match):
@@ -95,7 +103,10 @@ def test_duo_attention_malformed_tsv(tmp_path, text, match):
     ("config", "match"),
     [
         ('{"sink_size": 16}', r"config.json: missing key 'recent_size'"),
-        ('{"sink_size": 16, "recent_size": 0}', r"key 'recent_size': expected a positive integer, got 0"),
+        ('{"sink_size": 16, "recent_size": 0}', r"key 'recent_size': expected an integer from 1 to MAX_TOKENS"),
+        ('{"sink_size": 1e29, "recent_size": 8}', r"key 'sink_size': expected an integer from 0 to MAX_TOKENS"),
+        ('{"sink_size": 16, "recent_size": 100000000000000000000000000000}', r"key 'recent_size': .*MAX_TOKENS"),
+        ('{"sink_size": 2147483648, "recent_size": 8}', r"key 'sink_size': expected an integer from 0 to .*2147483647"),
         ('{"sink_size": "16", "recent_size": 8}', r"key 'sink_size'"),
         ("[1, 2]", r"config.json: expected a JSON object"),
         ('{"sink_size": 16,\n "recent_size": }', r"config.json: not valid JSON \(line 2"),
@@ -145,6 +156,9 @@ def test_retrieval_head_reduces_mean_over_trials_then_max_over_group(tmp_path):
         (lambda d: d.update({"3-0": [0.1]}), r"key '3-0': out of range"),
         (lambda d: d.update({"1-1": []}), r"key '1-1': expected a non-empty list"),
         (lambda d: d.update({"1-1": [0.1, "a"]}), r"key '1-1'\[1\]: expected a finite number"),
+        (lambda d: d.update({"1-1": [10**400]}), r"key '1-1'\[0\]: expected a finite number"),  # float() overflows
+        (lambda d: d.update({"\u00b2-1": [0.1]}), r"key '\u00b2-1': expected a non-negative integer"),  # '²'.isdigit()
+        (lambda d: d.update({"1" * 5000 + "-1": [0.1]}), r"expected a non-negative integer"),
         (lambda d: d.pop("2-3"), r"missing key '2-3' \(1 of 18 query heads have no scores\)"),
     ],
 )
@@ -155,6 +169,17 @@ def test_retrieval_head_malformed(tmp_path, edit, match):
     src.write_text(json.dumps(data))
     with pytest.raises(ImportFormatError, match=match):
         import_policy("retrieval-head", src, INFO)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [("[" * 100_000 + "]" * 100_000, r"JSON nested too deeply"), ('{"0": [' + "1" * 5000 + "]}", r"not valid JSON")],
+)
+def test_json_python_cannot_build_is_a_format_error(tmp_path, text, match):
+    src = tmp_path / "r.json"
+    src.write_text(text)
+    with pytest.raises(ImportFormatError, match=match):
+        import_policy("razor-attention", src, INFO)
 
 
 def test_retrieval_head_invalid_json_names_the_line(tmp_path):
@@ -214,3 +239,43 @@ def test_budget_ties_go_to_the_lower_layer_and_head(tmp_path):
     tsv = write_duo(tmp_path, gates=[[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])
     p = import_policy("duo", tsv, INFO, budget=0.5)
     assert np.array(table(p)).tolist() == [[True, True], [True, False], [False, False]]
+
+
+def test_read_source_checks_syntax_without_a_model(tmp_path):
+    """What `headpolicy import` checks before it loads the model; the shape checks come after."""
+    tsv = write_duo(tmp_path, gates=[[0.9, 0.1, 0.3]], config={"sink_size": 8, "recent_size": 16})
+    source = read_source("duo", tmp_path)  # one line of three gates: fine for the syntax
+    assert source.format.name == "duo-attention" and source.path == tsv
+    with pytest.raises(ImportFormatError, match="expected 2 tab-separated gate values"):
+        policy_from_source(source, INFO)
+    tsv.write_text("0.9\tx\n")
+    with pytest.raises(ImportFormatError, match="column 2: expected a number"):
+        read_source("duo", tmp_path)
+    razor = tmp_path / "razor.json"
+    razor.write_text('{"7": [0, 9]}')  # out of range for INFO, but only the model can say so
+    assert read_source("razor", razor).parsed == {7: ("7", [0, 9])}
+
+
+def test_policy_from_source_is_import_policy(tmp_path):
+    write_duo(tmp_path, config={"sink_size": 16, "recent_size": 32})
+    assert policy_from_source(read_source("duo", tmp_path), INFO, budget=0.5) == import_policy(
+        "duo", tmp_path, INFO, budget=0.5
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"sink": MAX_TOKENS + 1}, PolicyError, r"sink: expected an integer from 0 to MAX_TOKENS = 2147483647"),
+        ({"window": 0}, PolicyError, r"window: expected an integer from 1 to MAX_TOKENS"),
+        ({"threshold": float("nan")}, BudgetError, r"threshold must be a finite number"),
+        ({"budget": -0.1}, BudgetError, r"in \[0, 1\]"),
+    ],
+)
+def test_check_options(tmp_path, options, error, match):
+    source = read_source("duo", write_duo(tmp_path))
+    with pytest.raises(error, match=match):
+        check_options(source, **options)
+    with pytest.raises(error, match=match):
+        import_policy("duo", source.path, INFO, **options)
+    check_options(source, sink=MAX_TOKENS, window=MAX_TOKENS, threshold=0.3)

@@ -8,6 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from headpolicy import HeadPolicy, HeadSpec, ModelInfo, PolicyError, PolicyMismatchError, Provenance
+from headpolicy.policies import schema
+from headpolicy.policies.schema import MAX_POLICY_BYTES, MAX_TOKENS
+from tests import conftest
 
 INFO = ModelInfo("toy", "LlamaForCausalLM", 3, 6, 2, 16, "sha256:abc")
 
@@ -96,11 +99,16 @@ DELETE = object()
         (("model", "head_dim"), "64", "model.head_dim: expected an integer"),
         (("model", "fingerprint"), DELETE, "model: missing required key 'fingerprint'"),
         (("model", "colour"), "red", "model: unknown key 'colour'"),
-        (("defaults", "window"), 0, "defaults.window: expected an integer >= 1, got 0"),
+        (("defaults", "window"), 0, "defaults.window: expected an integer from 1 to MAX_TOKENS = 2147483647, got 0"),
+        (("defaults", "sink"), 10**30, "defaults.sink: expected an integer from 0 to MAX_TOKENS = 2147483647"),
+        (("defaults", "window"), 2**31, "defaults.window: expected an integer from 1 to MAX_TOKENS"),
+        (("layers", 1, "heads", 0, "sink"), 10**30, "layer 1 head 0.sink: expected an integer from 0 to MAX_TOKENS"),
+        (("layers", 1, "heads", 1, "window"), 2**31, "layer 1 head 1.window: expected an integer from 1 to MAX_TOKENS"),
         (("defaults", "sink"), True, "defaults.sink: expected an integer"),
         (("layers", 1, "heads", 0, "kind"), "sliding", "layer 1 head 0.kind: expected one of retrieval, streaming"),
         (("layers", 2, "heads", 1, "window"), -3, "layer 2 head 1.window"),
         (("layers", 0, "heads", 0, "score"), float("nan"), "layer 0 head 0.score: expected a finite number"),
+        (("layers", 0, "heads", 0, "score"), 10**400, "layer 0 head 0.score: expected a finite number"),
         (("layers", 0, "heads", 0, "sink"), 4, "layer 0 head 0: a retrieval head keeps every token"),
         (("layers", 1, "layer"), 5, "layers[1].layer: expected 1"),
         (("layers", 1, "heads"), "all", "layers[1].heads: expected a list of 2 heads"),
@@ -115,7 +123,35 @@ def test_bad_policies_raise_named_errors(path, value, message):
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("text", ["", "[1, 2]", "schema: [", "42", "{a: 1}", "!!python/object:os.system {}"])
+def test_sink_and_window_are_capped_at_max_tokens():
+    """Out-of-range values used to load and then overflow inside generate (int too big to convert)."""
+    p = make_policy()
+    top = p.replace(sink=MAX_TOKENS, window=MAX_TOKENS)
+    assert HeadPolicy.from_yaml(top.to_yaml()) == top  # the cap itself is a valid value
+    with pytest.raises(PolicyError, match=r"defaults.window: expected an integer from 1 to MAX_TOKENS = 2147483647"):
+        p.replace(window=MAX_TOKENS + 1)  # policies made in code are held to the same bound
+    layers = list(p.layers)
+    layers[1] = (HeadSpec("streaming", sink=10**30), layers[1][1])
+    with pytest.raises(PolicyError, match=r"layer 1 head 0.sink: expected an integer from 0 to MAX_TOKENS"):
+        p.replace(layers=tuple(layers))
+    hybrid = ModelInfo(**{**INFO.__dict__, "native_windows": (None, 2**40, None)})
+    with pytest.raises(PolicyError, match=r"model.native_windows\[1\]: expected an integer from 1 to MAX_TOKENS"):
+        HeadPolicy.from_kinds(hybrid, [[True, False]] * 3)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "[1, 2]",
+        "schema: [",
+        "42",
+        "{a: 1}",
+        "!!python/object:os.system {}",
+        "created: 2001-13-01",  # a timestamp PyYAML recognises but cannot build (ValueError)
+        "x: " + "1" * 5000,  # more digits than int() converts (ValueError)
+    ],
+)
 def test_not_a_policy(text):
     with pytest.raises(PolicyError):
         HeadPolicy.from_yaml(text)
@@ -135,6 +171,103 @@ def test_check_model():
     with pytest.raises(PolicyMismatchError, match="fingerprint"):
         p.check_model(other)
     p.check_model(other, check_fingerprint=False)
+
+
+# ---- bounded loading: hostile files fail at once (issue 12) ------------------------------------
+# The timeouts turn a regression into a failure instead of a hang: without the bounds each of
+# these inputs runs for minutes (the alias bomb expands to 9**9 nodes).
+def alias_bomb(levels: int = 9) -> str:
+    return conftest.alias_bomb(make_policy().to_yaml(), levels)
+
+
+@pytest.mark.timeout(30)
+def test_an_alias_bomb_is_refused(tmp_path):
+    with pytest.raises(PolicyError, match=r"line \d+: expands to more than MAX_YAML_NODES = 250000 YAML nodes"):
+        HeadPolicy.from_yaml(alias_bomb())
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(12))
+    with pytest.raises(PolicyError, match=f"{path}: line"):
+        HeadPolicy.load(path)
+
+
+def test_a_few_aliases_are_still_fine():
+    text = alias_bomb(2)  # 9 * 9 * 9 leaves
+    assert len(HeadPolicy.from_yaml(text).results["a2"]) == 9
+
+
+@pytest.mark.parametrize(
+    ("insert", "match"),
+    [
+        ("  r: &r [1, *r]\n", r"line \d+: an alias refers to a node that contains it"),
+        ("  d: " + "[" * 100 + "]" * 100 + "\n", r"nested more than MAX_YAML_DEPTH = 64 levels deep"),
+        ("  d:\n" + "".join("  " * (i + 2) + "-\n" for i in range(100)), r"nested more than MAX_YAML_DEPTH"),
+    ],
+)
+def test_recursive_and_deep_yaml_is_refused(insert, match):
+    with pytest.raises(PolicyError, match=match):
+        HeadPolicy.from_yaml(make_policy().to_yaml().replace("results:\n", "results:\n" + insert))
+
+
+@pytest.mark.timeout(30)
+def test_a_file_over_the_size_cap_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "huge.yaml"
+    with open(path, "w") as f:  # a 12 MB results list: minutes of parsing without the cap
+        f.write(make_policy().to_yaml().replace("results:", "results:\n  x:"))
+        f.write("  - 1\n" * (2 * 2**20))
+    assert path.stat().st_size > MAX_POLICY_BYTES
+    with pytest.raises(PolicyError, match=f"{path} is larger than MAX_POLICY_BYTES = 4194304 bytes"):
+        HeadPolicy.load(path)
+    with pytest.raises(PolicyError, match="more than MAX_POLICY_BYTES"):
+        HeadPolicy.from_yaml(path.read_text())
+
+
+@pytest.mark.timeout(30)
+def test_a_device_without_a_size_is_read_only_up_to_the_cap():
+    with pytest.raises(PolicyError, match="/dev/zero is larger than MAX_POLICY_BYTES"):
+        HeadPolicy.load("/dev/zero")  # stat says 0 bytes; reading it all would never end
+
+
+def test_node_and_alias_counts_are_capped_while_composing(monkeypatch):
+    monkeypatch.setattr(schema, "MAX_YAML_NODES", 500)
+    text = make_policy().to_yaml().replace("results:", "results:\n  x: [" + ", ".join(["1"] * 600) + "]\n  y:")
+    with pytest.raises(PolicyError, match=r"line \d+: more than MAX_YAML_NODES = 500 YAML nodes"):
+        HeadPolicy.from_yaml(text)
+    monkeypatch.setattr(schema, "MAX_YAML_ALIASES", 3)
+    with pytest.raises(PolicyError, match=r"more than MAX_YAML_ALIASES = 3 aliases"):
+        HeadPolicy.from_yaml(alias_bomb(1))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda t: t.replace("{kind: retrieval, score: 0.9}", "{kind: streaming, kind: retrieval, score: 0.9}"),
+         r"line 9: duplicate key 'kind' \(first at line 9\)"),
+        (lambda t: t + "schema: headpolicy/v1\n", r"duplicate key 'schema' \(first at line 2\)"),
+        (lambda t: t.replace("defaults: {sink: 4, window: 32}", "defaults: {sink: 4, window: 32}\ndefaults: {}"),
+         r"duplicate key 'defaults'"),
+        (lambda t: t.replace("  accuracy:", "  accuracy: 1\n  accuracy:"), r"duplicate key 'accuracy'"),
+        (lambda t: t.replace("{kind: retrieval, score: 0.9}", "{kind: retrieval, score: 0.9, score: 9}"),
+         r"duplicate key 'score'"),
+    ],
+)  # fmt: skip
+def test_duplicate_keys_are_refused_at_any_level(edit, match):
+    """YAML keeps the last of two equal keys; a file that says two things is refused instead."""
+    with pytest.raises(PolicyError, match=match):
+        HeadPolicy.from_yaml(edit(make_policy().to_yaml()))
+
+
+def test_a_merge_key_may_be_overridden():
+    merged = "results:\n  base: &b {x: 1, y: 2}\n  more: {<<: *b, y: 3}\n  z:"
+    text = make_policy().to_yaml().replace("results:", merged)
+    assert HeadPolicy.from_yaml(text).results["more"] == {"x": 1, "y": 3}
+
+
+def test_saved_policies_hold_no_anchors_or_aliases():
+    shared = {"lengths": [1024, 2048]}
+    p = make_policy().replace(results={"a": shared, "b": shared, "c": [shared, shared]})
+    text = p.to_yaml()
+    assert "&" not in text and "*" not in text
+    assert HeadPolicy.from_yaml(text) == p
 
 
 # ---- fuzzing: the loader raises PolicyError subclasses and nothing else ----------------------

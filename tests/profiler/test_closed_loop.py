@@ -59,6 +59,7 @@ def test_kv_budget_uses_per_head_windows_within_the_bytes():
     policy = report.policy
     assert report.estimates.shape == (2, 2, 2)
     assert policy.kv_fraction(400) <= 0.3 + 1e-9
-    windows = {policy.head_window(li, h)[1] for li in range(2) for h in range(2) if not policy.layers[li][h].is_retrieval}
+    streaming = [(li, h) for li in range(2) for h in range(2) if not policy.layers[li][h].is_retrieval]
+    windows = {policy.head_window(li, h)[1] for li, h in streaming}
     assert windows <= {8, 32}
     assert np.isfinite(policy.results["calibration"]["loss"]["value"])
