@@ -41,7 +41,8 @@ from headpolicy.policies.select import allocate, budget_heads, select_budget, sm
 from headpolicy.profiler import objective as O
 from headpolicy.profiler import tasks as T
 from headpolicy.profiler.scorers import get_scorer, scorer_names
-from headpolicy.profiler.scorers.causal import ESTIMATES, estimate
+from headpolicy.profiler.scorers.causal import SELECTION, estimate
+from headpolicy.profiler.scorers.causal import losses as selection_losses
 from headpolicy.runtime.generate import applied_copy
 from headpolicy.version import __version__
 
@@ -63,7 +64,9 @@ class CompileSettings:
     window: int = 256  # fixed-window methods, and --budget
     windows: tuple[int, ...] = WINDOWS  # per-head ladder (methods that estimate every window)
     estimate: str = "abs_first_order"  # which of causal.ESTIMATES orders the per-head options
-    repair_seconds: float = 180.0  # measured swaps after the knapsack (byte-budget modes)
+    estimate_blocks: int | None = 4  # causal: query blocks summed per layer and sequence (None: all)
+    repair_seconds: float = 300.0  # measured swaps after the knapsack (byte-budget modes), at most
+    time_budget: float = 570.0  # seconds for the whole compile: no repair swap starts that would end past it
     repair_patience: int = 3  # stop after this many swaps in a row that do not help
     lengths: tuple[int, ...] = (2048, 4096)  # calibration task lengths: where the policy is used
     kinds: tuple[str, ...] = T.NEEDLE_KINDS
@@ -94,10 +97,11 @@ class CompileSettings:
             if value is not None and not (isinstance(value, int | float) and 0.0 < value <= 1.0):
                 raise BudgetError(f"--{name.replace('_', '-')} must be a fraction of the full KV cache in (0, 1], "
                                   f"got {value!r}")  # fmt: skip
-        if self.estimate not in ESTIMATES:
-            raise BudgetError(f"unknown estimate {self.estimate!r} (known: {', '.join(ESTIMATES)})")
-        if not (math.isfinite(self.repair_seconds) and self.repair_seconds >= 0):
-            raise BudgetError(f"--repair-seconds must be >= 0, got {self.repair_seconds}")
+        if self.estimate not in SELECTION:
+            raise BudgetError(f"unknown estimate {self.estimate!r} (known: {', '.join(SELECTION)})")
+        for name in ("repair_seconds", "time_budget"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise BudgetError(f"--{name.replace('_', '-')} must be >= 0 seconds, got {getattr(self, name)}")
         if not (math.isfinite(self.target_drop) and self.target_drop >= 0):
             raise BudgetError(f"--target-drop must be >= 0 percent, got {self.target_drop}")
         windows = (self.window, *self.windows)
@@ -198,7 +202,9 @@ def score(model, data: CalibrationData, ref: O.Reference, s: CompileSettings, *,
         options = s.options(per_head=True)
         n = sum(ref.answered) + len(data.calib.texts)
         with _bar(n, "score causal", progress) as bar:
-            est = estimate(model, data.calib, options, ref=ref, progress=bar)[ESTIMATES.index(s.estimate)]
+            table = estimate(model, data.calib, options, ref=ref, chunks=s.estimate_blocks, progress=bar,
+                             samples=2 if s.estimate == "fisher" else 0)  # fmt: skip
+        est = selection_losses(table, s.estimate)
         column = options.index((s.sink, s.window)) if (s.sink, s.window) in options else len(options) // 2
         return Scored(options, est, {"causal": est[:, :, column]}, per_head=True)
     maps = get_scorer(s.method).score_maps(
@@ -255,12 +261,12 @@ def repair(
     (a larger window or the full cache) and the knapsack is solved again around it: the bytes come
     from the heads the estimates find cheapest to shrink. A swap is measured and kept if the
     objective falls. Stops after `repair_patience` swaps in a row that do not help, when no
-    move is left, or at `deadline` (time.perf_counter())."""
+    move is left, or when another measurement would end past `deadline` (time.perf_counter())."""
     table, costs = _knapsack(scored, info, s)
     budget = _byte_budget(info, s, cand.budget)
     best, trace, seen, misses = cand, [], {tuple(cand.choice)}, 0
     rows = np.arange(len(cand.choice))
-    while misses < s.repair_patience and time.perf_counter() < deadline:
+    while misses < s.repair_patience and time.perf_counter() + measure.seconds < deadline:
         at = best.choice
         risk = np.where(at > 0, table[rows, at], -np.inf)
         move = None
@@ -314,27 +320,30 @@ class Measurer:
         self.model, self.info, self.calib, self.ref = model, info, calib, ref
         self.make_policy, self.progress = make_policy, progress
         self.runs = 0
+        self.seconds = 0.0  # how long the last measurement took
 
     def __call__(self, cand: Candidate) -> O.Loss:
         if all(r is None for li in self.info.policy_layers for r in cand.rules[li]):
             return O.Loss(0.0, 0.0, 0.0, 1.0, 0.0, sum(self.ref.answered))  # every head full: the model itself
         model = applied_copy(self.model, self.make_policy(cand.rules))
         n = len(self.calib.tasks) + len(self.calib.texts)
+        t = time.perf_counter()
         with _bar(n, f"measure KV {100 * cand.kv_fraction:.0f}%", self.progress) as bar:
             loss = O.measure(model, self.calib, self.ref, progress=bar)
-        self.runs += 1
+        self.runs, self.seconds = self.runs + 1, time.perf_counter() - t
         log.info("KV %.1f%%: %s", 100 * cand.kv_fraction, loss.describe())
         return loss
 
 
 def select(
-    scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measurer
+    scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measurer, until: float = math.inf
 ) -> tuple[Candidate, list[dict], list[dict]]:
-    """The candidate compile returns, measured; the budgets tried (target mode); the repair swaps."""
+    """The candidate compile returns, measured; the budgets tried (target mode); the repair swaps
+    (within s.repair_seconds, and ending by `until`, a time.perf_counter())."""
     if s.mode == "budget":
         cand = at_head_budget(scored, info, s)
         return _measured(cand, measure), [], []
-    deadline = lambda: time.perf_counter() + s.repair_seconds  # noqa: E731
+    deadline = lambda: min(until, time.perf_counter() + s.repair_seconds)  # noqa: E731
     if s.mode == "kv_budget":
         cand = _measured(at_kv_budget(scored, info, s, s.kv_budget), measure)
         repaired, swaps = repair(cand, scored, info, s, measure, deadline())
@@ -453,7 +462,7 @@ def compile_policy(
         scored = score(model, data, ref, s, progress=progress)
     measure = Measurer(model, info, data.calib, ref, lambda rules: _policy(info, rules, scored), progress)
     with _timed(secs, "select"):
-        chosen, trace, swaps = select(scored, info, s, measure)
+        chosen, trace, swaps = select(scored, info, s, measure, until=t_all + s.time_budget)
     heldout = None
     if data.heldout is not None:
         with _timed(secs, "heldout"):

@@ -1,6 +1,8 @@
 """compile's --target-drop search with a scripted objective: the smallest KV budget whose measured loss
 is within tolerance, every budget tried reported, and a plain error when none is."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -81,6 +83,7 @@ def test_repair_swaps_until_the_measured_objective_stops_falling():
         streaming = sum(r is not None for row in cand.rules for r in row)
         return O.Loss(0.0, 0.0, 0.0, 1.0, (1.0 if cand.rules[0][1] is not None else 0.0) + 0.01 * streaming, 1)
 
+    measure.seconds = 0.0  # how long a measurement takes (the Measurer's own attribute)
     start = C._measured(C.at_kv_budget(scored, info, s, 0.5), measure)
     assert start.rules[0][1] == (4, 32) and start.loss.value > 1  # one retrieval head fits: not (0, 1)
     best, swaps = C.repair(start, scored, info, s, measure, deadline=float("inf"))
@@ -92,3 +95,6 @@ def test_repair_swaps_until_the_measured_objective_stops_falling():
     assert len(runs) == 1 + len(swaps) and len({str(r) for r in runs}) == len(runs)  # nothing measured twice
     late, none = C.repair(start, scored, info, s, measure, deadline=0.0)
     assert late is start and none == []  # out of time: the knapsack's answer, as measured
+    measure.seconds = 50.0
+    late, none = C.repair(start, scored, info, s, measure, deadline=time.perf_counter() + 30.0)
+    assert late is start and none == []  # a measurement would end past the deadline: none starts

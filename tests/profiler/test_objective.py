@@ -70,7 +70,7 @@ def test_causal_estimate_ranks_single_head_effects(seed):
     calib = calibration()
     ref = answered_everything(O.reference(model, calib))
     options = [(1, 8), (2, 32)]
-    est = estimate(model, calib, options, ref=ref, samples=0)[0]  # the first-order estimate
+    est = estimate(model, calib, options, ref=ref, answer_loss="nll")[0]  # the first-order estimate
     assert est.shape == (2, 2, 2) and np.isfinite(est).all()
     measured = np.zeros_like(est)
     for li in range(2):
@@ -105,8 +105,30 @@ def test_layer_effects_equal_running_each_option(monkeypatch, S):
         want = (g * (o - full)).double().sum(dim=(0, 2, 3)).view(Hkv, G).sum(-1)
         torch.testing.assert_close(got[0, :, j], want, rtol=1e-4, atol=1e-5)
         assert (got[1, :, j] >= got[0, :, j].abs() - 1e-6).all()  # |sum| <= sum of |.|
-        torch.testing.assert_close(got[3, :, j], -2 * want, rtol=1e-4, atol=1e-5)  # a further gradient
+        torch.testing.assert_close(got[4, :, j], -2 * want, rtol=1e-4, atol=1e-5)  # a further gradient
     assert (got[2, :, 0] >= got[2, :, 1]).all() and (got[2] >= 0).all()  # a shorter window drops more
+    torch.testing.assert_close(got[3], got[2])  # every row is a target row
+    tail = causal._layer_effects(causal._Layer(q, k, v, full, delta, scale), options, G, [g], targets=S - 7)
+    p = torch.softmax((q @ k.repeat_interleave(G, 1).transpose(-1, -2) * scale).masked_fill(
+        torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf")), dim=-1)  # fmt: skip
+    for j, (sink, window) in enumerate(options):
+        i, key = torch.arange(S)[:, None], torch.arange(S)[None, :]
+        dropped = (key >= sink) & (key <= i - window) & (i >= S - 7)  # the last 7 rows only
+        want = (p * dropped).double().sum(dim=(0, 2, 3)).view(Hkv, G).sum(-1)
+        torch.testing.assert_close(tail[3, :, j], want, rtol=1e-5, atol=1e-6)
+
+
+def test_answer_log_odds_do_not_saturate():
+    """When the model is sure of the answer, the NLL's gradient vanishes; the log-odds' does not."""
+    from headpolicy.profiler.scorers.causal import _answer_loss
+
+    logits = torch.tensor([[12.0, 0.0, 1.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0])
+    p = float(torch.softmax(logits.detach(), -1)[0, 0])
+    assert _answer_loss(logits, target, "log_odds").item() == pytest.approx(-(np.log(p) - np.log1p(-p)), rel=1e-9)
+    nll_grad = torch.autograd.grad(_answer_loss(logits, target, "nll"), logits)[0]
+    odds_grad = torch.autograd.grad(_answer_loss(logits, target, "log_odds"), logits)[0]
+    assert nll_grad.abs().max() < 1e-4 and odds_grad[0, 0] == pytest.approx(-1.0)
 
 
 def test_sampled_query_blocks_are_unbiased_and_keep_the_heavy_rows(monkeypatch):
@@ -143,7 +165,7 @@ def _weighted_kl(full, policy, calib) -> float:
 
     total = 0.0
     with torch.no_grad():
-        for ids, first, weight in _sequences(calib, None):
+        for ids, first, weight, _ in _sequences(calib, None):
             keep = ids.shape[1] - first + 1
             lp = [torch.log_softmax(m(ids, use_cache=False, logits_to_keep=keep).logits[0, :-1].double(), -1)
                   for m in (full, policy)]  # fmt: skip
@@ -164,3 +186,18 @@ def test_fisher_estimate_is_the_second_order_kl():
                 kl[li, h, j] = _weighted_kl(model, applied_copy(model, single_head(model, li, h, sink, window)), calib)
     assert (fisher >= 0).all() and spearman(fisher, kl) > 0.7
     np.testing.assert_allclose(fisher, kl, rtol=0.6)  # a sampled estimate: right to within its noise
+
+
+def test_estimate_parts_add_up_and_split_keeps_answers_at_the_smallest_window():
+    from headpolicy.profiler.scorers.causal import ESTIMATES, losses
+
+    model = tiny_llama(layers=2, seed=3)
+    calib = calibration()
+    ref = answered_everything(O.reference(model, calib))
+    est = estimate(model, calib, [(1, 8), (2, 32), (2, 64)], ref=ref)
+    part = {name: est[i] for i, name in enumerate(ESTIMATES)}
+    np.testing.assert_allclose(part["answer_abs"] + part["text_abs"], part["abs_first_order"], rtol=1e-9)
+    assert (part["answer_mass"] <= part["target_mass"] + 1e-12).all() and (part["answer_mass"] > 0).any()
+    split = losses(est, "split")
+    np.testing.assert_allclose(split - part["text_abs"], np.repeat(part["answer_abs"][:, :, :1], 3, axis=2))
+    np.testing.assert_array_equal(losses(est, "dropped_mass"), part["dropped_mass"])

@@ -100,17 +100,31 @@ def _recording(model, native_windows):
             p.requires_grad_(flag)
 
 
-def _sequences(calib: Calibration, ref: Reference | None) -> list[tuple[torch.Tensor, int, float]]:
-    """(ids [1, T], first target position, weight) per sequence, weighted as in Loss.value."""
+def _sequences(calib: Calibration, ref: Reference | None) -> list[tuple[torch.Tensor, int, float, bool]]:
+    """(ids [1, T], first target position, weight, is an answer task) per sequence, weighted as in Loss.value."""
     tasks: list[Task] = [t for i, t in enumerate(calib.tasks) if ref is None or ref.answered[i]]
     out = []
     for t in tasks:
         ids = t.tensor(with_answer=True)
-        out.append((ids, t.prompt_len, 1.0 / (len(tasks) * len(t.answer_ids))))
+        out.append((ids, t.prompt_len, 1.0 / (len(tasks) * len(t.answer_ids)), True))
     for text in calib.texts:
         ids = torch.tensor([list(text)])
-        out.append((ids, calib.text_from + 1, 1.0 / (len(calib.texts) * (len(text) - calib.text_from - 1))))
+        out.append((ids, calib.text_from + 1, 1.0 / (len(calib.texts) * (len(text) - calib.text_from - 1)), False))
     return out
+
+
+def _answer_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Summed over positions: the NLL, or minus the log-odds log p - log(1 - p) of the target.
+
+    A model that is sure of an answer (p near 1) has a vanishing NLL gradient: to first order,
+    no head matters to it, although streaming a retrieval head loses the answer outright. The
+    log-odds (target logit minus the log-sum-exp of the others) does not saturate, so its
+    gradient still says which heads carry the answer."""
+    if kind == "nll":
+        return F.cross_entropy(logits, target, reduction="sum")
+    z = logits.gather(-1, target[:, None])[:, 0]
+    others = logits.scatter(-1, target[:, None], float("-inf")).logsumexp(-1)
+    return (others - z).sum()
 
 
 def estimate(
@@ -119,17 +133,26 @@ def estimate(
     options: Sequence[tuple[int, int]],
     *,
     ref: Reference | None = None,
-    samples: int = 2,
+    samples: int = 0,
     chunks: int | None = None,
+    answer_loss: str = "log_odds",
     seed: int = 0,
     progress=None,
 ) -> np.ndarray:
     """Per KV head and (sink, window) option, what streaming that head alone costs, as the
     ESTIMATES [4, layers, kv_heads, len(options)]:
 
-    first_order      the first-order objective increase (nats per token), from the true tokens' NLL
+    first_order      the first-order objective increase (nats per token), from the true tokens'
+                     NLL on text and, on answers, `answer_loss` ("log_odds", default: see
+                     _answer_loss; or "nll")
     abs_first_order  the same with every query position's term in absolute value
     dropped_mass     the attention mass the option drops, summed over query positions and heads
+    target_mass      the attention mass the option drops at the target positions only (the
+                     answers' and the text's), summed over query heads, mean per target position
+                     (answers and text weighted as in Loss.value)
+    answer_abs, answer_mass, text_abs
+                     abs_first_order and target_mass over the answer tasks only, abs_first_order
+                     over the texts only
     fisher           the second-order increase of KL(full || policy) at the target positions:
                      with labels y sampled from the full model's own next-token distributions,
                      E_y[(g_y . d_out)^2] / 2 = d_out^T J^T F J d_out / 2 (F the Fisher of the
@@ -147,11 +170,12 @@ def estimate(
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with _recording(model, native) as rec:
-        for ids, first, weight in _sequences(calib, ref):
+        for ids, first, weight, is_task in _sequences(calib, ref):
             ids = ids.to(device)
             rec.layers.clear()
             logits = model(ids, use_cache=False, logits_to_keep=ids.shape[1] - first + 1).logits[0, :-1].float()
-            F.cross_entropy(logits, ids[0, first:], reduction="sum").mul(weight).backward(retain_graph=samples > 0)
+            loss = _answer_loss(logits, ids[0, first:], answer_loss if is_task else "nll")
+            loss.mul(weight).backward(retain_graph=samples > 0)
             grads = {li: [lay.delta.grad.clone()] for li, lay in rec.layers.items()}
             probs = torch.softmax(logits.detach().cpu(), dim=-1)
             for k in range(samples):  # gradients of the log-likelihood of labels the model itself samples
@@ -164,10 +188,17 @@ def estimate(
             for li, lay in rec.layers.items():
                 if native is not None and native[li] is not None:
                     continue
-                effects = _layer_effects(lay, options, group, grads[li], chunks, gen).cpu()  # [3 + samples, Hkv, O]
+                effects = _layer_effects(lay, options, group, grads[li], chunks, gen, targets=first - 1)
+                effects = effects.cpu()  # [4 + samples, Hkv, O]
                 est[:3, li] += effects[:3]
+                est[4, li] += weight * effects[3]
+                if is_task:  # the answers' and the text's parts apart
+                    est[5, li] += effects[1]
+                    est[6, li] += weight * effects[3]
+                else:
+                    est[7, li] += effects[1]
                 if samples:  # the squared per-sequence sums; each target position's KL counts with its weight
-                    est[3, li] += weight * 0.5 * effects[3:].pow(2).mean(0)
+                    est[3, li] += weight * 0.5 * effects[4:].pow(2).mean(0)
             rec.layers.clear()
             if progress is not None:
                 progress.update(1)
@@ -176,8 +207,26 @@ def estimate(
 
 CHUNK = 256  # query rows per block in _layer_effects
 # what estimate() gives per head and option (see its docstring)
-ESTIMATES = ("first_order", "abs_first_order", "dropped_mass", "fisher")
+ESTIMATES = ("first_order", "abs_first_order", "dropped_mass", "fisher", "target_mass", "answer_abs", "answer_mass",
+             "text_abs")  # fmt: skip
 KEY_BLOCK = 64  # prefix sums are kept per block of keys; the partial block is summed exactly
+
+
+def losses(est: np.ndarray, name: str) -> np.ndarray:
+    """[layers, kv_heads, options] selection losses from estimate()'s table: one of ESTIMATES, or
+    `split`: the answers' part (answer_abs) at the smallest window for every streaming option,
+    plus the text's part (text_abs) per option.
+
+    Why split: where a needle sits is unknown at inference, so no window can be counted on to
+    keep it; a head that carries answers must keep everything, and what the window ladder
+    trades is the text (perplexity), where more window keeps more of what a head reads."""
+    if name == "split":
+        answers, text = est[ESTIMATES.index("answer_abs")], est[ESTIMATES.index("text_abs")]
+        return answers[:, :, :1] + text
+    return est[ESTIMATES.index(name)]
+
+
+SELECTION = (*ESTIMATES, "split")  # what compile --estimate accepts
 
 
 class _PrefixSums:
@@ -207,17 +256,18 @@ class _PrefixSums:
         return torch.where(x >= 0, full + part, torch.zeros_like(full))
 
 
-def _blocks(start: int, S: int, grads, chunks: int | None, gen) -> list[tuple[int, float]]:
+def _blocks(start: int, S: int, grads, chunks: int | None, gen, certain_from: int | None = None) -> list[tuple[int, float]]:
     """(first query row, weight) of the blocks of CHUNK rows _layer_effects sums: every block, or
     about `chunks` of them drawn with probability growing with the block's gradient norm and
     weighted by 1 / probability (Horvitz-Thompson: the sums stay unbiased, and the blocks that
-    carry the gradient, an answer's rows, are always in)."""
+    carry the gradient, an answer's rows, are always in). Blocks with rows from `certain_from` on
+    are always in too."""
     starts = list(range(start, S, CHUNK))
     if chunks is None or len(starts) <= chunks:
         return [(a, 1.0) for a in starts]
     norm = torch.stack([sum(g[:, :, a : a + CHUNK].double().norm() for g in grads) for a in starts]).cpu()
     prob = torch.ones(len(starts), dtype=torch.float64)
-    free = torch.ones(len(starts), dtype=torch.bool)
+    free = torch.tensor([certain_from is None or a + CHUNK <= certain_from for a in starts])
     for _ in range(len(starts)):  # probabilities proportional to the norm, capped at 1 (the capped are certain)
         room = chunks - int((~free).sum())
         share = norm * free
@@ -235,11 +285,19 @@ def _blocks(start: int, S: int, grads, chunks: int | None, gen) -> list[tuple[in
 
 @torch.no_grad()
 def _layer_effects(
-    lay: _Layer, options, group: int, grads: Sequence[torch.Tensor], chunks: int | None = None, gen=None
+    lay: _Layer,
+    options,
+    group: int,
+    grads: Sequence[torch.Tensor],
+    chunks: int | None = None,
+    gen=None,
+    targets: int | None = None,
 ) -> torch.Tensor:
-    """[3 + len(grads) - 1, kv_heads, options]: for grads[0] (the true tokens' gradient) the first-order
-    effect, its per-position absolute value and the dropped attention mass; for every further
-    gradient its first-order effect (signed), summed over positions and query heads.
+    """[4 + len(grads) - 1, kv_heads, options]: for grads[0] (the objective's gradient) the first-order
+    effect, its per-position absolute value and the dropped attention mass; the dropped mass on
+    the rows from `targets` on (all rows when None; with `chunks`, in blocks always summed when
+    they are few); for every further gradient its first-order effect (signed), summed over
+    positions and query heads.
 
     Exactly, from the full attention rows, without running attention once per option: for query i
     with full-attention probabilities p_j, a streaming option drops D_i = {j: sink <= j <= i - window}.
@@ -252,9 +310,11 @@ def _layer_effects(
     """
     B, Hq, S, D = lay.q.shape
     Hkv = lay.k.shape[1]
-    out = torch.zeros(2 + len(grads), Hkv, len(options), dtype=torch.float64, device=lay.q.device)
+    out = torch.zeros(3 + len(grads), Hkv, len(options), dtype=torch.float64, device=lay.q.device)
     first = min(sink + window for sink, window in options)
-    for a, scale in _blocks(min(first, S), S, grads, chunks, gen):
+    targets = 0 if targets is None else targets
+    few = S - targets <= CHUNK  # an answer's rows: summed exactly, not sampled
+    for a, scale in _blocks(min(first, S), S, grads, chunks, gen, certain_from=targets if few else None):
         b = min(S, a + CHUNK)
         C = b - a
         # one [G*C, D] x [D, b] product per KV head (broadcasting over the group is several times slower)
@@ -278,6 +338,7 @@ def _layer_effects(
             P_d = P.upto(last) - P.upto(sink_ends[sink])
             kept = (1.0 - P_d).clamp(min=1e-6)
             out[2, :, j] += scale * (P_d * has).sum(dim=(0, 2, 3))
+            out[3, :, j] += scale * (P_d * (has & (rows >= targets))).sum(dim=(0, 2, 3))
             for n, U in enumerate(Us):
                 U_d = U.upto(last) - U.upto(sink_ends[sink])
                 effect = ((P_d * U.total - U_d) / kept) * has  # [B, Hkv, G, C]
@@ -285,12 +346,12 @@ def _layer_effects(
                     out[0, :, j] += scale * effect.sum(dim=(0, 2, 3))
                     out[1, :, j] += scale * effect.abs().sum(dim=(0, 2, 3))
                 else:
-                    out[2 + n, :, j] += scale * effect.sum(dim=(0, 2, 3))
+                    out[3 + n, :, j] += scale * effect.sum(dim=(0, 2, 3))
     return out
 
 
 @register_scorer("causal", kinds=NEEDLE_KINDS)
 def causal_score(model, tasks, *, sink, window, progress=None):
-    """First-order effect on the answers' log-probability of streaming each KV head alone (sink, window)."""
+    """First-order effect on the answers' log-odds of streaming each KV head alone (sink, window)."""
     calib = Calibration(tuple(tasks), (), 0)
     return estimate(model, calib, [(sink, window)], samples=0, progress=progress)[0, :, :, 0]
