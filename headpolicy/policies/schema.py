@@ -2,18 +2,25 @@
 
 A policy file looks like this (abridged)::
 
-    schema: headpolicy/v1
+    schema: headpolicy/v2
     model: {name: SmolLM2-135M-Instruct, architecture: LlamaForCausalLM, num_layers: 30,
             num_attention_heads: 9, num_kv_heads: 3, head_dim: 64, fingerprint: sha256:...}
-    defaults: {sink: 64, window: 256}
+    defaults: {sink: 64, window: 256, kv_bits: 16, kv_group: 32, kv_residual: 32}
     layers:
     - layer: 0
       heads:
-      - {kind: retrieval, score: 0.91}
+      - {kind: retrieval, score: 0.91, kv_bits: 8}
       - {kind: streaming, score: 0.02}
-      - {kind: streaming, sink: 16, window: 512}
+      - {kind: streaming, sink: 16, window: 512, kv_bits: 4}
     provenance: {tool: headpolicy, version: 0.1.0, method: retrieval, settings: {...}, seed: 0}
     results: {...}
+
+`kv_bits` is how many bits a head's cache keeps: 16 = the model's own dtype, 8 or 4 =
+quantised by the rule in policies/precision.py, with `kv_group` values per float16 scale and
+zero point and, for retrieval heads, the newest `kv_residual` tokens at full precision.
+
+Versions: v2 added `kv_bits`, `kv_group` and `kv_residual`. A v1 file still loads (every head
+at native precision) and becomes a v2 policy; `save` always writes v2 (see MIGRATIONS).
 
 Loading is strict: anything unexpected raises a `PolicyError` that names the key
 (and layer/head) that is wrong and what was expected. Loading is also bounded, so a hostile
@@ -42,8 +49,11 @@ from yaml.resolver import Resolver
 
 from headpolicy.errors import PolicyError, PolicyMismatchError
 from headpolicy.io import atomic_write
+from headpolicy.policies import precision
+from headpolicy.policies.precision import BITS, DEFAULT_GROUP, DEFAULT_RESIDUAL, NATIVE_BITS
 
-SCHEMA = "headpolicy/v1"
+SCHEMA = "headpolicy/v2"  # what this headpolicy writes
+SCHEMA_V1 = "headpolicy/v1"  # read through MIGRATIONS
 CHECKPOINT_FILE = "head_policy.yaml"  # a policy shipped inside a checkpoint directory (`headpolicy attach`)
 RETRIEVAL: Literal["retrieval"] = "retrieval"
 STREAMING: Literal["streaming"] = "streaming"
@@ -93,12 +103,13 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """One KV head. `sink`/`window` of None mean the policy's defaults."""
+    """One KV head. `sink`/`window`/`kv_bits` of None mean the policy's defaults."""
 
     kind: Kind
     sink: int | None = None
     window: int | None = None
     score: float | None = None
+    kv_bits: int | None = None
 
     @property
     def is_retrieval(self) -> bool:
@@ -119,13 +130,18 @@ class Provenance:
 class HeadPolicy:
     """A per-KV-head retrieval/streaming decision for one model.
 
-    `layers[l][h]` is the HeadSpec of KV head h of layer l (original head order).
+    `layers[l][h]` is the HeadSpec of KV head h of layer l (original head order). sink, window
+    and kv_bits are the defaults of heads that name none; kv_group and kv_residual hold for
+    every quantised head (policies/precision.py).
     """
 
     model: ModelInfo
     layers: tuple[tuple[HeadSpec, ...], ...]
     sink: int = 64
     window: int = 256
+    kv_bits: int = NATIVE_BITS
+    kv_group: int = DEFAULT_GROUP
+    kv_residual: int = DEFAULT_RESIDUAL
     provenance: Provenance = field(default_factory=Provenance)
     results: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
@@ -145,16 +161,19 @@ class HeadPolicy:
         scores: Sequence[Sequence[float]] | None = None,
         provenance: Provenance | None = None,
         results: Mapping[str, Any] | None = None,
+        bits: Sequence[Sequence[int]] | None = None,
+        kv_group: int = DEFAULT_GROUP,
+        kv_residual: int = DEFAULT_RESIDUAL,
     ) -> HeadPolicy:
         """Build a policy from a [layers][kv_heads] boolean table (True = retrieval), every
-        streaming head with the same sink/window.
+        streaming head with the same sink/window; `bits` as in from_rules.
 
         Layers with a native sliding window (model.native_windows) ignore their row: their
         heads stay streaming with sink 0 and that window, which is what the model does anyway.
         """
         rules = [[None if bool(keep) else (sink, window) for keep in row] for row in retrieval]
         return cls.from_rules(model, rules, defaults=(sink, window), scores=scores, provenance=provenance,
-                              results=results)  # fmt: skip
+                              results=results, bits=bits, kv_group=kv_group, kv_residual=kv_residual)  # fmt: skip
 
     @classmethod
     def from_rules(
@@ -166,36 +185,52 @@ class HeadPolicy:
         scores: Sequence[Sequence[float]] | None = None,
         provenance: Provenance | None = None,
         results: Mapping[str, Any] | None = None,
+        bits: Sequence[Sequence[int]] | None = None,
+        kv_bits: int | None = None,
+        kv_group: int = DEFAULT_GROUP,
+        kv_residual: int = DEFAULT_RESIDUAL,
     ) -> HeadPolicy:
         """Build a policy from a [layers][kv_heads] table of rules: None = retrieval, (sink, window) =
         streaming with its own window. `defaults` (default: the most common streaming rule) is
         written once; heads with another rule carry their own. Native sliding layers as in from_kinds.
+
+        bits: a [layers][kv_heads] table of KV bits (16, 8 or 4; None: all 16), the precision axis
+        beside the rules; `kv_bits` (default: the most common entry) is written once, other heads
+        carry their own. kv_group/kv_residual: the quantisation settings (policies/precision.py).
         """
         chosen = [row for li, row in enumerate(rules) if li >= model.num_layers or model.native_window(li) is None]
         streaming = [tuple(r) for row in chosen for r in row if r is not None]
         if defaults is None:
             counts = {r: streaming.count(r) for r in sorted(set(streaming))}
             defaults = max(counts, key=counts.get) if counts else (64, 256)
+        if kv_bits is None:
+            every = [b for row in bits or [] for b in row]
+            kv_bits = max(sorted(set(every), reverse=True), key=every.count) if every else NATIVE_BITS
         layers = []
         for li, row in enumerate(rules):
             native = model.native_window(li) if li < model.num_layers else None
             heads = []
             for hi, rule in enumerate(row):
                 score = None if scores is None else float(scores[li][hi])
+                head_bits = None if bits is None or bits[li][hi] == kv_bits else bits[li][hi]
                 if native is not None:
-                    heads.append(HeadSpec(STREAMING, sink=0, window=native, score=score))
+                    spec = HeadSpec(STREAMING, sink=0, window=native, score=score)
                 elif rule is None:
-                    heads.append(HeadSpec(RETRIEVAL, score=score))
+                    spec = HeadSpec(RETRIEVAL, score=score)
                 else:
                     own = tuple(rule) != tuple(defaults)
-                    heads.append(HeadSpec(STREAMING, sink=rule[0] if own else None, window=rule[1] if own else None,
-                                          score=score))  # fmt: skip
+                    spec = HeadSpec(STREAMING, sink=rule[0] if own else None, window=rule[1] if own else None,
+                                    score=score)  # fmt: skip
+                heads.append(dataclasses.replace(spec, kv_bits=head_bits))
             layers.append(tuple(heads))
         return cls(
             model=model,
             layers=tuple(layers),
             sink=defaults[0],
             window=defaults[1],
+            kv_bits=kv_bits,
+            kv_group=kv_group,
+            kv_residual=kv_residual,
             provenance=provenance or Provenance(),
             results=dict(results or {}),
         )
@@ -215,6 +250,20 @@ class HeadPolicy:
             self.sink if spec.sink is None else spec.sink,
             self.window if spec.window is None else spec.window,
         )
+
+    def head_bits(self, layer: int, head: int) -> int:
+        """KV bits of a head (16, 8 or 4), the default resolved."""
+        spec = self.layers[layer][head]
+        return self.kv_bits if spec.kv_bits is None else spec.kv_bits
+
+    def bits_table(self) -> list[list[int]]:
+        """[layers][kv_heads] KV bits, defaults resolved."""
+        return [[self.head_bits(li, hi) for hi in range(len(row))] for li, row in enumerate(self.layers)]
+
+    @property
+    def num_quantized(self) -> int:
+        """KV heads whose cache is quantised (kv_bits 8 or 4)."""
+        return sum(precision.is_quantized(b) for row in self.bits_table() for b in row)
 
     @property
     def num_heads(self) -> int:
@@ -251,18 +300,42 @@ class HeadPolicy:
                     total += min(context, sink + window)
         return total
 
-    def kv_bytes(self, context: int, *, batch: int = 1, dtype_bytes: int = 4) -> int:
-        """Bytes of the split KV cache (keys and values) at `context` tokens."""
-        return 2 * batch * self.model.head_dim * dtype_bytes * self.kv_tokens(context)
+    def head_kv_bytes(self, layer: int, head: int, context: int, *, dtype_bytes: int = 4) -> int:
+        """Exact bytes of one head's cache (keys and values, one sequence) at `context` tokens:
+        codes, scales, zero points and full-precision residual (precision.kv_head_bytes)."""
+        sink = window = None
+        if not self.layers[layer][head].is_retrieval:
+            sink, window = self.head_window(layer, head)
+        return precision.kv_head_bytes(
+            context, head_dim=self.model.head_dim, dtype_bytes=dtype_bytes, bits=self.head_bits(layer, head),
+            sink=sink, window=window, group=self.kv_group, residual=self.kv_residual,
+        )  # fmt: skip
 
-    def full_kv_bytes(self, context: int, *, batch: int = 1, dtype_bytes: int = 4) -> int:
-        return 2 * batch * self.model.head_dim * dtype_bytes * context * self.num_heads
+    def kv_bytes(self, context: int, *, batch: int = 1, dtype_bytes: int = 4, chosen_only: bool = False) -> int:
+        """Bytes of the split KV cache (keys and values, every stored tensor) at `context` tokens;
+        what SplitKVCache.kv_bytes() reports for a model whose elements take `dtype_bytes`.
 
-    def kv_fraction(self, context: int, *, chosen_only: bool = False) -> float:
-        """Split-cache size relative to the full cache at `context` tokens (chosen_only: over the
-        heads the policy chooses, what compile's --kv-budget counts)."""
+        chosen_only: only the heads the policy chooses (not a hybrid model's own sliding layers).
+        """
+        layers = self.model.policy_layers if chosen_only else range(self.model.num_layers)
+        per_row = sum(
+            self.head_kv_bytes(li, hi, context, dtype_bytes=dtype_bytes)
+            for li in layers
+            for hi in range(self.model.num_kv_heads)
+        )
+        return batch * per_row
+
+    def full_kv_bytes(self, context: int, *, batch: int = 1, dtype_bytes: int = 4, chosen_only: bool = False) -> int:
+        """Bytes of the unmodified model's cache (every head, every token, `dtype_bytes` an element)."""
         heads = self.num_policy_heads if chosen_only else self.num_heads
-        return self.kv_tokens(context, chosen_only=chosen_only) / (context * heads)
+        return 2 * batch * self.model.head_dim * dtype_bytes * context * heads
+
+    def kv_fraction(self, context: int, *, chosen_only: bool = False, dtype_bytes: int = 4) -> float:
+        """Split-cache bytes relative to the full cache at `context` tokens, both with elements of
+        `dtype_bytes` (chosen_only: over the heads the policy chooses, what compile's --kv-budget
+        counts). Without quantised heads this is the fraction of tokens kept, whatever the dtype."""
+        kept = self.kv_bytes(context, dtype_bytes=dtype_bytes, chosen_only=chosen_only)
+        return kept / self.full_kv_bytes(context, dtype_bytes=dtype_bytes, chosen_only=chosen_only)
 
     def check_model(self, model: ModelInfo, *, check_fingerprint: bool = True) -> None:
         """Raise PolicyMismatchError unless this policy was made for `model`."""
@@ -295,6 +368,8 @@ class HeadPolicy:
                     h["window"] = spec.window
                 if spec.score is not None:
                     h["score"] = round(float(spec.score), 6)
+                if spec.kv_bits is not None:
+                    h["kv_bits"] = spec.kv_bits
                 heads.append(_Flow(h))
             layers.append({"layer": li, "heads": heads})
         model = dataclasses.asdict(self.model)
@@ -305,7 +380,8 @@ class HeadPolicy:
         return {
             "schema": self.schema,
             "model": _Flow(model),
-            "defaults": _Flow({"sink": self.sink, "window": self.window}),
+            "defaults": _Flow({"sink": self.sink, "window": self.window, "kv_bits": self.kv_bits,
+                               "kv_group": self.kv_group, "kv_residual": self.kv_residual}),  # fmt: skip
             "layers": layers,
             "provenance": dataclasses.asdict(self.provenance),
             "results": dict(self.results),
@@ -320,6 +396,12 @@ class HeadPolicy:
             f"# headpolicy policy for {self.model.name}: {self.num_retrieval}/{self.num_heads} KV heads "
             f"keep the full cache, the rest keep sink {self.sink} + window {self.window}.\n"
         )
+        if self.num_quantized:
+            counts = [f"{n} at {b} bits" for b in BITS if (n := sum(r.count(b) for r in self.bits_table()))]
+            header += (
+                f"# KV precision: {', '.join(counts)} (16 = the model's dtype; groups of {self.kv_group}, "
+                f"residual {self.kv_residual}).\n"
+            )
         native = [li for li in range(self.model.num_layers) if self.model.native_window(li) is not None]
         if native:
             header += (
@@ -527,7 +609,9 @@ def _read_policy_text(path: Path) -> str:
 # ---- validation -----------------------------------------------------------------------------
 _TOP_KEYS = {"schema", "model", "defaults", "layers", "provenance", "results"}
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelInfo)}
-_HEAD_KEYS = {"kind", "sink", "window", "score"}
+_HEAD_KEYS = {"kind", "sink", "window", "score", "kv_bits"}
+_DEFAULT_KEYS = {"sink", "window", "kv_bits", "kv_group", "kv_residual"}
+_V2_KEYS = {"kv_bits", "kv_group", "kv_residual"}  # what a v1 file may not hold
 _PROV_KEYS = {f.name for f in dataclasses.fields(Provenance)}
 
 
@@ -577,6 +661,15 @@ def need_tokens(x: Any, where: str, *, minimum: int) -> int:
     return x
 
 
+def need_bits(x: Any, where: str) -> int:
+    """`x` as KV bits (one of precision.BITS); else PolicyError naming `where`."""
+    if not _is_int(x) or x not in BITS:
+        raise PolicyError(
+            f"{where}: expected KV bits {', '.join(map(str, BITS))} (16 = the model's own dtype), got {x!r:.80}"
+        )
+    return x
+
+
 def _need_str(x: Any, where: str) -> str:
     if not isinstance(x, str) or not x:
         raise PolicyError(f"{where}: expected a non-empty string, got {x!r}")
@@ -619,7 +712,8 @@ def _parse_head(x: Any, where: str) -> HeadSpec:
         if finite_number(score) is None:
             raise PolicyError(f"{where}.score: expected a finite number, got {score!r:.80}")
         score = finite_number(score)
-    return HeadSpec(kind=kind, sink=sink, window=window, score=score)
+    bits = None if x.get("kv_bits") is None else need_bits(x["kv_bits"], f"{where}.kv_bits")
+    return HeadSpec(kind=kind, sink=sink, window=window, score=score, kv_bits=bits)
 
 
 def _parse_native_windows(x: Any, num_layers: int) -> tuple[int | None, ...] | None:
@@ -632,14 +726,50 @@ def _parse_native_windows(x: Any, num_layers: int) -> tuple[int | None, ...] | N
     )
 
 
+# ---- versions ---------------------------------------------------------------------------------
+def _v1_to_v2(data: Mapping) -> dict:
+    """v1 -> v2: no field changed meaning; v2 added kv_bits/kv_group/kv_residual, so every head
+    of a v1 file keeps its cache in the model's own dtype (the v2 default, kv_bits 16)."""
+    d = data.get("defaults")
+    if isinstance(d, Mapping) and _V2_KEYS & set(d):
+        key = sorted(_V2_KEYS & set(d))[0]
+        raise PolicyError(f"defaults: '{key}' needs schema {SCHEMA!r}, the file says {SCHEMA_V1!r}")
+    rows = data.get("layers")
+    for li, row in enumerate(rows if isinstance(rows, list) else []):
+        heads = row.get("heads") if isinstance(row, Mapping) else None
+        for hi, h in enumerate(heads if isinstance(heads, list) else []):
+            if isinstance(h, Mapping) and "kv_bits" in h:
+                raise PolicyError(
+                    f"layer {li} head {hi}: 'kv_bits' needs schema {SCHEMA!r}, the file says {SCHEMA_V1!r}"
+                )
+    return {**data, "schema": SCHEMA}
+
+
+# schema version -> the step that turns it into the next one; applied until SCHEMA is reached
+MIGRATIONS = {SCHEMA_V1: _v1_to_v2}
+
+
+def migrate(data: Mapping) -> Mapping:
+    """Policy data of any readable version as current (SCHEMA) data; PolicyError for another schema."""
+    seen = []
+    while data.get("schema") != SCHEMA:
+        version = data.get("schema")
+        step = MIGRATIONS.get(version) if isinstance(version, str) else None
+        if step is None or version in seen:
+            readable = ", ".join(repr(v) for v in (SCHEMA, *MIGRATIONS))
+            raise PolicyError(f"schema: unsupported schema {version!r:.80}; this headpolicy reads {readable}")
+        seen.append(version)
+        data = step(data)
+    return data
+
+
 def _parse_policy(data: Any) -> HeadPolicy:
     data = _need_mapping(data, "policy")
     _no_unknown(data, _TOP_KEYS, "policy")
     for key in ("schema", "model", "layers"):
         if key not in data:
             raise PolicyError(f"policy: missing required key '{key}'")
-    if data["schema"] != SCHEMA:
-        raise PolicyError(f"schema: unsupported schema {data['schema']!r}; this headpolicy reads {SCHEMA!r}")
+    data = migrate(data)
 
     m = _need_mapping(data["model"], "model")
     _no_unknown(m, _MODEL_KEYS, "model")
@@ -658,9 +788,12 @@ def _parse_policy(data: Any) -> HeadPolicy:
     )
 
     d = _need_mapping(data.get("defaults") or {}, "defaults")
-    _no_unknown(d, {"sink", "window"}, "defaults")
+    _no_unknown(d, _DEFAULT_KEYS, "defaults")
     sink = need_tokens(d.get("sink", 64), "defaults.sink", minimum=0)
     window = need_tokens(d.get("window", 256), "defaults.window", minimum=1)
+    kv_bits = need_bits(d.get("kv_bits", NATIVE_BITS), "defaults.kv_bits")
+    kv_group = need_tokens(d.get("kv_group", DEFAULT_GROUP), "defaults.kv_group", minimum=1)
+    kv_residual = need_tokens(d.get("kv_residual", DEFAULT_RESIDUAL), "defaults.kv_residual", minimum=0)
 
     rows = data["layers"]
     if not isinstance(rows, list):
@@ -701,9 +834,11 @@ def _parse_policy(data: Any) -> HeadPolicy:
         layers=tuple(layers),
         sink=sink,
         window=window,
+        kv_bits=kv_bits,
+        kv_group=kv_group,
+        kv_residual=kv_residual,
         provenance=provenance,
         results=dict(results),
-        schema=data["schema"],
     )
 
 
@@ -720,8 +855,15 @@ def _validate_policy(p: HeadPolicy) -> None:
         for li, w in enumerate(m.native_windows):
             if w is not None:
                 need_tokens(w, f"model.native_windows[{li}]", minimum=1)
+    if p.schema != SCHEMA:
+        raise PolicyError(
+            f"schema: a policy object is always {SCHEMA!r} (older files are migrated on load), got {p.schema!r}"
+        )
     need_tokens(p.sink, "defaults.sink", minimum=0)
     need_tokens(p.window, "defaults.window", minimum=1)
+    _need_head_bits(p.kv_bits, "defaults.kv_bits", m.head_dim)
+    need_tokens(p.kv_group, "defaults.kv_group", minimum=1)
+    need_tokens(p.kv_residual, "defaults.kv_residual", minimum=0)
     if len(p.layers) != m.num_layers:
         raise PolicyError(f"layers: expected {m.num_layers} layers (model.num_layers), got {len(p.layers)}")
     for li, row in enumerate(p.layers):
@@ -747,3 +889,13 @@ def _validate_policy(p: HeadPolicy) -> None:
                 need_tokens(spec.sink, f"layer {li} head {hi}.sink", minimum=0)
             if spec.window is not None:
                 need_tokens(spec.window, f"layer {li} head {hi}.window", minimum=1)
+            if spec.kv_bits is not None:
+                _need_head_bits(spec.kv_bits, f"layer {li} head {hi}.kv_bits", m.head_dim)
+
+
+def _need_head_bits(bits: Any, where: str, head_dim: int) -> None:
+    need_bits(bits, where)
+    if bits == 4 and head_dim % 2:
+        raise PolicyError(
+            f"{where}: 4-bit codes pack two channels a byte, so they need an even head_dim; the model's is {head_dim}"
+        )
