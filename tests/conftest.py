@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headpolicy import HeadPolicy, describe_model
-from headpolicy.policies.plan import LayerPlan, StreamGroup
+from headpolicy.policies.plan import LayerPlan, RetrievalGroup, StreamGroup
 from headpolicy.runtime import attention
 from headpolicy.runtime.state import set_layer_plan
 
@@ -43,13 +43,20 @@ def alias_bomb(policy_yaml: str, levels: int = 9) -> str:
     return policy_yaml.replace("results:", "\n".join(lines) + "\n  measured:", 1)
 
 
-def make_plan(num_retrieval, groups, group_size) -> LayerPlan:
-    """A one-layer plan: `num_retrieval` retrieval KV heads, then groups of (num_heads, sink, window)."""
+def make_plan(num_retrieval, groups, group_size, *, retrieval_bits=(), kv_group=4, kv_residual=3) -> LayerPlan:
+    """A one-layer plan: `num_retrieval` retrieval KV heads, then groups of (num_heads, sink, window[, bits]).
+
+    retrieval_bits: (num_heads, bits) quantised retrieval groups, the last of the retrieval heads."""
     out, pos = [], num_retrieval
-    for n, sink, window in groups:
-        out.append(StreamGroup(pos, pos + n, sink, window))
+    for n, sink, window, *bits in groups:
+        out.append(StreamGroup(pos, pos + n, sink, window, *bits))
         pos += n
-    return LayerPlan(0, tuple(range(pos)), num_retrieval, tuple(out), group_size)
+    quantised, start = [], num_retrieval - sum(n for n, _ in retrieval_bits)
+    for n, bits in retrieval_bits:
+        quantised.append(RetrievalGroup(start, start + n, bits))
+        start += n
+    return LayerPlan(0, tuple(range(pos)), num_retrieval, tuple(out), group_size, tuple(quantised), kv_group,
+                     kv_residual)  # fmt: skip
 
 
 def attend(plan, q, key, value, mask, scale) -> torch.Tensor:
