@@ -74,3 +74,34 @@ def attend(plan, q, key, value, mask, scale) -> torch.Tensor:
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+def stored_kv(layer, key_valid, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a SplitKVLayer holds, dequantised, as dense K/V [B, Hkv, T, D] in slot order (T = layer.seen).
+
+    Streaming heads' tokens go to the slot of their rank (left padding: pad + rank); slots a
+    buffer no longer holds stay zero (the sink/window rule never lets a query see them).
+    key_valid: [B, T] bool (None: no padding). The dense reference on these tensors is what
+    every quantised path must equal."""
+    from headpolicy.runtime.attention import stream_segment
+
+    plan, T = layer.plan, layer.seen
+    B, D = layer.keys.shape[0], layer.keys.shape[3]
+    K = torch.zeros(B, plan.num_kv_heads, T, D, dtype=dtype)
+    V = torch.zeros_like(K)
+    R = plan.num_native_retrieval
+    K[:, :R], V[:, :R] = layer.keys, layer.values
+    for part in layer.qparts:
+        g = part.group
+        K[:, g.start : g.stop] = torch.cat([part.k.dequantize(dtype), part.k_tail], dim=2)
+        V[:, g.start : g.stop] = torch.cat([part.v.dequantize(dtype), part.v_tail], dim=2)
+    pad = torch.zeros(B, dtype=torch.long) if key_valid is None else (~key_valid.bool()).sum(-1)
+    for s in layer.streams:
+        k, v, rank = stream_segment(s, dtype)
+        g = s.group
+        for b in range(B):
+            for j in range(rank.shape[1]):
+                if rank[b, j] >= 0:
+                    K[b, g.start : g.stop, pad[b] + rank[b, j]] = k[b, :, j]
+                    V[b, g.start : g.stop, pad[b] + rank[b, j]] = v[b, :, j]
+    return K, V

@@ -180,6 +180,17 @@ class Quantized:
             return bound.repeat_interleave(self.group, dim=-2)
         return bound.repeat_interleave(self.group, dim=-1)[..., :D]
 
+    def tokens_slice(self, start: int, stop: int) -> Quantized:
+        """Tokens [start, stop) (per_channel: both multiples of group, or stop the end)."""
+        if self.per_channel:
+            if start % self.group or (stop % self.group and stop != self.tokens):
+                raise ValueError(f"per-channel codes split at multiples of {self.group} tokens, got {start}:{stop}")
+            rows = slice(start // self.group, -(-stop // self.group))
+        else:
+            rows = slice(start, stop)
+        return Quantized(self.codes[..., start:stop, :], self.scale[..., rows, :], self.zero[..., rows, :], self.bits,
+                         self.group, self.per_channel)  # fmt: skip
+
     def index(self, index) -> Quantized:
         """The same tokens for a subset or reordering of the leading (batch) dimension."""
         return Quantized(self.codes[index], self.scale[index], self.zero[index], self.bits, self.group,

@@ -13,6 +13,11 @@ Entry points, one per phase:
 `headpolicy_attention` is the function transformers calls (registered below): it routes a
 layer's call to them, and commits the streaming tokens to the cache (runtime/cache.py) at
 the right moment. `_kernel` is the one place that hands work to the generated Triton kernels.
+
+Quantised heads (kv_bits 8/4, policies/precision.py; stored by runtime/quant_cache.py): a
+query attends the tokens of its own call at full precision and everything cached before it
+as stored, dequantised block by block on the fly (section "quantised heads" at the end). A
+decode step stores its token first, so it attends that token as stored too.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import headpolicy.codegen.ops  # noqa: F401  (registers torch.ops.headpolicy.pre
 from headpolicy.codegen.ops import use_kernels
 from headpolicy.policies.plan import LayerPlan
 from headpolicy.policies.rule import reference_attention, token_ranks, visible
-from headpolicy.runtime.cache import SplitKVLayer, SplitKVStep
+from headpolicy.runtime.cache import SplitKVLayer, SplitKVStep, StreamBuffer
+from headpolicy.runtime.quant_cache import QuantRetrievalPart, QuantStreamBuffer
 from headpolicy.runtime.state import layer_plan
 
 ATTN_NAME = "headpolicy"
@@ -163,21 +169,31 @@ def prefill(
     new_rank: torch.Tensor,
     q_rank: torch.Tensor,
     past: list[Segment] | None = None,
+    qparts: list[QuantRetrievalPart] | None = None,
 ) -> torch.Tensor:
     """One layer's attention for S >= 1 queries, the last S of the L new tokens.
 
-    q: [B, Hq, S, D]. keys/values [B, R, T, D]: what the retrieval heads see (every token so far),
-    k_rank [B, T] or None when no row is padded. new_k/new_v [B, Hkv, L, D]: the new tokens of
-    all KV heads, with ranks new_rank [B, L]; q_rank [B, S]. past: each streaming group's cache
-    buffer before this call, or None when nothing was cached (then new_k holds every token).
+    q: [B, Hq, S, D]. keys/values [B, R, T, D]: what the 16-bit retrieval heads see (every token
+    so far), k_rank [B, T] or None when no row is padded. new_k/new_v [B, Hkv, L, D]: the new
+    tokens of all KV heads, with ranks new_rank [B, L]; q_rank [B, S]. past: each streaming
+    group's cache buffer before this call (dequantised: `stream_segment`), or None when nothing
+    was cached (then new_k holds every token). qparts: the quantised retrieval groups' storage
+    (this call's tokens still at full precision in it), None when nothing was cached.
     Returns [B, Hq, S, D].
     """
     if past is None and use_kernels(q):  # a fresh sequence: the prefill kernel sees every token at once
         return _kernel("prefill", plan, q, scale, k=new_k, v=new_v, k_rank=k_rank)
-    G, R = plan.group_size, plan.num_retrieval
+    G, R = plan.group_size, plan.num_native_retrieval
     outs = []
     if R:
         outs.append(retrieval_heads(q[:, : R * G], keys, values, k_rank, q_rank, scale))
+    for i, rg in enumerate(plan.retrieval_groups):
+        qg = q[:, rg.start * G : rg.stop * G]
+        if qparts is None:  # every token is new: full precision
+            kg, vg = new_k[:, rg.start : rg.stop], new_v[:, rg.start : rg.stop]
+            outs.append(retrieval_heads(qg, kg, vg, k_rank, q_rank, scale))
+        else:
+            outs.append(quantized_retrieval_heads(qg, qparts[i], k_rank, q_rank, scale))
     for i, g in enumerate(plan.groups):
         kg, vg = new_k[:, g.start : g.stop], new_v[:, g.start : g.stop]
         qg = q[:, g.start * G : g.stop * G]
@@ -196,18 +212,22 @@ def decode(
     """
     if use_kernels(q):
         return _kernel("decode", plan, q, scale, layer=layer, q_rank=q_rank, k_rank=k_rank)
-    G, R = plan.group_size, plan.num_retrieval
+    G, R = plan.group_size, plan.num_native_retrieval
     outs = []
     if R:
         outs.append(retrieval_heads(q[:, : R * G], layer.keys, layer.values, k_rank, q_rank, scale))
+    for part in layer.qparts:
+        g = part.group
+        outs.append(quantized_retrieval_heads(q[:, g.start * G : g.stop * G], part, k_rank, q_rank, scale))
     for s in layer.streams:
         g = s.group
         qg = q[:, g.start * G : g.stop * G]
+        k, v, rank = stream_segment(s, q.dtype)
         if k_rank is None:
-            outs.append(F.scaled_dot_product_attention(qg, s.k, s.v, scale=scale, enable_gqa=True))
+            outs.append(F.scaled_dot_product_attention(qg, k, v, scale=scale, enable_gqa=True))
             continue
-        mask = visible(q_rank[:, None, :, None], s.rank[:, None, None, :], g.sink, g.window)
-        out = F.scaled_dot_product_attention(qg, s.k, s.v, attn_mask=mask, scale=scale, enable_gqa=True)
+        mask = visible(q_rank[:, None, :, None], rank[:, None, None, :], g.sink, g.window)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         outs.append(out.nan_to_num(0.0))
     return torch.cat(outs, dim=1)
 
@@ -219,8 +239,10 @@ def _kernel(phase: str, plan: LayerPlan, q: torch.Tensor, scale: float, **parts)
         pad = None if k_rank is None else (k_rank < 0).sum(-1)  # left padding: slots before rank 0
         retrieval, sink, window = plan.head_table
         return torch.ops.headpolicy.prefill_attention(q, parts["k"], parts["v"], pad, retrieval, sink, window, scale)
-    return torch.ops.headpolicy.decode_attention(*decode_op_args(plan, q, parts["layer"], parts["q_rank"],
-                                                                 parts["k_rank"], scale))  # fmt: skip
+    args = (plan, q, parts["layer"], parts["q_rank"], parts["k_rank"], scale)
+    if plan.quantized:
+        return torch.ops.headpolicy.decode_attention_quantized(*decode_quantized_op_args(*args))
+    return torch.ops.headpolicy.decode_attention(*decode_op_args(*args))
 
 
 def decode_op_args(plan: LayerPlan, q, layer: SplitKVLayer, q_rank, k_rank, scale) -> tuple:
@@ -229,6 +251,110 @@ def decode_op_args(plan: LayerPlan, q, layer: SplitKVLayer, q_rank, k_rank, scal
     return (
         q, q_rank[:, 0], layer.keys, layer.values, k_rank,
         [x.k for x in s], [x.v for x in s], [x.rank for x in s], plan.group_sinks, plan.group_windows, scale,
+    )  # fmt: skip
+
+
+# ---- quantised heads: dequantise block by block ---------------------------------------------------------
+QBLOCK = 1024  # quantised tokens dequantised at once (rounded down to whole key groups)
+
+
+def stream_segment(s: StreamBuffer | QuantStreamBuffer, dtype: torch.dtype) -> Segment:
+    """A streaming group's buffer as (k, v, rank); a quantised one dequantised in one block (it
+    holds at most sink + window tokens)."""
+    if isinstance(s, QuantStreamBuffer):
+        return s.k.dequantize(dtype), s.v.dequantize(dtype), s.rank
+    return s.k, s.v, s.rank
+
+
+def quantized_retrieval_blocks(part: QuantRetrievalPart, dtype: torch.dtype):
+    """(first slot, k, v) blocks of a quantised retrieval group in slot order: its quantised prefix
+    dequantised QBLOCK tokens at a time, then its full-precision tail. k, v: [B, H, n, D]."""
+    n_q = part.quantized_tokens
+    step = max(part.kv_group, QBLOCK // part.kv_group * part.kv_group)
+    for a in range(0, n_q, step):
+        b = min(n_q, a + step)
+        yield a, part.k.tokens_slice(a, b).dequantize(dtype), part.v.tokens_slice(a, b).dequantize(dtype)
+    if part.k_tail.shape[2]:
+        yield n_q, part.k_tail, part.v_tail
+
+
+def quantized_retrieval_heads(
+    q: torch.Tensor, part: QuantRetrievalPart, k_rank: torch.Tensor | None, q_rank: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention of one quantised retrieval group over all its T stored tokens, dequantised
+    block by block with an online softmax (never the whole cache at once).
+
+    q: [B, Hq, S, D] (the group's query heads, the last S slots); k_rank [B, T] or None when no
+    row is padded (then slot t has rank t); q_rank [B, S]. Returns [B, Hq, S, D].
+    """
+    B = q.shape[0]
+    qr = q_rank[:, None, :, None]  # [B, 1, S, 1]
+
+    def blocks():
+        for a, k, v in quantized_retrieval_blocks(part, q.dtype):
+            n = k.shape[2]
+            kr = torch.arange(a, a + n, device=q.device).expand(B, n) if k_rank is None else k_rank[:, a : a + n]
+            yield k, v, visible(qr, kr[:, None, None, :])
+
+    return online_softmax_attention(q, blocks(), scale)
+
+
+def online_softmax_attention(q: torch.Tensor, blocks, scale: float) -> torch.Tensor:
+    """Softmax attention over key blocks seen one at a time (running max and sum, float32).
+
+    q: [B, Hq, S, D]; blocks: (k, v [B, H, n, D], allowed [B, 1, S, n] bool) with Hq % H == 0.
+    Query rows that see no key are zeros. Returns [B, Hq, S, D] in q.dtype.
+    """
+    B, Hq, S, D = q.shape
+    m = total = acc = None
+    for k, v, allowed in blocks:
+        H = k.shape[1]
+        qf = q.float().view(B, H, Hq // H, S, D)
+        s = torch.einsum("bhgsd,bhnd->bhgsn", qf, k.float()) * scale
+        s = s.masked_fill(~allowed[:, :, None], float("-inf"))
+        m_new = s.amax(-1) if m is None else torch.maximum(m, s.amax(-1))
+        m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # no key yet: nothing to shift
+        p = torch.exp(s - m_use[..., None])
+        pv = torch.einsum("bhgsn,bhnd->bhgsd", p, v.float())
+        if m is None:
+            total, acc = p.sum(-1), pv
+        else:
+            alpha = torch.exp(m - m_use)
+            total, acc = total * alpha + p.sum(-1), acc * alpha[..., None] + pv
+        m = m_new
+    if m is None:
+        return torch.zeros_like(q)
+    out = acc / torch.where(total == 0, torch.ones_like(total), total)[..., None]
+    return out.reshape(B, Hq, S, D).to(q.dtype)
+
+
+def decode_quantized_op_args(plan: LayerPlan, q, layer: SplitKVLayer, q_rank, k_rank, scale) -> tuple:
+    """Arguments of torch.ops.headpolicy.decode_attention_quantized for one layer's step (q_rank [B, 1]):
+    the plain parts as for decode_attention, then each quantised part (policies/plan.py order)."""
+    plain = [s for s in layer.streams if isinstance(s, StreamBuffer)]
+    quant = [s for s in layer.streams if isinstance(s, QuantStreamBuffer)]
+    B, T = q.shape[0], layer.seen
+    ranks = torch.arange(T, device=q.device).expand(B, T) if k_rank is None else k_rank
+    tensors, retrieval, bits, sinks, windows = [], [], [], [], []
+    for part in layer.qparts:
+        n_q = part.quantized_tokens
+        tensors += [*part.k.tensors(), *part.v.tensors(), ranks[:, :n_q], part.k_tail, part.v_tail, ranks[:, n_q:]]
+        retrieval.append(True)
+        bits.append(part.group.bits)
+        sinks.append(0)
+        windows.append(1)
+    for s in quant:
+        tail = q.new_zeros(B, s.group.num_heads, 0, q.shape[-1])  # a streaming part keeps no residual
+        tensors += [*s.k.tensors(), *s.v.tensors(), s.rank, tail, tail, s.rank[:, :0]]
+        retrieval.append(False)
+        bits.append(s.group.bits)
+        sinks.append(s.group.sink)
+        windows.append(s.group.window)
+    return (
+        q, q_rank[:, 0], layer.keys, layer.values, k_rank,
+        [x.k for x in plain], [x.v for x in plain], [x.rank for x in plain],
+        [x.group.sink for x in plain], [x.group.window for x in plain],
+        tensors, retrieval, bits, sinks, windows, plan.kv_group, scale,
     )  # fmt: skip
 
 
@@ -249,7 +375,7 @@ def headpolicy_attention(module, query, key, value, attention_mask, scaling=None
         T = key.shape[2]
         key_mask = check_key_mask(attention_mask, B, T)
         ranks = token_ranks(key_mask, B, T, device=query.device)
-        R = plan.num_retrieval
+        R = plan.num_native_retrieval
         out = prefill(plan, query, scale, keys=key[:, :R], values=value[:, :R], k_rank=None if key_mask is None
                       else ranks, new_k=key, new_v=value, new_rank=ranks, q_rank=ranks[:, T - S :])  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
@@ -271,9 +397,10 @@ def _attend_step(plan: LayerPlan, q: torch.Tensor, step: SplitKVStep, attention_
     if S == 1:  # decode: the token is committed first (a ring slot it overwrites is out of its window)
         layer.commit(step, commit_rank)
         return decode(plan, q, layer, q_rank, k_rank, scale)
-    past = None if T == S else [(s.k, s.v, s.rank) for s in layer.streams]
+    past = None if T == S else [stream_segment(s, q.dtype) for s in layer.streams]
     out = prefill(plan, q, scale, keys=layer.keys, values=layer.values, k_rank=k_rank, new_k=step.new_k,
-                  new_v=step.new_v, new_rank=q_rank, q_rank=q_rank, past=past)  # fmt: skip
+                  new_v=step.new_v, new_rank=q_rank, q_rank=q_rank, past=past,
+                  qparts=None if T == S else layer.qparts)  # fmt: skip
     layer.commit(step, commit_rank)
     return out
 

@@ -10,6 +10,11 @@ so a streaming head holds min(T, sink + window) tokens (policies/rule.kept_token
 slot `rule.ring_slot` gives each rank. Buffers grow only as far as they are filled;
 `kv_bytes()` sums the tensors actually allocated.
 
+Quantised heads (kv_bits 8 or 4) live in runtime/quant_cache.py: `layer.qparts` (one
+QuantRetrievalPart per quantised retrieval group: their tokens enter at full precision in
+update() and are quantised a group at a time in commit()) and QuantStreamBuffer entries of
+`layer.streams`; `layer.keys`/`layer.values` hold the 16-bit retrieval heads only.
+
 One step, as transformers drives it: `SplitKVLayer.update(k, v)` stores the retrieval part
 at once and returns a `SplitKVStep` (as both keys and values). Where a streaming token goes
 depends on its rank among the real tokens of its row, which only the padding mask handed to
@@ -28,6 +33,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from headpolicy.policies.plan import LayerPlan, StreamGroup
 from headpolicy.policies.rule import ring_slot
+from headpolicy.runtime.quant_cache import QuantRetrievalPart, QuantStreamBuffer
 from headpolicy.runtime.state import applied
 
 
@@ -119,24 +125,32 @@ class SplitKVLayer(CacheLayerMixin):
         super().__init__()
         self.plan = plan
         self.seen = 0  # slots seen, padding included (what transformers calls the sequence length)
-        self.streams: list[StreamBuffer] = []
+        self.streams: list[StreamBuffer | QuantStreamBuffer] = []
+        self.qparts: list[QuantRetrievalPart] = []
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, _, _, D = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        R = self.plan.num_retrieval
+        R = self.plan.num_native_retrieval
         self.keys = key_states.new_zeros(B, R, 0, D)
         self.values = value_states.new_zeros(B, R, 0, D)
-        self.streams = [StreamBuffer(g, B, D, self.dtype, self.device) for g in self.plan.groups]
+        p = self.plan
+        self.streams = [QuantStreamBuffer(g, p.kv_group, B, D, self.device) if g.quantized
+                        else StreamBuffer(g, B, D, self.dtype, self.device) for g in p.groups]  # fmt: skip
+        self.qparts = [QuantRetrievalPart(g, p.kv_group, p.kv_residual, B, D, self.dtype, self.device)
+                       for g in p.retrieval_groups]  # fmt: skip
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs) -> tuple[SplitKVStep, SplitKVStep]:
         """key_states, value_states: [B, Hkv, S, D]. Stores the retrieval heads' part; returns the step."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        R = self.plan.num_retrieval
+        R = self.plan.num_native_retrieval
         self.keys = torch.cat([self.keys, key_states[:, :R]], dim=2)
         self.values = torch.cat([self.values, value_states[:, :R]], dim=2)
+        for part in self.qparts:
+            g = part.group
+            part.store(key_states[:, g.start : g.stop], value_states[:, g.start : g.stop])
         self.seen += key_states.shape[2]
         step = SplitKVStep(self, key_states, value_states)
         return step, step
@@ -145,6 +159,8 @@ class SplitKVLayer(CacheLayerMixin):
         """Store the step's streaming part. q_rank: [B, S] ranks of the new tokens, or None when no
         row is padded (the new tokens then have ranks seen - S .. seen - 1 in every row)."""
         S = step.new_k.shape[2]
+        for part in self.qparts:
+            part.commit(q_rank)
         for stream in self.streams:
             k, v = step.group_kv(stream.group)
             if q_rank is None and S == 1:
@@ -166,14 +182,14 @@ class SplitKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = None
-        self.streams, self.seen = [], 0
+        self.streams, self.qparts, self.seen = [], [], 0
         self.is_initialized = False
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
             return
         self.keys, self.values = self.keys[indices], self.values[indices]
-        for s in self.streams:
+        for s in (*self.streams, *self.qparts):
             s.select_batch(indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -193,13 +209,14 @@ class SplitKVLayer(CacheLayerMixin):
     def kv_bytes(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.keys.nbytes + self.values.nbytes + sum(s.nbytes for s in self.streams)
+        return self.keys.nbytes + self.values.nbytes + sum(s.nbytes for s in (*self.streams, *self.qparts))
 
     def cached_tokens(self) -> int:
         """Tokens held summed over KV heads (row 0)."""
         if not self.is_initialized:
             return 0
-        n = self.plan.num_retrieval * self.keys.shape[2]
+        n = self.plan.num_native_retrieval * self.keys.shape[2]
+        n += sum(p.group.num_heads * p.tokens for p in self.qparts)
         for s in self.streams:
             n += s.group.num_heads * s.size
         return n
