@@ -53,3 +53,7 @@ class OutputError(HeadPolicyError, OSError):
 
 class ExportError(HeadPolicyError, RuntimeError):
     """A graph cannot be captured, rewritten or exported (missing pass provider, no attention found...)."""
+
+
+class QuantizedExportError(ExportError):
+    """The policy stores some KV heads quantised (kv_bits 8/4), which exported graphs do not carry."""
