@@ -2,13 +2,20 @@
 
 Per layer (KV heads in the order `apply` put them, see policies/plan.py):
 
-    retrieval   keys/values [B, R, T, D]                  every token; grows with every step
+    retrieval   keys/values [B, R, T, D]                  every token
     group g     k/v [B, Hg, <= sink + window, D]          the first `sink` real tokens, then a
                 + rank [B, <= sink + window] (-1 = empty)  ring of the last `window` after them
 
 so a streaming head holds min(T, sink + window) tokens (policies/rule.kept_tokens) in the
-slot `rule.ring_slot` gives each rank. Buffers grow only as far as they are filled;
-`kv_bytes()` sums the tensors actually allocated.
+slot `rule.ring_slot` gives each rank.
+
+Memory: each part is a `TokenBuffer`, preallocated and grown in blocks (`grown_capacity`):
+a decode step writes its token into free capacity instead of copying the whole cache
+(torch.cat), so appending costs O(1) amortised. `keys`, `values`, `k`, `v`, `rank` are views
+of the slots in use. `kv_bytes()` is the capacity allocated (what the process really holds),
+`kv_bytes_used()` the bytes of the tokens held (what policies/schema.kv_bytes predicts);
+they are equal when the cache was `reserve`d for exactly the tokens it then got (our
+generate loop reserves prompt + new tokens). A streaming buffer never grows past sink + window.
 
 One step, as transformers drives it: `SplitKVLayer.update(k, v)` stores the retrieval part
 at once and returns a `SplitKVStep` (as both keys and values). Where a streaming token goes
@@ -30,28 +37,133 @@ from headpolicy.policies.plan import LayerPlan, StreamGroup
 from headpolicy.policies.rule import ring_slot
 from headpolicy.runtime.state import applied
 
+GROW_MIN = 256  # tokens: the smallest block a buffer grows by
+GROW_SHARE = 16  # ... or 1/GROW_SHARE of what it holds: <= 16 token copies per appended token, <= 1/16 unused
+
+
+def grown_capacity(needed: int, capacity: int, limit: int | None = None) -> int:
+    """Slots to allocate when `needed` slots do not fit in `capacity`: at least one block more,
+    so that appending one token at a time copies the buffer only every max(GROW_MIN, capacity
+    / GROW_SHARE) tokens (amortised O(1) per token); never more than `limit`."""
+    new = max(needed, capacity + max(GROW_MIN, capacity // GROW_SHARE))
+    return new if limit is None else min(new, max(limit, needed))
+
+
+class TokenBuffer:
+    """Keys and values [B, H, capacity, D] whose first `size` slots hold tokens; grows in blocks.
+
+    k, v: views [B, H, size, D] of the slots in use (no copy). Unused capacity is zeros, so a
+    slot that a masked-out row never wrote holds finite values.
+    """
+
+    def __init__(self, batch: int, heads: int, dim: int, dtype, device, limit: int | None = None):
+        self._k = torch.zeros(batch, heads, 0, dim, dtype=dtype, device=device)
+        self._v = torch.zeros_like(self._k)
+        self.size = 0
+        self.limit = limit  # capacity never exceeds this (a streaming buffer's sink + window)
+
+    @property
+    def capacity(self) -> int:
+        return self._k.shape[2]
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self._k[:, :, : self.size]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._v[:, :, : self.size]
+
+    def reserve(self, n: int) -> None:
+        """Make room for n slots (n <= limit for a bounded buffer), growing by at least a block."""
+        if n <= self.capacity:
+            return
+        self._resize(grown_capacity(n, self.capacity, self.limit))
+
+    def reserve_exactly(self, n: int) -> None:
+        """Capacity for n slots and not more (a caller that knows how many tokens will come)."""
+        if self.limit is not None:
+            n = min(n, self.limit)
+        if n > self.capacity:
+            self._resize(n)
+
+    def _resize(self, capacity: int) -> None:
+        B, H, _, D = self._k.shape
+        k, v = self._k.new_zeros(B, H, capacity, D), self._v.new_zeros(B, H, capacity, D)
+        k[:, :, : self.size] = self.k
+        v[:, :, : self.size] = self.v
+        self._k, self._v = k, v
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [B, H, S, D] into the next S slots."""
+        n = self.size + k.shape[2]
+        self.reserve(n)
+        self._k[:, :, self.size : n] = k
+        self._v[:, :, self.size : n] = v
+        self.size = n
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        self._k, self._v = self._k[index], self._v[index]
+
+    @property
+    def allocated(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole key and value buffers [B, H, capacity, D] (what `nbytes` counts)."""
+        return self._k, self._v
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (the whole capacity)."""
+        return self._k.nbytes + self._v.nbytes
+
+    @property
+    def used_nbytes(self) -> int:
+        """Bytes of the slots in use."""
+        B, H, _, D = self._k.shape
+        return 2 * B * H * self.size * D * self._k.element_size()
+
 
 class StreamBuffer:
     """One streaming group's tokens: k, v [B, Hg, n, D] and ranks [B, n] (-1 = empty), n <= sink + window."""
 
     def __init__(self, group: StreamGroup, batch: int, dim: int, dtype, device):
         self.group = group
-        self.k = torch.zeros(batch, group.num_heads, 0, dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.rank = torch.full((batch, 0), -1, dtype=torch.long, device=device)
+        self.kv = TokenBuffer(batch, group.num_heads, dim, dtype, device, limit=group.sink + group.window)
+        self._rank = torch.full((batch, 0), -1, dtype=torch.long, device=device)
 
     @property
     def size(self) -> int:
-        return self.k.shape[2]
+        return self.kv.size
 
-    def _grow(self, n: int) -> None:
-        extra = min(n, self.group.sink + self.group.window) - self.size
-        if extra <= 0:
-            return
-        B, H, _, D = self.k.shape
-        self.k = torch.cat([self.k, self.k.new_zeros(B, H, extra, D)], dim=2)
-        self.v = torch.cat([self.v, self.v.new_zeros(B, H, extra, D)], dim=2)
-        self.rank = torch.cat([self.rank, self.rank.new_full((B, extra), -1)], dim=1)
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv.k
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv.v
+
+    @property
+    def rank(self) -> torch.Tensor:
+        return self._rank[:, : self.size]
+
+    def _fill_to(self, n: int) -> None:
+        """Slots [0, n) in use (n <= sink + window); new ones are empty (rank -1) until written."""
+        n = min(n, self.kv.limit)
+        if n > self.size:
+            self.kv.reserve(n)
+            self._match_capacity()
+            self.kv.size = n
+
+    def _match_capacity(self) -> None:
+        if self._rank.shape[1] < self.kv.capacity:
+            grown = self._rank.new_full((self._rank.shape[0], self.kv.capacity), -1)
+            grown[:, : self.size] = self.rank
+            self._rank = grown
+
+    def reserve(self, n: int) -> None:
+        """Capacity for the tokens of n ranks (at most sink + window), allocated now."""
+        self.kv.reserve_exactly(n)
+        self._match_capacity()
 
     def commit(self, k: torch.Tensor, v: torch.Tensor, rank: torch.Tensor) -> None:
         """Store new tokens k, v: [B, Hg, S, D] with ranks [B, S] (-1 = padding)."""
@@ -61,30 +173,45 @@ class StreamBuffer:
         b, s = keep.nonzero(as_tuple=True)
         if b.numel() == 0:
             return
-        self._grow(int(rank.max()) + 1)
+        self._fill_to(int(rank.max()) + 1)
         dst = ring_slot(rank[b, s], sink, window)
-        self.k.transpose(1, 2)[b, dst] = k.transpose(1, 2)[b, s]
-        self.v.transpose(1, 2)[b, dst] = v.transpose(1, 2)[b, s]
-        self.rank[b, dst] = rank[b, s]
+        self.kv._k.transpose(1, 2)[b, dst] = k.transpose(1, 2)[b, s]
+        self.kv._v.transpose(1, 2)[b, dst] = v.transpose(1, 2)[b, s]
+        self._rank[b, dst] = rank[b, s]
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, rank: int) -> None:
-        """One new token with the same rank in every row (no padding). k, v: [B, Hg, 1, D]."""
+    def commit_run(self, k: torch.Tensor, v: torch.Tensor, first: int) -> None:
+        """New tokens with ranks first .. first + S - 1 in every row (no padding). k, v: [B, Hg, S, D]."""
+        S = k.shape[2]
+        sink, window = self.group.sink, self.group.window
+        if S == 1:
+            return self._commit_one(k, v, first)
+        last = first + S - 1
+        ranks = torch.arange(first, last + 1, device=k.device)
+        ranks = ranks[(ranks < sink) | (ranks > last - window)]  # the newest `window` evict older ones
+        self._fill_to(last + 1)
+        src, dst = ranks - first, ring_slot(ranks, sink, window)
+        self.kv._k.index_copy_(2, dst, k.index_select(2, src))
+        self.kv._v.index_copy_(2, dst, v.index_select(2, src))
+        self._rank[:, dst] = ranks
+
+    def _commit_one(self, k: torch.Tensor, v: torch.Tensor, rank: int) -> None:
         slot = ring_slot(rank, self.group.sink, self.group.window)
-        if slot == self.size:  # still filling up
-            self.k = torch.cat([self.k, k], dim=2)
-            self.v = torch.cat([self.v, v], dim=2)
-            self.rank = torch.cat([self.rank, self.rank.new_full((k.shape[0], 1), rank)], dim=1)
-        else:
-            self.k[:, :, slot] = k[:, :, 0]
-            self.v[:, :, slot] = v[:, :, 0]
-            self.rank[:, slot] = rank
+        self._fill_to(slot + 1)
+        self.kv._k[:, :, slot] = k[:, :, 0]
+        self.kv._v[:, :, slot] = v[:, :, 0]
+        self._rank[:, slot] = rank
 
     def select_batch(self, index: torch.Tensor) -> None:
-        self.k, self.v, self.rank = self.k[index], self.v[index], self.rank[index]
+        self.kv.select_batch(index)
+        self._rank = self._rank[index]
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.kv.nbytes
+
+    @property
+    def used_nbytes(self) -> int:
+        return self.kv.used_nbytes
 
 
 @dataclass(frozen=True)
@@ -108,6 +235,26 @@ class SplitKVStep:
         return self.new_k[:, group.start : group.stop], self.new_v[:, group.start : group.stop]
 
 
+class MaskMemo:
+    """What the attention function worked out from one forward's padding mask, kept for the
+    forward's other layers.
+
+    transformers hands every layer of a forward the same mask tensor (built once by the mask
+    function, runtime/attention.padding_mask), so the first layer derives the ranks from it and
+    the others find them here: ranks are computed once per step, not once per layer.
+    """
+
+    def __init__(self):
+        self._mask: torch.Tensor | None = None
+        self._value = None
+
+    def get(self, mask: torch.Tensor, build):
+        """build(mask) the first time this very tensor is asked for, the stored value after."""
+        if mask is not self._mask:
+            self._mask, self._value = mask, build(mask)
+        return self._value
+
+
 class SplitKVLayer(CacheLayerMixin):
     """One layer of SplitKVCache (see the module docstring)."""
 
@@ -115,28 +262,48 @@ class SplitKVLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, plan: LayerPlan):
-        super().__init__()
+    def __init__(self, plan: LayerPlan, memo: MaskMemo | None = None):
+        # CacheLayerMixin.__init__ would assign keys/values, which are views of our buffers here
+        self.is_initialized = False
         self.plan = plan
         self.seen = 0  # slots seen, padding included (what transformers calls the sequence length)
+        self.retrieval: TokenBuffer | None = None
         self.streams: list[StreamBuffer] = []
+        self.reserved = 0  # tokens to allocate for at the first step (SplitKVCache.reserve)
+        self.memo = memo if memo is not None else MaskMemo()  # shared by the layers of a SplitKVCache
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The retrieval heads' keys [B, R, T, D] (a view of the preallocated buffer)."""
+        return None if self.retrieval is None else self.retrieval.k
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.retrieval is None else self.retrieval.v
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, _, _, D = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        R = self.plan.num_retrieval
-        self.keys = key_states.new_zeros(B, R, 0, D)
-        self.values = value_states.new_zeros(B, R, 0, D)
+        self.retrieval = TokenBuffer(B, self.plan.num_retrieval, D, self.dtype, self.device)
         self.streams = [StreamBuffer(g, B, D, self.dtype, self.device) for g in self.plan.groups]
         self.is_initialized = True
+        self.reserve(self.reserved)
+
+    def reserve(self, tokens: int) -> None:
+        """Allocate for `tokens` slots per row now (padding included), so no step up to there grows a buffer."""
+        self.reserved = max(self.reserved, tokens)
+        if not self.is_initialized:
+            return
+        self.retrieval.reserve_exactly(tokens)
+        for s in self.streams:
+            s.reserve(tokens)
 
     def update(self, key_states, value_states, *args, **kwargs) -> tuple[SplitKVStep, SplitKVStep]:
         """key_states, value_states: [B, Hkv, S, D]. Stores the retrieval heads' part; returns the step."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         R = self.plan.num_retrieval
-        self.keys = torch.cat([self.keys, key_states[:, :R]], dim=2)
-        self.values = torch.cat([self.values, value_states[:, :R]], dim=2)
+        self.retrieval.append(key_states[:, :R], value_states[:, :R])
         self.seen += key_states.shape[2]
         step = SplitKVStep(self, key_states, value_states)
         return step, step
@@ -147,13 +314,10 @@ class SplitKVLayer(CacheLayerMixin):
         S = step.new_k.shape[2]
         for stream in self.streams:
             k, v = step.group_kv(stream.group)
-            if q_rank is None and S == 1:
-                stream.append(k, v, self.seen - 1)
-                continue
-            rank = q_rank
-            if rank is None:
-                rank = torch.arange(self.seen - S, self.seen, device=k.device).expand(k.shape[0], S)
-            stream.commit(k, v, rank)
+            if q_rank is None:
+                stream.commit_run(k, v, self.seen - S)
+            else:
+                stream.commit(k, v, q_rank)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -165,14 +329,14 @@ class SplitKVLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = None
+        self.retrieval = None
         self.streams, self.seen = [], 0
         self.is_initialized = False
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
             return
-        self.keys, self.values = self.keys[indices], self.values[indices]
+        self.retrieval.select_batch(indices)
         for s in self.streams:
             s.select_batch(indices)
 
@@ -190,16 +354,26 @@ class SplitKVLayer(CacheLayerMixin):
             "(assisted/speculative decoding is not supported)"
         )
 
+    def offload(self) -> None:
+        raise NotImplementedError("SplitKVCache layers cannot be offloaded")
+
     def kv_bytes(self) -> int:
+        """Bytes allocated for keys/values (capacity included)."""
         if not self.is_initialized:
             return 0
-        return self.keys.nbytes + self.values.nbytes + sum(s.nbytes for s in self.streams)
+        return self.retrieval.nbytes + sum(s.nbytes for s in self.streams)
+
+    def kv_bytes_used(self) -> int:
+        """Bytes of the key/value slots that hold tokens."""
+        if not self.is_initialized:
+            return 0
+        return self.retrieval.used_nbytes + sum(s.used_nbytes for s in self.streams)
 
     def cached_tokens(self) -> int:
         """Tokens held summed over KV heads (row 0)."""
         if not self.is_initialized:
             return 0
-        n = self.plan.num_retrieval * self.keys.shape[2]
+        n = self.plan.num_retrieval * self.retrieval.size
         for s in self.streams:
             n += s.group.num_heads * s.size
         return n
@@ -215,7 +389,8 @@ class SplitKVCache(Cache):
     """A transformers Cache whose layers follow a policy's plan. Pass it to generate() or forward()."""
 
     def __init__(self, plans: list[LayerPlan] | tuple[LayerPlan, ...]):
-        super().__init__(layers=[SplitKVLayer(p) for p in plans])
+        memo = MaskMemo()
+        super().__init__(layers=[SplitKVLayer(p, memo) for p in plans])
 
     @classmethod
     def for_model(cls, model) -> SplitKVCache:
@@ -224,9 +399,21 @@ class SplitKVCache(Cache):
             raise ValueError("model has no headpolicy applied; call headpolicy.apply(model, policy) first")
         return cls(state.plans)
 
+    def reserve(self, tokens: int) -> SplitKVCache:
+        """Allocate every layer for `tokens` slots per row (prompt, padding included, + new tokens)
+        up front, as a static cache would: no step up to there grows a buffer, and the capacity
+        is exactly what those tokens need (streaming buffers: at most sink + window)."""
+        for layer in self.layers:
+            layer.reserve(tokens)
+        return self
+
     def kv_bytes(self) -> int:
-        """Bytes of key/value tensors held right now (equal to what is allocated for them)."""
+        """Bytes allocated for key/value tensors, spare capacity included (what the process holds)."""
         return sum(layer.kv_bytes() for layer in self.layers)
+
+    def kv_bytes_used(self) -> int:
+        """Bytes of the key/value slots that hold tokens (what policies/schema.HeadPolicy.kv_bytes predicts)."""
+        return sum(layer.kv_bytes_used() for layer in self.layers)
 
     def cached_tokens(self) -> int:
         return sum(layer.cached_tokens() for layer in self.layers)
