@@ -95,6 +95,12 @@ def kept_tokens(context: int, sink: int, window: int) -> int:
     return min(context, sink + window)
 
 
+def causal_below(sink: int, window: int) -> int:
+    """Queries of rank < sink + window see every earlier key: for them the streaming rule is causal
+    (their window reaches back to the sink), so plain causal attention computes it exactly."""
+    return sink + window
+
+
 def ring_slot(rank, sink: int, window: int):
     """Buffer slot of the token of rank `rank` (int or tensor): the first `sink` tokens in order,
     then a ring of `window` slots, so right after token r is stored the buffer holds exactly
