@@ -96,11 +96,11 @@ class TokenBuffer:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [B, H, S, D] into the next S slots."""
-        n = self.size + k.shape[2]
-        self.reserve(n)
-        self._k[:, :, self.size : n] = k
-        self._v[:, :, self.size : n] = v
-        self.size = n
+        S = k.shape[2]
+        self.reserve(self.size + S)
+        self._k.narrow(2, self.size, S).copy_(k)  # narrow/select + copy_: cheaper than indexing, per step
+        self._v.narrow(2, self.size, S).copy_(v)
+        self.size += S
 
     def select_batch(self, index: torch.Tensor) -> None:
         self._k, self._v = self._k[index], self._v[index]
@@ -197,9 +197,9 @@ class StreamBuffer:
     def _commit_one(self, k: torch.Tensor, v: torch.Tensor, rank: int) -> None:
         slot = ring_slot(rank, self.group.sink, self.group.window)
         self._fill_to(slot + 1)
-        self.kv._k[:, :, slot] = k[:, :, 0]
-        self.kv._v[:, :, slot] = v[:, :, 0]
-        self._rank[:, slot] = rank
+        self.kv._k.select(2, slot).copy_(k.select(2, 0))
+        self.kv._v.select(2, slot).copy_(v.select(2, 0))
+        self._rank.select(1, slot).fill_(rank)
 
     def select_batch(self, index: torch.Tensor) -> None:
         self.kv.select_batch(index)
