@@ -10,8 +10,9 @@ see the same machine load; a speed-up is the median over repeats of policy over 
 same repeat, the other numbers are medians.
 
 Per run: prefill seconds (the prompt in one forward), decode tokens/s (`--new-tokens` greedy
-steps after it, the first included), peak RSS of the run above the RSS before it (VmHWM reset
-per run), KV bytes allocated and used. Caches are made as `headpolicy.runtime.generate` makes
+steps after it, the first included), peak RSS of the run above the RSS before it (freed heap
+returned to the OS first, VmHWM reset per run: the prefill's activations dominate it), KV
+bytes allocated and used. Caches are made as `headpolicy.runtime.generate` makes
 them (SplitKVCache reserved for prompt + new tokens, so allocated == used unless --grow).
 KV bytes are checked against the policy's formula; the exit status is 1 only if they differ.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import json
 import os
 import platform
@@ -76,6 +78,15 @@ def _status_kib(field: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim), so that a run's RSS starts
+    from what is live, not from what earlier runs freed and the allocator kept."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (Linux: clear_refs 5), so VmHWM covers what follows."""
     try:
@@ -92,6 +103,7 @@ def run(model, ids: torch.Tensor, new_tokens: int, grow: bool) -> dict:
     cache = new_cache(model)
     if isinstance(cache, SplitKVCache) and not grow:
         cache.reserve(ids.shape[1] + new_tokens)  # as runtime/generate.generate does
+    release_free_memory()
     rss_before = _status_kib("VmRSS")
     peak_ok = reset_peak_rss()
     t0 = time.perf_counter()

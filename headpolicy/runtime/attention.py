@@ -363,13 +363,17 @@ def decode_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     """One query per row and head over N cached keys: q [B, Hq, 1, D]; k, v [B, H, N, D]; mask
     [B, 1, 1, N] or None (every key visible). Returns [B, Hq, 1, D], zeros for a query that sees no key.
 
-    Each KV head's Hq / H query heads go in as one sequence of queries of that head (as
-    transformers' pack_gqa does): no GQA expansion, 10-25% faster than enable_gqa at 4K-8K keys.
+    On one thread each KV head's Hq / H query heads go in as one sequence of queries of that
+    head (as transformers' pack_gqa does): no GQA expansion, 5-25% faster at 4K-8K keys. SDPA
+    on CPU parallelises over (row, head, query block), so with more threads the heads stay apart.
     """
-    B, Hq, _, D = q.shape
-    H = k.shape[1]
-    out = F.scaled_dot_product_attention(q.reshape(B, H, Hq // H, D), k, v, attn_mask=mask, scale=scale)
-    out = out.view(B, Hq, 1, D)
+    if q.is_cuda or torch.get_num_threads() > 1:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        B, Hq, _, D = q.shape
+        H = k.shape[1]
+        out = F.scaled_dot_product_attention(q.reshape(B, H, Hq // H, D), k, v, attn_mask=mask, scale=scale)
+        out = out.view(B, Hq, 1, D)
     return out if mask is None else out.nan_to_num(0.0)
 
 

@@ -138,6 +138,35 @@ def test_split_cache_matches_reference_step_by_step(paths, plan_name, steps, pad
     assert paths["local_blocks"] == chunks * len(plan.groups)  # chunks on the cache: rank masks
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """Decode packs each KV head's queries on one thread and keeps heads apart on more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("plan_name", ["mixed", "three-groups", "all-retrieval"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_matches_reference_on_any_thread_count(paths, threads, plan_name, padded):
+    plan, steps = PLANS[plan_name], [12] + [1] * 15
+    T = sum(steps)
+    q, k, v = rand_qkv(plan, 2, T, seed=4)
+    mask = left_padding_mask([T, T - 5], T) if padded else None
+    layer, start = SplitKVLayer(plan), 0
+    for n in steps:
+        stop = start + n
+        view, _ = layer.update(k[:, :, start:stop], v[:, :, start:stop])
+        step_mask = None if mask is None else mask[:, :stop]
+        out = attend(plan, q[:, :, start:stop], view, view, step_mask, 0.4)
+        ref = reference(plan, q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], step_mask, 0.4)
+        m = None if mask is None else mask[:, start:stop]
+        torch.testing.assert_close(real_rows(out, m), real_rows(ref, m), atol=1e-5, rtol=1e-5)
+        start = stop
+    assert paths["decode"] == 15
+
+
 def test_streaming_buffers_never_exceed_sink_plus_window():
     plan = PLANS["two-groups"]
     layer = SplitKVLayer(plan)
