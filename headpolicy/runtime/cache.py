@@ -94,6 +94,12 @@ class TokenBuffer:
         v[:, :, : self.size] = self.v
         self._k, self._v = k, v
 
+    def use(self, n: int) -> None:
+        """Slots [0, n) in use (allocating as `reserve` does); slots never written hold zeros."""
+        if n > self.size:
+            self.reserve(n)
+            self.size = n
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [B, H, S, D] into the next S slots."""
         S = k.shape[2]
@@ -101,6 +107,20 @@ class TokenBuffer:
         self._k.narrow(2, self.size, S).copy_(k)  # narrow/select + copy_: cheaper than indexing, per step
         self._v.narrow(2, self.size, S).copy_(v)
         self.size += S
+
+    def put(self, slots: torch.Tensor | int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [B, H, n, D] into slots [n] (or one int slot, n = 1) of every row; slots < size."""
+        if isinstance(slots, int):
+            self._k.select(2, slots).copy_(k.select(2, 0))
+            self._v.select(2, slots).copy_(v.select(2, 0))
+        else:
+            self._k.index_copy_(2, slots, k)
+            self._v.index_copy_(2, slots, v)
+
+    def put_rows(self, rows: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Token i of k, v [n, H, D] into slot slots[i] of row rows[i]."""
+        self._k.transpose(1, 2)[rows, slots] = k
+        self._v.transpose(1, 2)[rows, slots] = v
 
     def select_batch(self, index: torch.Tensor) -> None:
         self._k, self._v = self._k[index], self._v[index]
@@ -148,16 +168,14 @@ class StreamBuffer:
 
     def _fill_to(self, n: int) -> None:
         """Slots [0, n) in use (n <= sink + window); new ones are empty (rank -1) until written."""
-        n = min(n, self.kv.limit)
         if n > self.size:
-            self.kv.reserve(n)
+            self.kv.use(min(n, self.kv.limit))
             self._match_capacity()
-            self.kv.size = n
 
     def _match_capacity(self) -> None:
         if self._rank.shape[1] < self.kv.capacity:
             grown = self._rank.new_full((self._rank.shape[0], self.kv.capacity), -1)
-            grown[:, : self.size] = self.rank
+            grown[:, : self._rank.shape[1]] = self._rank
             self._rank = grown
 
     def reserve(self, n: int) -> None:
@@ -175,8 +193,7 @@ class StreamBuffer:
             return
         self._fill_to(int(rank.max()) + 1)
         dst = ring_slot(rank[b, s], sink, window)
-        self.kv._k.transpose(1, 2)[b, dst] = k.transpose(1, 2)[b, s]
-        self.kv._v.transpose(1, 2)[b, dst] = v.transpose(1, 2)[b, s]
+        self.kv.put_rows(b, dst, k.transpose(1, 2)[b, s], v.transpose(1, 2)[b, s])
         self._rank[b, dst] = rank[b, s]
 
     def commit_run(self, k: torch.Tensor, v: torch.Tensor, first: int) -> None:
@@ -190,15 +207,13 @@ class StreamBuffer:
         ranks = ranks[(ranks < sink) | (ranks > last - window)]  # the newest `window` evict older ones
         self._fill_to(last + 1)
         src, dst = ranks - first, ring_slot(ranks, sink, window)
-        self.kv._k.index_copy_(2, dst, k.index_select(2, src))
-        self.kv._v.index_copy_(2, dst, v.index_select(2, src))
+        self.kv.put(dst, k.index_select(2, src), v.index_select(2, src))
         self._rank[:, dst] = ranks
 
     def _commit_one(self, k: torch.Tensor, v: torch.Tensor, rank: int) -> None:
         slot = ring_slot(rank, self.group.sink, self.group.window)
         self._fill_to(slot + 1)
-        self.kv._k.select(2, slot).copy_(k.select(2, 0))
-        self.kv._v.select(2, slot).copy_(v.select(2, 0))
+        self.kv.put(slot, k, v)
         self._rank.select(1, slot).fill_(rank)
 
     def select_batch(self, index: torch.Tensor) -> None:
