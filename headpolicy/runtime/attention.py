@@ -384,12 +384,14 @@ def decode(
     q_rank: torch.Tensor | None,
     k_rank: torch.Tensor | None,
     scale: float,
+    retrieval_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new token per row over the split cache, that token already committed.
 
     q: [B, Hq, 1, D], q_rank [B, 1]; k_rank [B, T] of the retrieval part, None when no row is
     padded: then every buffered key is one the query may attend, so no mask is built (and
-    q_rank may be None).
+    q_rank may be None). retrieval_mask: rule.visible(q_rank, k_rank) as [B, 1, 1, T] if the
+    caller has it (built once per forward), else built here.
     """
     if use_kernels(q):
         if q_rank is None:
@@ -398,7 +400,9 @@ def decode(
     G, R = plan.group_size, plan.num_retrieval
     outs = []
     if R:
-        mask = None if k_rank is None else visible(q_rank[:, None, :, None], k_rank[:, None, None, :])
+        mask = retrieval_mask
+        if mask is None and k_rank is not None:
+            mask = visible(q_rank[:, None, :, None], k_rank[:, None, None, :])
         outs.append(decode_heads(q[:, : R * G], layer.keys, layer.values, mask, scale))
     for s in layer.streams:
         g = s.group
@@ -442,21 +446,24 @@ def headpolicy_attention(module, query, key, value, attention_mask, scaling=None
         out = _attend_step(plan, query, key, attention_mask, scale)
     else:
         T = key.shape[2]
-        k_rank, q_rank = _ranks(attention_mask, B, T, S)
+        k_rank, q_rank, _ = _ranks(attention_mask, B, T, S)
         R = plan.num_retrieval
         out = prefill(plan, query, scale, keys=key[:, :R], values=value[:, :R], k_rank=k_rank, new_k=key,
                       new_v=value, new_rank=k_rank, q_rank=q_rank)  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 
-def _ranks(attention_mask, B: int, T: int, S: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(k_rank [B, T], q_rank [B, S]) of a step whose S queries are the last of T slots; (None, None)
-    when no row is padded."""
+def _ranks(attention_mask, B: int, T: int, S: int):
+    """(k_rank [B, T], q_rank [B, S], seen) of a step whose S queries are the last of T slots, where
+    seen [B, 1, 1, T] is what one decode query sees of the retrieval part (None for S > 1: a
+    prefill masks per block); (None, None, None) when no row is padded."""
     key_mask = check_key_mask(attention_mask, B, T)
     if key_mask is None:
-        return None, None
+        return None, None, None
     k_rank = token_ranks(key_mask, B, T, device=key_mask.device)
-    return k_rank, k_rank[:, T - S :]
+    q_rank = k_rank[:, T - S :]
+    seen = visible(q_rank[:, None, :, None], k_rank[:, None, None, :]) if S == 1 else None
+    return k_rank, q_rank, seen
 
 
 def _attend_step(plan: LayerPlan, q: torch.Tensor, step: SplitKVStep, attention_mask, scale: float) -> torch.Tensor:
@@ -464,12 +471,12 @@ def _attend_step(plan: LayerPlan, q: torch.Tensor, step: SplitKVStep, attention_
     layer = step.layer
     B, _, S, _ = q.shape
     T = layer.seen
-    k_rank = q_rank = None
-    if attention_mask is not None:  # the ranks are worked out once per forward, not in every layer
-        k_rank, q_rank = layer.memo.get(attention_mask, lambda m: _ranks(m, B, T, S))
+    k_rank = q_rank = seen = None
+    if attention_mask is not None:  # ranks and the decode mask: worked out once per forward, not per layer
+        k_rank, q_rank, seen = layer.memo.get(attention_mask, lambda m: _ranks(m, B, T, S))
     if S == 1:  # decode: the token is committed first (a ring slot it overwrites is out of its window)
         layer.commit(step, q_rank)
-        return decode(plan, q, layer, q_rank, k_rank, scale)
+        return decode(plan, q, layer, q_rank, k_rank, scale, retrieval_mask=seen)
     past = None if T == S else [(s.k, s.v, s.rank) for s in layer.streams]
     out = prefill(plan, q, scale, keys=layer.keys, values=layer.values, k_rank=k_rank, new_k=step.new_k,
                   new_v=step.new_v, new_rank=q_rank, q_rank=q_rank, past=past)  # fmt: skip
