@@ -1,24 +1,25 @@
 """KV cache memory and speed: the full model vs applied policies, side by side, per phase.
 
 SmolLM2-135M at 1K/2K/4K/8K context (8K is the model's context: there the prompt is 8K minus
-the new tokens, so prompt + new tokens fill it). Three models run in one
-process: the unmodified model (transformers' own SDPA attention and DynamicCache, untouched),
-a hand policy (KV head 0 of every layer retrieval, the others sink 64 + window 256) and the
-bundled compiled policy (headpolicy/policies/bundled/smollm2-135m-instruct.yaml). For each
-thread count and context the three alternate (`--repeats` times, the order rotating) so all
-see the same machine load; a speed-up is the median over repeats of policy over full in the
-same repeat, the other numbers are medians.
+the new tokens, so prompt + new tokens fill it). Three models run in one process: the
+unmodified model (transformers' own SDPA attention and DynamicCache, untouched), a hand policy
+(KV head 0 of every layer retrieval, the others sink 64 + window 256) and the bundled compiled
+policy (headpolicy/policies/bundled/smollm2-135m-instruct.yaml). For each thread count and
+context the three alternate (`--repeats` times, the order rotating) so all see the same
+machine load; a speed-up is the median over repeats of policy over full in the same repeat,
+the other numbers are medians.
 
 Per run: prefill seconds (the prompt in one forward), decode tokens/s (`--new-tokens` greedy
-steps after it, the first included), peak RSS of the run above the RSS before it (freed heap
-returned to the OS first, VmHWM reset per run: the prefill's activations dominate it), KV
-bytes allocated and used. Caches are made as `headpolicy.runtime.generate` makes
-them (SplitKVCache reserved for prompt + new tokens, so allocated == used unless --grow).
-KV bytes are checked against the policy's formula; the exit status is 1 only if they differ.
+steps after it, the first included), KV bytes allocated and used. Caches are made as
+`headpolicy.runtime.generate` makes them (SplitKVCache reserved for prompt + new tokens, so
+allocated == used unless --grow). KV bytes are checked against the policy's formula; the exit
+status is 1 only if they differ. Peak RSS is measured apart, once per model and context, in a
+fresh child process on one thread: the run's peak above the RSS of the loaded, warmed-up
+model (the prefill's activations dominate it), and the absolute peak.
 
-    python bench/kv_memory.py                          # 1K-8K, --threads 1,2, 2 repeats (~35-45 min idle)
-    python bench/kv_memory.py --quick                  # smoke run: 512/1K, 8 tokens, 1 repeat (~1 min)
-    python bench/kv_memory.py --contexts 4096 --threads 1 --repeats 3
+    python bench/kv_memory.py               # 1K-8K, --threads 1,2, 2 repeats, RSS probes (~45-60 min idle)
+    python bench/kv_memory.py --quick       # smoke run: 512/1K, 8 tokens, 1 repeat, RSS at 512 (~2 min)
+    python bench/kv_memory.py --contexts 4096 --threads 1 --repeats 3 --no-rss
 
 Timing on a shared machine: prefer --threads 1 (with two threads on two busy cores OpenMP
 stalls and distorts both sides); the ratios, not the absolute numbers, are what compare.
@@ -34,6 +35,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,6 +62,13 @@ def prompt_ids(tok, n_tokens: int) -> torch.Tensor:
     if ids.shape[1] < n_tokens:
         raise ValueError(f"the haystack has {ids.shape[1]} tokens, {n_tokens} were asked for")
     return ids[:, :n_tokens]
+
+
+def load_policies(model, *, bundled: bool) -> dict[str, HeadPolicy]:
+    policies = {"hand": hand_policy(model)}
+    if bundled:
+        policies["bundled"] = HeadPolicy.load(BUNDLED)
+    return policies
 
 
 def hand_policy(model) -> HeadPolicy:
@@ -99,13 +108,10 @@ def reset_peak_rss() -> bool:
 # ---- one run ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def run(model, ids: torch.Tensor, new_tokens: int, grow: bool) -> dict:
-    """Prefill, then greedy-decode `new_tokens` one at a time; time both phases, measure memory."""
+    """Prefill, then greedy-decode `new_tokens` one at a time; time both phases."""
     cache = new_cache(model)
     if isinstance(cache, SplitKVCache) and not grow:
         cache.reserve(ids.shape[1] + new_tokens)  # as runtime/generate.generate does
-    release_free_memory()
-    rss_before = _status_kib("VmRSS")
-    peak_ok = reset_peak_rss()
     t0 = time.perf_counter()
     out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
     t1 = time.perf_counter()
@@ -114,16 +120,50 @@ def run(model, ids: torch.Tensor, new_tokens: int, grow: bool) -> dict:
         out = model(tok, cache=cache, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
     t2 = time.perf_counter()
-    peak = _status_kib("VmHWM") if peak_ok else None
     used = cache.kv_bytes_used() if isinstance(cache, SplitKVCache) else cache_bytes(cache)
     return {
         "prefill_s": t1 - t0,
         "decode_tok_s": new_tokens / (t2 - t1),
-        "peak_rss_mib": None if peak is None else peak / 1024,
-        "peak_rss_over_start_mib": None if peak is None or rss_before is None else (peak - rss_before) / 1024,
         "kv_bytes_allocated": cache_bytes(cache),
         "kv_bytes_used": used,
     }
+
+
+def probe_rss(args) -> int:
+    """Child process: one model, one context; print the run's peak RSS as a JSON line.
+
+    A fresh process per (model, context), because in a process that ran other models the
+    allocator's kept and fragmented memory makes a run's own peak unreadable.
+    """
+    torch.set_num_threads(1)
+    full, tok = load_model(args.model)
+    model = full if args.probe_rss == "full" else apply(full, load_policies(full, bundled=True)[args.probe_rss])
+    limit = context_limit(full)
+    ids = prompt_ids(tok, min(args.contexts[0], limit - args.new_tokens) if limit else args.contexts[0])
+    run(model, prompt_ids(tok, 64), 2, args.grow)  # warm up: first-call allocations stay out of the peak
+    release_free_memory()
+    loaded = _status_kib("VmRSS")
+    if loaded is None or not reset_peak_rss():
+        print(json.dumps(None))
+        return 0
+    run(model, ids, args.new_tokens, args.grow)
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"peak_rss_mib": peak / 1024, "run_over_loaded_mib": (peak - loaded) / 1024}))
+    return 0
+
+
+def measure_rss(names: list[str], context: int, args) -> dict:
+    """Peak RSS of one run of each model at `context`, each in a fresh child process."""
+    out = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--probe-rss", name, "--model", args.model, "--contexts", str(context),
+               "--new-tokens", str(args.new_tokens)] + (["--grow"] if args.grow else [])  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        lines = done.stdout.strip().splitlines()
+        out[name] = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+        if out[name] is None:
+            print(f"peak RSS probe of {name} at {context} gave nothing: {done.stderr.strip()[-300:]}", file=sys.stderr)
+    return out
 
 
 def median_runs(runs: list[dict]) -> dict:
@@ -193,7 +233,10 @@ def main(argv=None) -> int:
                     help="torch intra-op thread counts, each reported apart (default 1,2; --quick: 1)")  # fmt: skip
     ap.add_argument("--no-bundled", action="store_true", help="only the hand policy")
     ap.add_argument("--grow", action="store_true", help="do not reserve: split caches grow in blocks as tokens come")
-    ap.add_argument("--quick", action="store_true", help="smoke run: contexts 512 1024, 8 tokens, 1 repeat")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: contexts 512 1024, 8 tokens, 1 repeat, peak RSS at 512 only")  # fmt: skip
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    ap.add_argument("--probe-rss", choices=["full", "hand", "bundled"], help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/kv_memory_cpu.json)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -201,10 +244,10 @@ def main(argv=None) -> int:
     threads_list = args.threads or ([1] if args.quick else [1, 2])
     out_path = args.out or RESULTS / ("kv_memory_cpu_quick.json" if args.quick else "kv_memory_cpu.json")
 
+    if args.probe_rss:
+        return probe_rss(args)
     full, tok = load_model(args.model)
-    policies = {"hand": hand_policy(full)}
-    if not args.no_bundled:
-        policies["bundled"] = HeadPolicy.load(BUNDLED)
+    policies = load_policies(full, bundled=not args.no_bundled)
     models = {"full": full} | {name: apply(copy.deepcopy(full), p) for name, p in policies.items()}
     esize = next(full.parameters()).element_size()
     limit = context_limit(full)  # 8K is the model's context: the prompt leaves room for the new tokens
@@ -225,6 +268,13 @@ def main(argv=None) -> int:
         by_threads.append({"threads": threads, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                            "rows": rows})  # fmt: skip
 
+    memory = []
+    if not args.no_rss:
+        print("\npeak RSS, one run per fresh process (1 thread): MiB above the loaded model / absolute")
+        for ctx in args.contexts[:1] if args.quick else args.contexts:
+            memory.append({"context": ctx, **measure_rss(list(models), ctx, args)})
+            print_rss(memory[-1], list(models))
+
     result = {
         "benchmark": "kv_memory",
         "model": describe_model(full).name,
@@ -239,9 +289,9 @@ def main(argv=None) -> int:
             "platform": platform.platform(),
             "python": sys.version.split()[0],
             "torch": torch.__version__,
-            "peak_rss_process_mib": (_status_kib("VmPeak") or 0) / 1024,
         },
         "by_threads": by_threads,
+        "peak_rss": memory,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
@@ -262,13 +312,12 @@ def print_row(row: dict, policies: dict, header: bool) -> None:
     if header:
         print(
             f"{'context':>7} {'model':>7} | {'KV alloc MiB':>12} {'used MiB':>8} {'full/pol':>8} | "
-            f"{'prefill s':>9} {'speed-up':>8} | {'decode tok/s':>12} {'speed-up':>8} | {'peak RSS +MiB':>13} | targets"
+            f"{'prefill s':>9} {'speed-up':>8} | {'decode tok/s':>12} {'speed-up':>8} | targets"
         )
     f = row["full"]
     print(
         f"{row['context']:>7} {'full':>7} | {f['kv_bytes_allocated'] / mib:>12.2f} {f['kv_bytes_used'] / mib:>8.2f} "
-        f"{'':>8} | {f['prefill_s']:>9.2f} {'':>8} | {f['decode_tok_s']:>12.2f} {'':>8} | "
-        f"{_mib(f['peak_rss_over_start_mib']):>13} |"
+        f"{'':>8} | {f['prefill_s']:>9.2f} {'':>8} | {f['decode_tok_s']:>12.2f} {'':>8} |"
     )
     for name in policies:
         p = row[name]
@@ -277,13 +326,16 @@ def print_row(row: dict, policies: dict, header: bool) -> None:
         print(
             f"{'':>7} {name:>7} | {p['kv_bytes_allocated'] / mib:>12.2f} {p['kv_bytes_used'] / mib:>8.2f} "
             f"{p['kv_ratio_full_over_policy']:>7.2f}x | {p['prefill_s']:>9.2f} {p['prefill_speedup']:>7.2f}x | "
-            f"{p['decode_tok_s']:>12.2f} {p['decode_speedup']:>7.2f}x | {_mib(p['peak_rss_over_start_mib']):>13} | "
-            f"{met}{kv}"
+            f"{p['decode_tok_s']:>12.2f} {p['decode_speedup']:>7.2f}x | {met}{kv}"
         )
 
 
-def _mib(x) -> str:
-    return "n/a" if x is None else f"{x:.0f}"
+def print_rss(row: dict, names: list[str]) -> None:
+    cells = []
+    for name in names:
+        r = row[name]
+        cells.append(f"{name} " + ("n/a" if r is None else f"{r['run_over_loaded_mib']:.0f} / {r['peak_rss_mib']:.0f}"))
+    print(f"{row['context']:>7}: " + "   ".join(cells))
 
 
 if __name__ == "__main__":
