@@ -162,11 +162,11 @@ def band_table(T: int, first: int, sink: int, window: int, block: int, device: t
     band = (starts[:, None] - window + 1) + torch.arange(window - 1 + block, device=device)  # [nb, W - 1 + C]
     sinks = torch.arange(sink, device=device).expand(nb, sink)
     slots = torch.cat([sinks, band.clamp(max=T - 1)], dim=1).reshape(-1)
-    r = torch.arange(block, device=device)[:, None]  # query a + r ...
-    m = torch.arange(window - 1 + block, device=device)[None, :]  # ... and band key a - window + 1 + m
-    in_window = (m >= r) & (m <= r + window - 1)  # rule.visible for ranks past the sink, by position
-    mask = torch.cat([torch.ones(block, sink, dtype=torch.bool, device=device), in_window], dim=1)
-    return slots, mask
+    # The rule on the first block's ranks: it only depends on how far apart a query and a key are,
+    # and the sink never overlaps a band (a - window + 1 > sink), so every block shares this mask.
+    q_rank = first + torch.arange(block, device=device)
+    k_rank = torch.cat([torch.arange(sink, device=device), band[0]])
+    return slots, visible(q_rank[:, None], k_rank[None, :], sink, window)
 
 
 def band_attention(
