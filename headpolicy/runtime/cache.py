@@ -34,7 +34,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from headpolicy.policies.plan import LayerPlan, StreamGroup
-from headpolicy.policies.rule import ring_slot
+from headpolicy.policies.rule import kept, ring_slot
 from headpolicy.runtime.state import applied
 
 GROW_MIN = 256  # tokens: the smallest block a buffer grows by
@@ -187,7 +187,7 @@ class StreamBuffer:
         """Store new tokens k, v: [B, Hg, S, D] with ranks [B, S] (-1 = padding)."""
         sink, window = self.group.sink, self.group.window
         last = rank.max(dim=1, keepdim=True).values
-        keep = (rank >= 0) & ((rank < sink) | (rank > last - window))  # only the newest `window` survive
+        keep = (rank >= 0) & kept(rank, last, sink, window)  # only the newest `window` survive
         b, s = keep.nonzero(as_tuple=True)
         if b.numel() == 0:
             return
@@ -204,7 +204,7 @@ class StreamBuffer:
             return self._commit_one(k, v, first)
         last = first + S - 1
         ranks = torch.arange(first, last + 1, device=k.device)
-        ranks = ranks[(ranks < sink) | (ranks > last - window)]  # the newest `window` evict older ones
+        ranks = ranks[kept(ranks, last, sink, window)]  # the newest `window` evict older ones
         self._fill_to(last + 1)
         src, dst = ranks - first, ring_slot(ranks, sink, window)
         self.kv.put(dst, k.index_select(2, src), v.index_select(2, src))
