@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from headpolicy import HeadPolicy, Provenance, SplitKVCache, apply, describe_model, load_model
+from headpolicy.io import write_json
 from headpolicy.runtime.generate import cache_bytes, context_limit, new_cache
 
 RESULTS = Path(__file__).parent / "results"
@@ -294,7 +295,7 @@ def main(argv=None) -> int:
         "peak_rss": memory,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out_path, result)
     print(f"\nwrote {out_path}")
     ok = all(row[name]["formula_matches"] for t in by_threads for row in t["rows"] for name in policies)
     return 0 if ok else 1
