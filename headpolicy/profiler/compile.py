@@ -41,7 +41,7 @@ from headpolicy.policies.select import allocate, budget_heads, select_budget, sm
 from headpolicy.profiler import objective as O
 from headpolicy.profiler import tasks as T
 from headpolicy.profiler.scorers import get_scorer, scorer_names
-from headpolicy.profiler.scorers.causal import estimate
+from headpolicy.profiler.scorers.causal import ESTIMATES, estimate
 from headpolicy.runtime.generate import applied_copy
 from headpolicy.version import __version__
 
@@ -62,9 +62,10 @@ class CompileSettings:
     sink: int = 64
     window: int = 256  # fixed-window methods, and --budget
     windows: tuple[int, ...] = WINDOWS  # per-head ladder (methods that estimate every window)
+    estimate: str = "abs_first_order"  # which of causal.ESTIMATES orders the per-head options
     lengths: tuple[int, ...] = (2048, 4096)  # calibration task lengths: where the policy is used
     kinds: tuple[str, ...] = T.NEEDLE_KINDS
-    depths: tuple[float, ...] = (0.3, 0.7)
+    depths: tuple[float, ...] = (0.2, 0.5, 0.8)  # taken in turn by the (kind, length) pairs
     text_length: int = 4096
     texts: int = 1
     text_from: int = 1024  # text NLL counts from here (streaming heads have lost the start by then)
@@ -162,8 +163,11 @@ def make_calibration(codec, s: CompileSettings) -> CalibrationData:
     the same book; held-out: other seeds and depths, wording "B", the Jargon File."""
     def build(wording: str, prose: str, seed: int, depths: Sequence[float]) -> O.Calibration:
         pool = T.prose_pool(codec, prose)
-        tasks = T.task_grid(codec, kinds=s.kinds, lengths=s.lengths, depths=depths, seed=seed, pool=pool,
-                            wording=wording)  # fmt: skip
+        # one task per (kind, length), the needle depths taking turns: every kind at every length
+        # and every depth somewhere, at one forward per task
+        pairs = [(kind, length) for kind in s.kinds for length in s.lengths]
+        tasks = [T.make_task(kind, codec, length, depths[i % len(depths)], seed * 1000 + i, pool=pool,
+                             wording=wording) for i, (kind, length) in enumerate(pairs)]  # fmt: skip
         rng = np.random.default_rng(seed)
         texts = []
         for _ in range(s.texts):
@@ -187,7 +191,7 @@ def score(model, data: CalibrationData, ref: O.Reference, s: CompileSettings, *,
         options = s.options(per_head=True)
         n = sum(ref.answered) + len(data.calib.texts)
         with _bar(n, "score causal", progress) as bar:
-            est = estimate(model, data.calib, options, ref=ref, progress=bar)
+            est = estimate(model, data.calib, options, ref=ref, progress=bar)[ESTIMATES.index(s.estimate)]
         column = options.index((s.sink, s.window)) if (s.sink, s.window) in options else len(options) // 2
         return Scored(options, est, {"causal": est[:, :, column]}, per_head=True)
     maps = get_scorer(s.method).score_maps(

@@ -14,18 +14,17 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from headpolicy.models import get_adapter
-from headpolicy.runtime.attention import padding_mask
+from headpolicy.runtime.attention import model_attention, padding_mask
 from headpolicy.runtime.state import applied
 
 CAPTURE_NAME = "headpolicy_capture"
 CHUNK = 128  # query rows per probability block
 
-_ACTIVE: list = []  # the probe of the innermost `capturing` block
+_ACTIVE: list = []  # (probe, the model's own sliding windows) of the innermost `capturing` block
 
 
 class Probe:
@@ -61,13 +60,12 @@ def capture_attention(module, query, key, value, attention_mask, scaling=None, d
     S, T = query.shape[2], key.shape[2]
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("attention capture runs unpadded sequences only")
-    if S == T:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=S > 1, scale=scale, enable_gqa=True)
-    else:
-        mask = torch.arange(T, device=query.device)[None, :] <= (T - S + torch.arange(S, device=query.device))[:, None]
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
-    probe = _ACTIVE[-1] if _ACTIVE else None
+    if S != T:
+        raise ValueError("attention capture runs whole sequences without a KV cache (use_cache=False)")
+    probe, windows = _ACTIVE[-1] if _ACTIVE else (None, None)
     layer = getattr(module, "layer_idx", None)
+    window = None if windows is None or layer is None else windows[layer]
+    out = model_attention(query, key, value, scale, window)  # a hybrid model's sliding layers slide
     if probe is not None and layer is not None:
         rows = probe.rows(layer, S)
         if rows is not None and len(rows):
@@ -89,7 +87,7 @@ def capturing(model, probe: Probe):
         raise ValueError("profile the unmodified model: this one already has a headpolicy applied")
     previous = model.config._attn_implementation
     model.set_attn_implementation(CAPTURE_NAME)
-    _ACTIVE.append(probe)
+    _ACTIVE.append((probe, get_adapter(model).native_windows(model)))
     try:
         yield probe
     finally:

@@ -279,6 +279,17 @@ def streaming_heads(
     return local_blocks(q, q_rank, fixed, (k, v, local_rank), sink, window, scale)
 
 
+def model_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None):
+    """The unmodified model's attention over a whole unpadded sequence (no cache): causal, or
+    within the model's own sliding `window` (a hybrid model's local layers). q: [B, Hq, S, D],
+    k, v: [B, Hkv, S, D]. What profiling hooks compute in place of transformers' own."""
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=True)
+    T = k.shape[2]
+    ranks = torch.arange(T, device=q.device).expand(q.shape[0], T)
+    return streaming_heads(q, k, v, ranks, ranks, 0, window, scale)
+
+
 # ---- the two phases -----------------------------------------------------------------------------------
 def fresh_prefill(plan: LayerPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """One layer, no padding, no cache: queries are the last S of the T slots of k, v [B, Hkv, T, D].

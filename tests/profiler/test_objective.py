@@ -70,7 +70,7 @@ def test_causal_estimate_ranks_single_head_effects(seed):
     calib = calibration()
     ref = answered_everything(O.reference(model, calib))
     options = [(1, 8), (2, 32)]
-    est = estimate(model, calib, options, ref=ref)
+    est = estimate(model, calib, options, ref=ref)[0]  # the first-order estimate
     assert est.shape == (2, 2, 2) and np.isfinite(est).all()
     measured = np.zeros_like(est)
     for li in range(2):
@@ -80,3 +80,30 @@ def test_causal_estimate_ranks_single_head_effects(seed):
                 measured[li, h, j] = O.measure(m, calib, ref).value
     assert spearman(est, measured) > 0.8
     np.testing.assert_allclose(est, measured, rtol=0.5, atol=2e-3)  # small changes: close to linear
+
+
+@pytest.mark.parametrize("S", [37, 300])
+def test_layer_effects_equal_running_each_option(monkeypatch, S):
+    """The cumulative-sum shortcut equals g . (streaming output - full output) computed by running
+    the runtime's streaming op for every option (odd lengths, GQA, chunks, sink 0 included)."""
+    from headpolicy.profiler.scorers import causal
+    from headpolicy.runtime.attention import streaming_heads
+
+    monkeypatch.setattr(causal, "CHUNK", 64)
+    gen = torch.Generator().manual_seed(S)
+    B, Hkv, G, D = 2, 3, 2, 8
+    q, k, v = (torch.randn(B, h, S, D, generator=gen) for h in (Hkv * G, Hkv, Hkv))
+    scale = 0.4
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    g = torch.randn(B, Hkv * G, S, D, generator=gen)
+    delta = torch.zeros_like(full, requires_grad=True)
+    delta.grad = g
+    options = [(0, 5), (2, 9), (4, 33)]
+    got = causal._layer_effects(causal._Layer(q, k, v, full, delta, scale), options, G)
+    ranks = torch.arange(S).expand(B, S)
+    for j, (sink, window) in enumerate(options):
+        o = streaming_heads(q, k, v, ranks, ranks, sink, window, scale)
+        want = (g * (o - full)).double().sum(dim=(0, 2, 3)).view(Hkv, G).sum(-1)
+        torch.testing.assert_close(got[0, :, j], want, rtol=1e-4, atol=1e-5)
+        assert (got[1, :, j] >= got[0, :, j].abs() - 1e-6).all()  # |sum| <= sum of |.|
+    assert (got[2, :, 0] >= got[2, :, 1]).all() and (got[2] >= 0).all()  # a shorter window drops more

@@ -34,7 +34,7 @@ from headpolicy.models import describe_model
 from headpolicy.profiler.objective import Calibration, Reference
 from headpolicy.profiler.probes import kv_group
 from headpolicy.profiler.tasks import NEEDLE_KINDS, Task
-from headpolicy.runtime.attention import padding_mask, streaming_heads
+from headpolicy.runtime.attention import model_attention, padding_mask
 from headpolicy.runtime.state import applied
 
 from . import register_scorer
@@ -59,15 +59,6 @@ class _Recorder:
         self.native = native_windows
 
 
-def _full_attention(q, k, v, scale, window: int | None) -> torch.Tensor:
-    """The unmodified model's attention of one layer (causal; a hybrid model's own sliding window)."""
-    if window is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    T = k.shape[2]
-    ranks = torch.arange(T, device=q.device).expand(q.shape[0], T)
-    return streaming_heads(q, k, v, ranks, ranks, 0, window, scale)
-
-
 def causal_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Full attention that records q, k, v and leaves a hook for d loss / d output."""
     rec = _ACTIVE[-1]
@@ -78,7 +69,7 @@ def causal_attention(module, query, key, value, attention_mask, scaling=None, dr
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     layer = module.layer_idx
     native = None if rec.native is None else rec.native[layer]
-    out = _full_attention(query, key, value, scale, native)
+    out = model_attention(query, key, value, scale, native)
     delta = torch.zeros_like(out, requires_grad=True)
     rec.layers[layer] = _Layer(query.detach(), key.detach(), value.detach(), out.detach(), delta, scale)
     # d loss / d delta = d loss / d output, through every later layer (their attention included)
@@ -130,13 +121,15 @@ def estimate(
     ref: Reference | None = None,
     progress=None,
 ) -> np.ndarray:
-    """First-order objective increase (nats per token) [layers, kv_heads, len(options)] of streaming
-    each KV head alone with each (sink, window) option; 0 where a head's layer is the model's own
-    sliding layer. `ref` restricts the answer terms to the tasks the full model answers."""
+    """Per KV head and (sink, window) option, what streaming that head alone costs, as the three
+    ESTIMATES [3, layers, kv_heads, len(options)]: the first-order objective increase (nats per token),
+    the same summed in absolute value per query position, and the attention mass dropped (summed
+    over query positions and heads). 0 where a layer is the model's own sliding layer. `ref`
+    restricts the answer terms to the tasks the full model answers."""
     layers, heads, kv_heads = kv_group(model)
     group = heads // kv_heads
     native = describe_model(model).native_windows
-    est = torch.zeros(layers, kv_heads, len(options), dtype=torch.float64)
+    est = torch.zeros(len(ESTIMATES), layers, kv_heads, len(options), dtype=torch.float64)
     device = next(model.parameters()).device
     with _recording(model, native) as rec:
         for ids, first, weight in _sequences(calib, ref):
@@ -148,27 +141,85 @@ def estimate(
             for li, lay in rec.layers.items():
                 if native is not None and native[li] is not None:
                     continue
-                est[li] += _layer_effects(lay, options, group).cpu()
+                est[:, li] += _layer_effects(lay, options, group).cpu()
             rec.layers.clear()
             if progress is not None:
                 progress.update(1)
     return est.numpy()
 
 
+CHUNK = 256  # query rows per block in _layer_effects
+# what _layer_effects sums per head and option: the first-order effect; its absolute value per
+# query (no cancellation between positions); the attention mass the option drops
+ESTIMATES = ("first_order", "abs_first_order", "dropped_mass")
+KEY_BLOCK = 64  # prefix sums are kept per block of keys; the partial block is summed exactly
+
+
+class _PrefixSums:
+    """sum_{j <= x} of a row quantity, for any key index x per row: block sums plus the partial block.
+
+    t: [..., C, b] (rows x keys, zero beyond each row's last key). Cheaper than a full cumulative
+    sum: one reduction over the row, then only KEY_BLOCK elements per row and per lookup.
+    """
+
+    def __init__(self, t: torch.Tensor):
+        n = -(-t.shape[-1] // KEY_BLOCK) * KEY_BLOCK
+        self.blocks = F.pad(t, (0, n - t.shape[-1])).unflatten(-1, (-1, KEY_BLOCK))  # [..., C, nb, K]
+        sums = self.blocks.sum(-1).double()
+        self.before = F.pad(sums.cumsum(-1), (1, 0))  # [..., C, nb + 1]: sum of the blocks before block m
+        self.total = sums.sum(-1)  # [..., C]
+
+    def upto(self, x: torch.Tensor) -> torch.Tensor:
+        """x: int64 [C] key index per row (-1: nothing). Returns float64 [..., C]."""
+        xc = x.clamp(min=0)
+        blk = xc // KEY_BLOCK
+        shape = self.before.shape[:-1]
+        full = self.before.gather(-1, blk.view(*([1] * (len(shape) - 1)), -1, 1).expand(*shape, 1))[..., 0]
+        idx = blk.view(*([1] * (len(shape) - 1)), -1, 1, 1).expand(*shape, 1, KEY_BLOCK)
+        block = self.blocks.gather(-2, idx)[..., 0, :]  # [..., C, K]: the block holding x
+        inside = torch.arange(KEY_BLOCK, device=x.device)[None, :] <= (xc % KEY_BLOCK)[:, None]
+        part = (block * inside).sum(-1).double()
+        return torch.where(x >= 0, full + part, torch.zeros_like(full))
+
+
 @torch.no_grad()
 def _layer_effects(lay: _Layer, options, group: int) -> torch.Tensor:
-    """[kv_heads, options]: sum of g . (out_option - out_full) over positions and query heads."""
-    g = lay.delta.grad
+    """[kv_heads, options]: sum over positions and query heads of g . (out_option - out_full).
+
+    Exactly, from the full attention rows, without running attention once per option: for query i
+    with full-attention probabilities p_j, a streaming option drops D_i = {j: sink <= j <= i - window}.
+    With P = sum_D p_j and U_D = sum_D p_j (g . v_j), the kept keys renormalise to
+        out_option = (out_full - sum_D p_j v_j) / (1 - P),   so
+        g . (out_option - out_full) = (P * U - U_D) / (1 - P),   U = sum_{j <= i} p_j (g . v_j).
+    Every window of the ladder drops a prefix of the same row (in key order), so prefix sums of
+    one row serve every option: a layer costs about one dense attention, whatever the ladder.
+    """
+    g_all = lay.delta.grad  # [B, Hq, S, D]
     B, Hq, S, D = lay.q.shape
-    ranks = torch.arange(S, device=lay.q.device).expand(B, S)
-    out = torch.zeros(Hq // group, len(options), dtype=torch.float64, device=lay.q.device)
-    for j, (sink, window) in enumerate(options):
-        first = min(S, sink + window)  # earlier queries see every key either way
-        if first >= S:
-            continue
-        o = streaming_heads(lay.q[:, :, first:], lay.k, lay.v, ranks, ranks[:, first:], sink, window, lay.scale)
-        effect = (g[:, :, first:] * (o - lay.out[:, :, first:])).double().sum(dim=(0, 2, 3))  # [Hq]
-        out[:, j] = effect.view(-1, group).sum(-1)
+    Hkv = lay.k.shape[1]
+    out = torch.zeros(len(ESTIMATES), Hkv, len(options), dtype=torch.float64, device=lay.q.device)
+    first = min(sink + window for sink, window in options)
+    for a in range(min(first, S), S, CHUNK):
+        b = min(S, a + CHUNK)
+        q = lay.q[:, :, a:b].view(B, Hkv, group, b - a, D)
+        g = g_all[:, :, a:b].view(B, Hkv, group, b - a, D)
+        k, v = lay.k[:, :, None, :b], lay.v[:, :, None, :b]  # keys up to the last query of the block
+        rows = torch.arange(a, b, device=q.device)
+        future = torch.arange(b, device=q.device)[None, :] > rows[:, None]  # [C, b]
+        p = torch.softmax(((q @ k.transpose(-1, -2)) * lay.scale).masked_fill_(future, float("-inf")), dim=-1)
+        P, U = _PrefixSums(p), _PrefixSums(p * (g @ v.transpose(-1, -2)))  # p_j and p_j (g . v_j)
+        for j, (sink, window) in enumerate(options):
+            last = rows - window  # the last dropped key of each row; none when last < sink
+            has = last >= sink
+            if not bool(has.any()):
+                continue
+            sink_end = torch.full_like(rows, sink - 1)
+            P_d = P.upto(last) - P.upto(sink_end)
+            U_d = U.upto(last) - U.upto(sink_end)
+            effect = ((P_d * U.total - U_d) / (1.0 - P_d).clamp(min=1e-6)) * has  # [B, Hkv, G, C]
+            out[0, :, j] += effect.sum(dim=(0, 2, 3))
+            out[1, :, j] += effect.abs().sum(dim=(0, 2, 3))
+            out[2, :, j] += (P_d * has).sum(dim=(0, 2, 3))
     return out
 
 
@@ -176,4 +227,4 @@ def _layer_effects(lay: _Layer, options, group: int) -> torch.Tensor:
 def causal_score(model, tasks, *, sink, window, progress=None):
     """First-order effect on the answers' log-probability of streaming each KV head alone (sink, window)."""
     calib = Calibration(tuple(tasks), (), 0)
-    return estimate(model, calib, [(sink, window)], progress=progress)[:, :, 0]
+    return estimate(model, calib, [(sink, window)], progress=progress)[0, :, :, 0]

@@ -41,14 +41,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from headpolicy.models import get_adapter
 from headpolicy.policies.stats import spearman
 from headpolicy.profiler.probes import kv_group
 from headpolicy.profiler.tasks import NEEDLE_KINDS
-from headpolicy.runtime.attention import padding_mask, streaming_heads
+from headpolicy.runtime.attention import model_attention, padding_mask, streaming_heads
 from headpolicy.runtime.state import applied
 
 from . import register_scorer
@@ -87,7 +87,7 @@ class GateRun:
     rhos: list[float] = field(default_factory=list)  # Spearman rho at each check
 
 
-_ACTIVE: list[tuple[torch.Tensor, int, int]] = []  # (gates [L, Hkv], sink, window) of the innermost block
+_ACTIVE: list[tuple] = []  # (gates [L, Hkv], sink, window, the model's own sliding windows) of the innermost block
 
 
 def _streaming(q, k, v, sink: int, window: int, scale: float) -> torch.Tensor:
@@ -99,15 +99,16 @@ def _streaming(q, k, v, sink: int, window: int, scale: float) -> torch.Tensor:
 
 def gated_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """g * full + (1 - g) * streaming per KV head. query: [B, Hq, S, D]; key/value: [B, Hkv, T, D]."""
-    gates, sink, window = _ACTIVE[-1]
+    gates, sink, window, native = _ACTIVE[-1]
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("gate training runs unpadded sequences only")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     S, T = query.shape[2], key.shape[2]
     if S != T:
         raise ValueError("gate training runs whole sequences without a KV cache (use_cache=False)")
-    full = F.scaled_dot_product_attention(query, key, value, is_causal=S > 1, scale=scale, enable_gqa=True)
-    if T <= sink + window:  # every query sees all its keys either way
+    own = None if native is None else native[module.layer_idx]
+    full = model_attention(query, key, value, scale, own)
+    if own is not None or T <= sink + window:  # the model's own sliding layer; or every key seen anyway
         return full.transpose(1, 2).contiguous(), None
     stream = _streaming(query, key, value, sink, window, scale)
     group = query.shape[1] // key.shape[1]
@@ -130,7 +131,7 @@ def gated(model, gates: torch.Tensor, sink: int, window: int):
     for p, _ in flags:
         p.requires_grad_(False)
     model.set_attn_implementation(GATES_NAME)
-    _ACTIVE.append((gates, sink, window))
+    _ACTIVE.append((gates, sink, window, get_adapter(model).native_windows(model)))
     try:
         yield model
     finally:
