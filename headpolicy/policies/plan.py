@@ -26,6 +26,7 @@ from functools import cached_property
 import torch
 
 from headpolicy.policies.precision import DEFAULT_GROUP, DEFAULT_RESIDUAL, NATIVE_BITS
+from headpolicy.policies.rule import causal_below
 from headpolicy.policies.schema import HeadPolicy
 
 
@@ -100,6 +101,13 @@ class LayerPlan:
     @property
     def all_retrieval(self) -> bool:
         return self.num_retrieval == self.num_kv_heads
+
+    @cached_property
+    def causal_below(self) -> int | None:
+        """Queries of rank < this see every earlier key in every head of the layer (rule.causal_below
+        of each streaming group), so causal attention over all heads is exact for them; None when
+        every head is retrieval (always)."""
+        return min((causal_below(g.sink, g.window) for g in self.groups), default=None)
 
     @cached_property
     def group_sinks(self) -> tuple[int, ...]:

@@ -95,6 +95,18 @@ def kept_tokens(context: int, sink: int, window: int) -> int:
     return min(context, sink + window)
 
 
+def kept(rank: torch.Tensor, last, sink: int, window: int) -> torch.Tensor:
+    """Which tokens (ranks, broadcasting against `last`) a streaming head still holds once the
+    token of rank `last` is stored: the sink and the last `window` (what `ring_slot` keeps)."""
+    return (rank < sink) | (rank > last - window)
+
+
+def causal_below(sink: int, window: int) -> int:
+    """Queries of rank < sink + window see every earlier key: for them the streaming rule is causal
+    (their window reaches back to the sink), so plain causal attention computes it exactly."""
+    return sink + window
+
+
 def ring_slot(rank, sink: int, window: int):
     """Buffer slot of the token of rank `rank` (int or tensor): the first `sink` tokens in order,
     then a ring of `window` slots, so right after token r is stored the buffer holds exactly

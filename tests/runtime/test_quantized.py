@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from headpolicy import SplitKVCache, apply
+from headpolicy.models import describe_model
 from headpolicy.policies.precision import quantized_tokens
 from headpolicy.policies.rule import reference_attention
 from headpolicy.runtime.cache import SplitKVLayer
@@ -90,27 +91,60 @@ def test_stored_keys_and_values_are_within_the_quantisation_bound(bits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantised_cache_bytes_equal_formula_and_allocation(dtype):
+@pytest.mark.parametrize("reserve", [0, 25])
+def test_quantised_cache_bytes_used_equal_formula_and_allocated_equal_storage(dtype, reserve):
+    """kv_bytes_used() is the formula (codes, scales, zeros, residual); kv_bytes() is every byte
+    allocated. Reserved exactly, only the residual's buffer keeps spare slots (< kv_group tokens)."""
     base = tiny_llama(layers=2, seed=4, dtype=dtype)
     bits = [[8, 4], [16, 4]]
-    policy = policy_for(base, [[True, False], [True, True]], sink=3, window=6, bits=bits, kv_group=4, kv_residual=3)
+    group, residual, sink, window = 4, 3, 3, 6
+    policy = policy_for(base, [[True, False], [True, True]], sink=sink, window=window, bits=bits, kv_group=group,
+                        kv_residual=residual)  # fmt: skip
     model = apply(base, policy)
     esize = torch.tensor([], dtype=dtype).element_size()
-    cache = SplitKVCache.for_model(model)
+    cache = SplitKVCache.for_model(model).reserve(reserve)  # 0: grow as tokens come
     ids = torch.randint(3, 97, (1, 5))
     T = 0
     with torch.no_grad():
-        for _ in range(25):
+        for _ in range(21):
             model(ids, cache=cache, use_cache=True)
             T += ids.shape[1]
-            assert cache.kv_bytes() == policy.kv_bytes(T, dtype_bytes=esize)
+            assert cache.kv_bytes_used() == policy.kv_bytes(T, dtype_bytes=esize)
             held = []
             for layer in cache.layers:
-                held += [layer.keys, layer.values]
-                for s in layer.streams:
-                    held += [s.k, s.v] if isinstance(s.k, torch.Tensor) else [*s.k.tensors(), *s.v.tensors()]
-                for p in layer.qparts:
-                    held += [*p.k.tensors(), *p.v.tensors(), p.k_tail, p.v_tail]
-            assert cache.kv_bytes() == sum(t.nbytes for t in held)
-            assert all(t.untyped_storage().nbytes() == t.nbytes for t in held)  # no hidden over-allocation
+                held += layer.retrieval.allocated
+                held += [t for s in layer.streams for t in s.kv.allocated]
+                held += [t for p in layer.qparts for t in p.allocated]
+                assert all(s.kv.capacity <= sink + window for s in layer.streams)
+                assert all(p.tail.capacity <= residual + group for p in layer.qparts)  # trimmed after the prefill
+            assert all(t.untyped_storage().nbytes() == t.nbytes for t in held)  # each buffer owns its storage
+            assert cache.kv_bytes() == sum(t.nbytes for t in held) >= cache.kv_bytes_used()
             ids = torch.randint(3, 97, (1, 1))
+    if reserve:
+        assert T == reserve
+        D = describe_model(model).head_dim
+        spare = sum((p.tail.capacity - p.tail.size) * p.group.num_heads for lay in cache.layers for p in lay.qparts)
+        assert 0 < spare and all(p.tail.capacity - p.tail.size < group for lay in cache.layers for p in lay.qparts)
+        assert cache.kv_bytes() - cache.kv_bytes_used() == 2 * spare * D * esize
+
+
+def test_quant_token_buffer_keeps_its_codes_across_growth():
+    """Whole key groups appended one at a time through several reallocations read back exactly
+    what quantising them at once gives (codes by token, per-channel scales by group)."""
+    from headpolicy.policies.precision import cat, quantize
+    from headpolicy.runtime.quant_cache import QuantTokenBuffer
+
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 3, 600, 8, generator=g), torch.randn(2, 3, 600, 8, generator=g)
+    buf = QuantTokenBuffer(2, 3, 8, 4, 4, keys_per_channel=True, device="cpu")
+    capacities = set()
+    for t in range(0, 600, 4):
+        buf.append(k[:, :, t : t + 4], v[:, :, t : t + 4])
+        capacities.add(buf.capacity)
+    assert len(capacities) > 1 and all(c % 4 == 0 for c in capacities) and buf.size == 600
+    want_k = cat([quantize(k[:, :, t : t + 4], 4, 4, per_channel=True) for t in range(0, 600, 4)])
+    for got, want in zip(buf.k.tensors(), want_k.tensors(), strict=True):
+        assert torch.equal(got, want)
+    for got, want in zip(buf.v.tensors(), quantize(v, 4, 4, per_channel=False).tensors(), strict=True):
+        assert torch.equal(got, want)
+    assert buf.used_nbytes == buf.k.nbytes + buf.v.nbytes < buf.nbytes
