@@ -15,7 +15,10 @@ Named stages, each a small function with explicit inputs and outputs:
                       the other scorers rank heads for one fixed sink/window
     select            a byte budget (`--kv-budget`): the exact knapsack over the estimates
                       (policies/select.allocate); `--target-drop`: the smallest budget on a grid
-                      whose *measured* objective is within tolerance; `--budget`: a head count
+                      whose *measured* objective is within tolerance; `--budget`: a head count.
+                      `--precision auto` adds KV bits to every head's options (retrieval or
+                      streaming, each at 16, 8 or 4 bits), costed in exact bytes (policies/
+                      precision.py) and estimated like the windows (scorers/causal.py)
     record            the policy with its scores, settings and everything measured
 
 Scores order the search; measurement decides: every policy compile returns was run teacher-
@@ -36,12 +39,13 @@ import numpy as np
 
 from headpolicy.errors import BudgetError
 from headpolicy.models import describe_model
+from headpolicy.policies.precision import DEFAULT_GROUP, DEFAULT_RESIDUAL, NATIVE_BITS, kv_head_bytes
 from headpolicy.policies.schema import MAX_TOKENS, HeadPolicy, ModelInfo, Provenance
 from headpolicy.policies.select import allocate, budget_heads, select_budget, smallest_passing
 from headpolicy.profiler import objective as O
 from headpolicy.profiler import tasks as T
 from headpolicy.profiler.scorers import get_scorer, scorer_names
-from headpolicy.profiler.scorers.causal import ESTIMATES, estimate
+from headpolicy.profiler.scorers.causal import ESTIMATES, estimate, estimate_with_precision
 from headpolicy.runtime.generate import applied_copy
 from headpolicy.version import __version__
 
@@ -49,6 +53,8 @@ log = logging.getLogger(__name__)
 
 KV_GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.75, 1.0)
 WINDOWS = (64, 128, 256, 512, 1024, 2048)  # the per-head ladder (with the sink)
+PRECISIONS = ("native", "auto")
+QUANT_BITS = (8, 4)  # what --precision auto may choose besides the model's own dtype
 
 
 @dataclass
@@ -74,6 +80,9 @@ class CompileSettings:
     min_per_layer: int = 0  # --budget only
     reference_context: int = 4096
     seed: int = 0
+    precision: str = "native"  # "auto": KV bits per head too (--kv-budget / --target-drop with causal)
+    kv_group: int = DEFAULT_GROUP  # quantisation settings of --precision auto (policies/precision.py)
+    kv_residual: int = DEFAULT_RESIDUAL
 
     @property
     def mode(self) -> str:
@@ -104,9 +113,19 @@ class CompileSettings:
             raise BudgetError("task and text lengths must be >= 64 tokens")
         if not 0 <= self.text_from < self.text_length - 1:
             raise BudgetError(f"--text-from must lie inside the text ({self.text_length} tokens)")
+        if self.precision not in PRECISIONS:
+            raise BudgetError(f"unknown --precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
+        if self.auto_precision and (self.method != "causal" or self.budget is not None
+                                    or self.estimate == "dropped_mass"):  # fmt: skip
+            raise BudgetError("--precision auto needs --method causal with --kv-budget or --target-drop: "
+                              "quantisation is weighed against windows in objective units")  # fmt: skip
         bad = [k for k in self.kinds if k not in T.NEEDLE_KINDS]
         if bad or not self.kinds:
             raise BudgetError(f"unknown task kind {bad[0] if bad else ''!r} (known: {', '.join(T.NEEDLE_KINDS)})")
+
+    @property
+    def auto_precision(self) -> bool:
+        return self.precision == "auto"
 
     def check_budget(self, heads: int, layers: int) -> None:
         """Fail before profiling, not after, when a head budget cannot give every layer its minimum."""
@@ -147,6 +166,9 @@ class Scored:
     losses: np.ndarray  # [layers, kv_heads, options]; ranking scorers: their score, same for every option
     maps: dict[str, np.ndarray]  # what the scorer(s) produced, [layers, kv_heads]
     per_head: bool  # losses are estimates per option, in objective units
+    # --precision auto: [layers, kv_heads, len(QUANT_BITS), 2] estimated loss of quantising the head
+    # to each bits value, in a retrieval head's layout [..., 0] and a streaming head's [..., 1]
+    quant: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +177,7 @@ class Candidate:
     budget: float  # what was asked (kv fraction, or head fraction for --budget)
     kv_fraction: float  # over the chosen heads, at the reference context
     loss: O.Loss | None = None
+    bits: list[list[int]] | None = None  # [layers][kv_heads] KV bits; None: every head native
 
 
 # ---- stage 1: calibration data -------------------------------------------------------------------------
@@ -190,10 +213,17 @@ def score(model, data: CalibrationData, ref: O.Reference, s: CompileSettings, *,
     if s.method == "causal" and s.budget is None:
         options = s.options(per_head=True)
         n = sum(ref.answered) + len(data.calib.texts)
+        which = ESTIMATES.index(s.estimate)
+        quant = None
         with _bar(n, "score causal", progress) as bar:
-            est = estimate(model, data.calib, options, ref=ref, progress=bar)[ESTIMATES.index(s.estimate)]
+            if s.auto_precision:
+                est, qest = estimate_with_precision(model, data.calib, options, QUANT_BITS, kv_group=s.kv_group,
+                                                    kv_residual=s.kv_residual, ref=ref, progress=bar)  # fmt: skip
+                est, quant = est[which], qest[which]
+            else:
+                est = estimate(model, data.calib, options, ref=ref, progress=bar)[which]
         column = options.index((s.sink, s.window)) if (s.sink, s.window) in options else len(options) // 2
-        return Scored(options, est, {"causal": est[:, :, column]}, per_head=True)
+        return Scored(options, est, {"causal": est[:, :, column]}, per_head=True, quant=quant)
     maps = get_scorer(s.method).score_maps(
         model, data.scoring, sink=s.sink, window=s.window, bar=lambda n, desc: _bar(n, desc, progress)
     )
@@ -206,23 +236,56 @@ def option_costs(options: Sequence[tuple[int, int]], context: int) -> np.ndarray
     return np.array([context] + [min(context, sink + window) for sink, window in options], dtype=np.int64)
 
 
-def at_kv_budget(scored: Scored, info: ModelInfo, s: CompileSettings, fraction: float) -> Candidate:
-    """The least estimated loss within `fraction` of the full KV cache of the chosen heads."""
-    chosen = info.policy_layers
-    H = info.num_kv_heads
+def option_table(scored: Scored, info: ModelInfo, s: CompileSettings, dtype_bytes: int = 4) -> tuple[list, np.ndarray,
+                                                                                                   np.ndarray]:
+    """Every head's options as (rule, bits) columns with their [heads, options] losses and costs.
+
+    native: [retrieval, *streaming options], costs in cached tokens at the reference context.
+    auto: each of those at 16, 8 and 4 bits, costs in exact bytes (precision.kv_head_bytes in the
+    model's dtype) and losses the streaming estimate plus the quantisation estimate of the head's
+    layout (retrieval or streaming): additive, each measured with the other part exact.
+    """
+    chosen, H, ctx = info.policy_layers, info.num_kv_heads, s.reference_context
     losses = scored.losses[chosen].reshape(len(chosen) * H, -1)
     if not scored.per_head:  # a ranking score: only its order matters; keep the best heads
         losses = losses - losses.min()
-    table = np.concatenate([np.zeros((losses.shape[0], 1)), np.maximum(losses, 0.0)], axis=1)
-    ctx = s.reference_context
-    costs = np.tile(option_costs(scored.options, ctx), (table.shape[0], 1))
-    budget = int(math.floor(fraction * len(chosen) * H * ctx + 1e-6))
+    stream = np.maximum(losses, 0.0)
+    if scored.quant is None:
+        columns = [(None, NATIVE_BITS)] + [(o, NATIVE_BITS) for o in scored.options]
+        table = np.concatenate([np.zeros((losses.shape[0], 1)), stream], axis=1)
+        costs = np.tile(option_costs(scored.options, ctx), (table.shape[0], 1))
+        return columns, table, costs
+    quant = np.maximum(scored.quant[chosen].reshape(len(chosen) * H, len(QUANT_BITS), 2), 0.0)
+    bits = (NATIVE_BITS, *QUANT_BITS)
+    columns = [(rule, b) for rule in (None, *scored.options) for b in bits]
+    table = np.zeros((losses.shape[0], len(columns)))
+    cost = np.zeros(len(columns), dtype=np.int64)
+    for c, (rule, b) in enumerate(columns):
+        layout = 0 if rule is None else 1
+        table[:, c] = (0.0 if rule is None else stream[:, scored.options.index(rule)]) + (
+            0.0 if b == NATIVE_BITS else quant[:, QUANT_BITS.index(b), layout])
+        sink, window = (None, None) if rule is None else rule
+        cost[c] = kv_head_bytes(ctx, head_dim=info.head_dim, dtype_bytes=dtype_bytes, bits=b, sink=sink,
+                                window=window, group=s.kv_group, residual=s.kv_residual)  # fmt: skip
+    return columns, table, np.tile(cost, (table.shape[0], 1))
+
+
+def at_kv_budget(scored: Scored, info: ModelInfo, s: CompileSettings, fraction: float, dtype_bytes: int = 4
+                 ) -> Candidate:  # fmt: skip
+    """The least estimated loss within `fraction` of the full KV cache of the chosen heads (in
+    tokens natively; in bytes of the model's dtype with --precision auto)."""
+    chosen, H = info.policy_layers, info.num_kv_heads
+    columns, table, costs = option_table(scored, info, s, dtype_bytes)
+    full = int(costs[0, 0]) * costs.shape[0]  # column 0: retrieval at the model's own precision
+    budget = int(math.floor(fraction * full + 1e-6))
     choice = allocate(table, costs, budget).reshape(len(chosen), H)
     rules: list[list] = [[(s.sink, s.window)] * H for _ in range(info.num_layers)]
+    bits: list[list[int]] = [[NATIVE_BITS] * H for _ in range(info.num_layers)]
     for i, li in enumerate(chosen):
-        rules[li] = [None if c == 0 else scored.options[c - 1] for c in choice[i]]
-    kv = float(costs[np.arange(costs.shape[0]), choice.reshape(-1)].sum()) / (len(chosen) * H * ctx)
-    return Candidate(rules, fraction, kv)
+        rules[li] = [columns[c][0] for c in choice[i]]
+        bits[li] = [columns[c][1] for c in choice[i]]
+    kv = float(costs[np.arange(costs.shape[0]), choice.reshape(-1)].sum()) / full
+    return Candidate(rules, fraction, kv, bits=bits if scored.quant is not None else None)
 
 
 def at_head_budget(scored: Scored, info: ModelInfo, s: CompileSettings) -> Candidate:
@@ -248,9 +311,10 @@ class Measurer:
         self.runs = 0
 
     def __call__(self, cand: Candidate) -> O.Loss:
-        if all(r is None for li in self.info.policy_layers for r in cand.rules[li]):
+        native = cand.bits is None or all(b == NATIVE_BITS for row in cand.bits for b in row)
+        if native and all(r is None for li in self.info.policy_layers for r in cand.rules[li]):
             return O.Loss(0.0, 0.0, 0.0, 1.0, 0.0, sum(self.ref.answered))  # every head full: the model itself
-        model = applied_copy(self.model, self.make_policy(cand.rules))
+        model = applied_copy(self.model, self.make_policy(cand))
         n = len(self.calib.tasks) + len(self.calib.texts)
         with _bar(n, f"measure KV {100 * cand.kv_fraction:.0f}%", self.progress) as bar:
             loss = O.measure(model, self.calib, self.ref, progress=bar)
@@ -259,16 +323,18 @@ class Measurer:
         return loss
 
 
-def select(scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measurer) -> tuple[Candidate, list[dict]]:
-    """The candidate compile returns, measured, and the budgets tried (target mode)."""
+def select(scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measurer, dtype_bytes: int = 4
+           ) -> tuple[Candidate, list[dict]]:  # fmt: skip
+    """The candidate compile returns, measured, and the budgets tried (target mode). dtype_bytes:
+    the model's element size (what quantised heads' byte costs are relative to)."""
     if s.mode == "budget":
         cand = at_head_budget(scored, info, s)
         return _measured(cand, measure), []
     if s.mode == "kv_budget":
-        return _measured(at_kv_budget(scored, info, s, s.kv_budget), measure), []
+        return _measured(at_kv_budget(scored, info, s, s.kv_budget, dtype_bytes), measure), []
 
     def check(fraction: float) -> tuple[bool, Candidate]:
-        cand = _measured(at_kv_budget(scored, info, s, fraction), measure)
+        cand = _measured(at_kv_budget(scored, info, s, fraction, dtype_bytes), measure)
         return cand.loss.within(s.target_drop), cand
 
     grid = [b for b in s.kv_grid if b <= s.max_kv_budget + 1e-9]
@@ -287,7 +353,7 @@ def select(scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measure
 
 
 def _measured(cand: Candidate, measure: Measurer) -> Candidate:
-    return Candidate(cand.rules, cand.budget, cand.kv_fraction, measure(cand))
+    return Candidate(cand.rules, cand.budget, cand.kv_fraction, measure(cand), cand.bits)
 
 
 # ---- stage 4: record ----------------------------------------------------------------------------------------------
@@ -301,18 +367,21 @@ def record(
     trace: list[dict],
     heldout: O.Loss | None,
     seconds: dict[str, float],
+    dtype_bytes: int = 4,
 ) -> HeadPolicy:
     """The policy: the chosen rules, the scores, the settings and what was measured."""
-    draft = _policy(info, chosen.rules, scored)
+    draft = _policy(info, chosen, scored, s)
     ctx = s.reference_context
     results = {
         "reference_context": ctx,
         "mode": s.mode,
         "retrieval_heads": draft.num_retrieval,
-        "kv_fraction": round(draft.kv_fraction(ctx), 6),
+        "kv_fraction": round(draft.kv_fraction(ctx, dtype_bytes=dtype_bytes), 6),
         "kv_fraction_chosen_heads": round(chosen.kv_fraction, 6),
-        "kv_bytes": draft.kv_bytes(ctx),
-        "full_kv_bytes": draft.full_kv_bytes(ctx),
+        "kv_bytes": draft.kv_bytes(ctx, dtype_bytes=dtype_bytes),
+        "full_kv_bytes": draft.full_kv_bytes(ctx, dtype_bytes=dtype_bytes),
+        "dtype_bytes": dtype_bytes,
+        "precision": s.precision,
         "calibration": {"loss": chosen.loss.as_dict(), "tasks": len(data.calib.tasks), "answered": sum(ref.answered),
                         "kinds": list(s.kinds), "lengths": list(s.lengths), "prose": T.CALIBRATION_PROSE[0],
                         "text_tokens": s.text_length * len(data.calib.texts), "text_from": s.text_from},
@@ -332,10 +401,11 @@ def record(
     return draft.replace(results=results, provenance=provenance)
 
 
-def _policy(info: ModelInfo, rules, scored: Scored) -> HeadPolicy:
+def _policy(info: ModelInfo, cand: Candidate, scored: Scored, s: CompileSettings) -> HeadPolicy:
     # per-head estimates: a head's score is the most streaming can cost it (its smallest window)
     scores = scored.losses.max(axis=2) if scored.per_head else scored.losses[:, :, 0]
-    return HeadPolicy.from_rules(info, rules, scores=scores)
+    return HeadPolicy.from_rules(info, cand.rules, scores=scores, bits=cand.bits, kv_group=s.kv_group,
+                                 kv_residual=s.kv_residual)  # fmt: skip
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------------------
@@ -347,6 +417,7 @@ def compile_policy(
     s.check()
     codec = T.as_codec(tokenizer)
     info = describe_model(model, name)
+    dtype_bytes = next(model.parameters()).element_size()
     s.check_budget(len(info.policy_layers) * info.num_kv_heads, len(info.policy_layers))
     secs: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -362,16 +433,16 @@ def compile_policy(
                     len(data.calib.tasks))  # fmt: skip
     with _timed(secs, "score"):
         scored = score(model, data, ref, s, progress=progress)
-    measure = Measurer(model, info, data.calib, ref, lambda rules: _policy(info, rules, scored), progress)
+    measure = Measurer(model, info, data.calib, ref, lambda cand: _policy(info, cand, scored, s), progress)
     with _timed(secs, "select"):
-        chosen, trace = select(scored, info, s, measure)
+        chosen, trace = select(scored, info, s, measure, dtype_bytes)
     heldout = None
     if data.heldout is not None:
         with _timed(secs, "heldout"):
             href = O.reference(model, data.heldout)
             heldout = Measurer(model, info, data.heldout, href, measure.make_policy, progress)(chosen)
     secs["total"] = time.perf_counter() - t_all
-    policy = record(info, s, data, ref, scored, chosen, trace, heldout, secs)
+    policy = record(info, s, data, ref, scored, chosen, trace, heldout, secs, dtype_bytes)
     log.info("compiled: %d/%d retrieval heads, KV %.1f%% at %d, %s", policy.num_retrieval, policy.num_heads,
              100 * policy.results["kv_fraction"], s.reference_context, chosen.loss.describe())  # fmt: skip
     est = scored.losses if scored.per_head else None

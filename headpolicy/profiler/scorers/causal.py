@@ -31,6 +31,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from headpolicy.models import describe_model
+from headpolicy.policies.precision import DEFAULT_GROUP, DEFAULT_RESIDUAL, quantize, quantized_tokens
 from headpolicy.profiler.objective import Calibration, Reference
 from headpolicy.profiler.probes import kv_group
 from headpolicy.profiler.tasks import NEEDLE_KINDS, Task
@@ -126,10 +127,32 @@ def estimate(
     the same summed in absolute value per query position, and the attention mass dropped (summed
     over query positions and heads). 0 where a layer is the model's own sliding layer. `ref`
     restricts the answer terms to the tasks the full model answers."""
+    return _estimate(model, calib, options, (), DEFAULT_GROUP, DEFAULT_RESIDUAL, ref, progress)[0]
+
+
+def estimate_with_precision(
+    model,
+    calib: Calibration,
+    options: Sequence[tuple[int, int]],
+    bits: Sequence[int],
+    *,
+    kv_group: int = DEFAULT_GROUP,
+    kv_residual: int = DEFAULT_RESIDUAL,
+    ref: Reference | None = None,
+    progress=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`estimate`, and from the same forward and backward passes what quantising each head alone
+    costs: [3, layers, kv_heads, len(bits), 2] for each of `bits` (8, 4) in a retrieval head's
+    layout ([..., 0]) and a streaming head's ([..., 1]); see `_quant_effects`."""
+    return _estimate(model, calib, options, tuple(bits), kv_group, kv_residual, ref, progress)
+
+
+def _estimate(model, calib, options, bits, kv_group_size, kv_residual, ref, progress):
     layers, heads, kv_heads = kv_group(model)
     group = heads // kv_heads
     native = describe_model(model).native_windows
     est = torch.zeros(len(ESTIMATES), layers, kv_heads, len(options), dtype=torch.float64)
+    qest = torch.zeros(len(ESTIMATES), layers, kv_heads, len(bits), 2, dtype=torch.float64)
     device = next(model.parameters()).device
     with _recording(model, native) as rec:
         for ids, first, weight in _sequences(calib, ref):
@@ -142,10 +165,12 @@ def estimate(
                 if native is not None and native[li] is not None:
                     continue
                 est[:, li] += _layer_effects(lay, options, group).cpu()
+                if bits:
+                    qest[:, li] += _quant_effects(lay, bits, group, kv_group_size, kv_residual).cpu()
             rec.layers.clear()
             if progress is not None:
                 progress.update(1)
-    return est.numpy()
+    return est.numpy(), qest.numpy()
 
 
 CHUNK = 256  # query rows per block in _layer_effects
@@ -220,6 +245,43 @@ def _layer_effects(lay: _Layer, options, group: int) -> torch.Tensor:
             out[0, :, j] += effect.sum(dim=(0, 2, 3))
             out[1, :, j] += effect.abs().sum(dim=(0, 2, 3))
             out[2, :, j] += (P_d * has).sum(dim=(0, 2, 3))
+    return out
+
+
+@torch.no_grad()
+def _quant_effects(lay: _Layer, bits: Sequence[int], group: int, kv_group_size: int, residual: int) -> torch.Tensor:
+    """[ESTIMATES, kv_heads, len(bits), 2]: sum over positions and query heads of
+    g . (out_quantised - out_full), where out_quantised is the full attention output with the
+    head's K/V replaced by what the quantised cache would give back (policies/precision.py):
+
+        layout 0 (a retrieval head)  keys per channel in groups of kv_group tokens, values per
+                                     token, the last tokens (the residual) exact
+        layout 1 (a streaming head)  keys and values per token
+
+    The cache as it stands after the whole sequence stands in for every query (a query early in
+    the sequence really saw a few more exact tokens), and a streaming head's quantisation is
+    measured over full attention: selection adds it to the streaming estimate of the head's
+    window. Each head's output depends on its own K/V only, so quantising all heads at once
+    gives every head's single-head effect. Dropped mass is 0 (quantisation drops no key).
+    """
+    g = lay.delta.grad  # [B, Hq, S, D]
+    B, Hq, S, D = lay.q.shape
+    Hkv = lay.k.shape[1]
+    out = torch.zeros(len(ESTIMATES), Hkv, len(bits), 2, dtype=torch.float64, device=lay.q.device)
+    n_q = quantized_tokens(S, kv_group_size, residual)
+
+    def restored(x, b, per_channel, upto):
+        head = quantize(x[:, :, :upto], b, kv_group_size, per_channel=per_channel).dequantize(x.dtype)
+        return torch.cat([head, x[:, :, upto:]], dim=2)
+
+    for i, b in enumerate(bits):
+        layouts = ((restored(lay.k, b, True, n_q), restored(lay.v, b, False, n_q)),
+                   (restored(lay.k, b, False, S), restored(lay.v, b, False, S)))  # fmt: skip
+        for j, (k, v) in enumerate(layouts):
+            o = F.scaled_dot_product_attention(lay.q, k, v, is_causal=True, scale=lay.scale, enable_gqa=True)
+            effect = (g * (o - lay.out)).sum(-1).double().view(B, Hkv, group, S)  # per query head and position
+            out[0, :, i, j] = effect.sum(dim=(0, 2, 3))
+            out[1, :, i, j] = effect.abs().sum(dim=(0, 2, 3))
     return out
 
 
