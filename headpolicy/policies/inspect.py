@@ -43,13 +43,14 @@ def format_inspect(policy: HeadPolicy) -> str:
         f"retrieval   {policy.num_retrieval}/{policy.num_heads} KV heads ({100 * policy.retrieval_fraction:.1f}%); "
         f"streaming heads keep sink {policy.sink} + window {policy.window}"
         + (" (some heads override)" if _has_overrides(policy) else ""),
+        *_compensation_line(policy),
         "KV cache vs full: " + "   ".join(f"{_ctx_label(c)} {100 * policy.kv_fraction(c):.1f}%" for c in CONTEXTS),
         "",
     ]
     overrides = _has_overrides(policy)
     header = f"{'layer':>5}  {'retr':>5}  {'retrieval heads':<20}"
     if overrides:  # per-head windows: what each head keeps
-        header += "  per head: R = retrieval, else sink+window" + (" (score)" if has_scores else "")
+        header += "  per head: R = retrieval, else sink+window (+c: compensated)" + (" (score)" if has_scores else "")
     elif has_scores:
         header += "  scores (* = retrieval)"
     lines.append(header.rstrip())
@@ -61,6 +62,7 @@ def format_inspect(policy: HeadPolicy) -> str:
             score = "" if h.score is None else f"{h.score:.3f}"
             if overrides:
                 rule = "R" if h.is_retrieval else "{}+{}".format(*policy.head_window(li, hi))
+                rule += "+c" if policy.head_compensates(li, hi) else ""
                 cells.append(f"{rule}{f' ({score})' if has_scores else ''}".rjust(18 if has_scores else 10))
             elif has_scores:
                 cells.append(f"{score or '-'}{'*' if h.is_retrieval else ' '}".rjust(7))
@@ -69,8 +71,17 @@ def format_inspect(policy: HeadPolicy) -> str:
     return "\n".join(lines)
 
 
+def _compensation_line(policy: HeadPolicy) -> list[str]:
+    n = policy.num_compensated
+    if not n:
+        return []
+    return [f"compensate  {n} streaming heads keep a compensation token (one slot: the mean key/value they dropped)"]
+
+
 def _has_overrides(policy: HeadPolicy) -> bool:
-    return any(h.sink is not None or h.window is not None for row in policy.layers for h in row)
+    return any(
+        h.sink is not None or h.window is not None or h.compensate is not None for row in policy.layers for h in row
+    )
 
 
 def _ids(ids: list[int]) -> str:
@@ -162,7 +173,7 @@ class HeadChange:
 @dataclass(frozen=True)
 class PolicyDiff:
     changed_kind: tuple[HeadChange, ...]
-    changed_window: tuple[HeadChange, ...]  # both streaming, other sink/window
+    changed_window: tuple[HeadChange, ...]  # both streaming, other sink/window or compensation
     spearman: float | None  # None: a policy has no scores
     scored_heads: int
     same_fingerprint: bool
@@ -172,7 +183,7 @@ def _describe(policy: HeadPolicy, li: int, hi: int) -> str:
     if policy.layers[li][hi].is_retrieval:
         return "retrieval"
     s, w = policy.head_window(li, hi)
-    return f"streaming({s},{w})"
+    return f"streaming({s},{w}{',compensated' if policy.head_compensates(li, hi) else ''})"
 
 
 def diff_policies(a: HeadPolicy, b: HeadPolicy) -> PolicyDiff:
@@ -212,7 +223,7 @@ def format_diff(d: PolicyDiff, a: HeadPolicy, b: HeadPolicy, names: tuple[str, s
     for c in d.changed_kind:
         lines.append(f"  layer {c.layer:>3} head {c.head:>3}: {c.before} -> {c.after}")
     if d.changed_window:
-        lines.append(f"streaming heads with another sink/window: {len(d.changed_window)}")
+        lines.append(f"streaming heads with another sink/window or compensation: {len(d.changed_window)}")
         for c in d.changed_window:
             lines.append(f"  layer {c.layer:>3} head {c.head:>3}: {c.before} -> {c.after}")
     return "\n".join(lines)

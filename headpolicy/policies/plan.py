@@ -4,7 +4,7 @@ Running (the attention function, the cache, the kernels, the graph passes) only 
 small frozen objects; nothing is re-planned per step.
 
 After `apply`, each layer's KV heads sit in the order `perm`: retrieval heads first, then the
-streaming heads grouped by (sink, window). `kv_rows` / `query_rows` give the projection rows
+streaming heads grouped by (sink, window, compensate). `kv_rows` / `query_rows` give the projection rows
 of that order, for the weights (models.Adapter) and for exported graphs (passes).
 """
 
@@ -21,12 +21,14 @@ from headpolicy.policies.schema import HeadPolicy
 
 @dataclass(frozen=True)
 class StreamGroup:
-    """Streaming KV heads [start, stop) (permuted order) that share one sink/window."""
+    """Streaming KV heads [start, stop) (permuted order) that share one sink/window and whether
+    they keep a compensation token (policies/rule.py)."""
 
     start: int
     stop: int
     sink: int
     window: int
+    compensate: bool = False
 
     @property
     def num_heads(self) -> int:
@@ -66,6 +68,11 @@ class LayerPlan:
         return min((causal_below(g.sink, g.window) for g in self.groups), default=None)
 
     @cached_property
+    def compensated(self) -> bool:
+        """Whether any streaming group keeps a compensation token (a path that lacks it must refuse)."""
+        return any(g.compensate for g in self.groups)
+
+    @cached_property
     def group_sinks(self) -> tuple[int, ...]:
         return tuple(g.sink for g in self.groups)
 
@@ -84,6 +91,11 @@ class LayerPlan:
             window += [g.window] * g.num_heads
         return tuple(retrieval), tuple(sink), tuple(window)
 
+    @cached_property
+    def head_compensate(self) -> tuple[bool, ...]:
+        """Per KV head (permuted order): whether it keeps a compensation token."""
+        return (False,) * self.num_retrieval + tuple(g.compensate for g in self.groups for _ in range(g.num_heads))
+
     def table_tensors(self, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`head_table` as tensors [Hkv]: bool, int64, int64."""
         r, s, w = self.head_table
@@ -95,22 +107,26 @@ class LayerPlan:
 
 
 def plan_layers(policy: HeadPolicy) -> list[LayerPlan]:
-    """Retrieval heads first (original order), then streaming heads grouped by (sink, window)."""
+    """Retrieval heads first (original order), then streaming heads grouped by (sink, window, compensate)."""
     plans = []
     group_size = policy.model.group_size
     for li, row in enumerate(policy.layers):
         retrieval = [h for h, spec in enumerate(row) if spec.is_retrieval]
-        streaming = sorted((policy.head_window(li, h) + (h,) for h, spec in enumerate(row) if not spec.is_retrieval))
+        streaming = sorted(
+            policy.head_window(li, h) + (policy.head_compensates(li, h), h)
+            for h, spec in enumerate(row)
+            if not spec.is_retrieval
+        )
         groups: list[StreamGroup] = []
         pos = len(retrieval)
-        for sink, window, _ in streaming:
-            if groups and (groups[-1].sink, groups[-1].window) == (sink, window):
+        for sink, window, comp, _ in streaming:
+            if groups and (groups[-1].sink, groups[-1].window, groups[-1].compensate) == (sink, window, comp):
                 last = groups[-1]
-                groups[-1] = StreamGroup(last.start, last.stop + 1, sink, window)
+                groups[-1] = StreamGroup(last.start, last.stop + 1, sink, window, comp)
             else:
-                groups.append(StreamGroup(pos, pos + 1, sink, window))
+                groups.append(StreamGroup(pos, pos + 1, sink, window, comp))
             pos += 1
-        perm = tuple(retrieval + [h for _, _, h in streaming])
+        perm = tuple(retrieval + [h for *_, h in streaming])
         plans.append(LayerPlan(li, perm, len(retrieval), tuple(groups), group_size))
     return plans
 

@@ -11,9 +11,14 @@ A policy file looks like this (abridged)::
       heads:
       - {kind: retrieval, score: 0.91}
       - {kind: streaming, score: 0.02}
-      - {kind: streaming, sink: 16, window: 512}
+      - {kind: streaming, sink: 16, window: 512, compensate: true}
     provenance: {tool: headpolicy, version: 0.1.0, method: retrieval, settings: {...}, seed: 0}
     results: {...}
+
+`compensate` (optional, defaults and per streaming head; false when absent, so older files
+load unchanged) gives a streaming head RazorAttention's compensation token: one extra slot
+holding the mean key and value of the tokens it dropped, attended with logit + log(count)
+(policies/rule.py). It is never allowed on a retrieval head, which drops nothing.
 
 Loading is strict: anything unexpected raises a `PolicyError` that names the key
 (and layer/head) that is wrong and what was expected. Loading is also bounded, so a hostile
@@ -93,12 +98,13 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """One KV head. `sink`/`window` of None mean the policy's defaults."""
+    """One KV head. `sink`/`window`/`compensate` of None mean the policy's defaults."""
 
     kind: Kind
     sink: int | None = None
     window: int | None = None
     score: float | None = None
+    compensate: bool | None = None  # streaming heads only: keep a compensation token (rule.py)
 
     @property
     def is_retrieval(self) -> bool:
@@ -129,6 +135,7 @@ class HeadPolicy:
     provenance: Provenance = field(default_factory=Provenance)
     results: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
+    compensate: bool = False  # the default of streaming heads that name none
 
     def __post_init__(self) -> None:
         _validate_policy(self)
@@ -145,34 +152,40 @@ class HeadPolicy:
         scores: Sequence[Sequence[float]] | None = None,
         provenance: Provenance | None = None,
         results: Mapping[str, Any] | None = None,
+        compensate: bool = False,
     ) -> HeadPolicy:
         """Build a policy from a [layers][kv_heads] boolean table (True = retrieval), every
-        streaming head with the same sink/window.
+        streaming head with the same sink/window (and compensation token if `compensate`).
 
         Layers with a native sliding window (model.native_windows) ignore their row: their
         heads stay streaming with sink 0 and that window, which is what the model does anyway.
         """
         rules = [[None if bool(keep) else (sink, window) for keep in row] for row in retrieval]
         return cls.from_rules(model, rules, defaults=(sink, window), scores=scores, provenance=provenance,
-                              results=results)  # fmt: skip
+                              results=results, compensate=compensate)  # fmt: skip
 
     @classmethod
     def from_rules(
         cls,
         model: ModelInfo,
-        rules: Sequence[Sequence[tuple[int, int] | None]],
+        rules: Sequence[Sequence[tuple[int, int] | tuple[int, int, bool] | None]],
         *,
         defaults: tuple[int, int] | None = None,
         scores: Sequence[Sequence[float]] | None = None,
         provenance: Provenance | None = None,
         results: Mapping[str, Any] | None = None,
+        compensate: bool = False,
     ) -> HeadPolicy:
         """Build a policy from a [layers][kv_heads] table of rules: None = retrieval, (sink, window) =
         streaming with its own window. `defaults` (default: the most common streaming rule) is
         written once; heads with another rule carry their own. Native sliding layers as in from_kinds.
+
+        compensate: whether streaming heads keep a compensation token (the policy's default); a
+        rule (sink, window, flag) sets it for one head. Native sliding layers never compensate.
         """
+        compensate = bool(compensate)
         chosen = [row for li, row in enumerate(rules) if li >= model.num_layers or model.native_window(li) is None]
-        streaming = [tuple(r) for row in chosen for r in row if r is not None]
+        streaming = [tuple(r)[:2] for row in chosen for r in row if r is not None]
         if defaults is None:
             counts = {r: streaming.count(r) for r in sorted(set(streaming))}
             defaults = max(counts, key=counts.get) if counts else (64, 256)
@@ -183,13 +196,15 @@ class HeadPolicy:
             for hi, rule in enumerate(row):
                 score = None if scores is None else float(scores[li][hi])
                 if native is not None:
-                    heads.append(HeadSpec(STREAMING, sink=0, window=native, score=score))
+                    heads.append(HeadSpec(STREAMING, sink=0, window=native, score=score,
+                                          compensate=False if compensate else None))  # fmt: skip
                 elif rule is None:
                     heads.append(HeadSpec(RETRIEVAL, score=score))
                 else:
-                    own = tuple(rule) != tuple(defaults)
+                    own = tuple(rule)[:2] != tuple(defaults)
+                    flag = bool(rule[2]) if len(rule) > 2 else compensate
                     heads.append(HeadSpec(STREAMING, sink=rule[0] if own else None, window=rule[1] if own else None,
-                                          score=score))  # fmt: skip
+                                          score=score, compensate=None if flag == compensate else flag))  # fmt: skip
             layers.append(tuple(heads))
         return cls(
             model=model,
@@ -198,6 +213,7 @@ class HeadPolicy:
             window=defaults[1],
             provenance=provenance or Provenance(),
             results=dict(results or {}),
+            compensate=compensate,
         )
 
     def replace(self, **changes: Any) -> HeadPolicy:
@@ -215,6 +231,18 @@ class HeadPolicy:
             self.sink if spec.sink is None else spec.sink,
             self.window if spec.window is None else spec.window,
         )
+
+    def head_compensates(self, layer: int, head: int) -> bool:
+        """Whether a head keeps a compensation token (streaming heads only), the default resolved."""
+        spec = self.layers[layer][head]
+        if spec.is_retrieval:
+            return False
+        return self.compensate if spec.compensate is None else spec.compensate
+
+    @property
+    def num_compensated(self) -> int:
+        """Streaming heads with a compensation token (never in a hybrid model's own sliding layers)."""
+        return sum(self.head_compensates(li, hi) for li, row in enumerate(self.layers) for hi in range(len(row)))
 
     @property
     def num_heads(self) -> int:
@@ -234,7 +262,8 @@ class HeadPolicy:
         return self.num_retrieval / self.num_heads
 
     def kv_tokens(self, context: int, *, chosen_only: bool = False) -> int:
-        """Cached tokens summed over all KV heads at `context` tokens (per sequence, K or V).
+        """Cached tokens summed over all KV heads at `context` tokens (per sequence, K or V); a
+        compensation token counts as one (its slot is allocated from the first token on).
 
         chosen_only: only the heads the policy chooses (not a hybrid model's own sliding layers).
         """
@@ -248,12 +277,19 @@ class HeadPolicy:
                     total += context
                 else:
                     sink, window = self.head_window(li, hi)
-                    total += min(context, sink + window)
+                    total += min(context, sink + window) + self.head_compensates(li, hi)
         return total
 
     def kv_bytes(self, context: int, *, batch: int = 1, dtype_bytes: int = 4) -> int:
-        """Bytes of the split KV cache (keys and values) at `context` tokens."""
-        return 2 * batch * self.model.head_dim * dtype_bytes * self.kv_tokens(context)
+        """Bytes of the split KV cache (keys and values) at `context` tokens.
+
+        A compensation token is stored as running sums of the dropped keys and values, kept in
+        float32 at least (compensation_bytes); its count is a function of the rank, not stored.
+        """
+        comp = self.num_compensated
+        tokens = self.kv_tokens(context) - comp
+        return batch * (2 * self.model.head_dim * dtype_bytes * tokens
+                        + comp * compensation_bytes(self.model.head_dim, dtype_bytes))  # fmt: skip
 
     def full_kv_bytes(self, context: int, *, batch: int = 1, dtype_bytes: int = 4) -> int:
         return 2 * batch * self.model.head_dim * dtype_bytes * context * self.num_heads
@@ -295,6 +331,8 @@ class HeadPolicy:
                     h["window"] = spec.window
                 if spec.score is not None:
                     h["score"] = round(float(spec.score), 6)
+                if spec.compensate is not None:
+                    h["compensate"] = spec.compensate
                 heads.append(_Flow(h))
             layers.append({"layer": li, "heads": heads})
         model = dataclasses.asdict(self.model)
@@ -302,10 +340,13 @@ class HeadPolicy:
             del model["native_windows"]
         else:
             model["native_windows"] = list(model["native_windows"])
+        defaults: dict[str, Any] = {"sink": self.sink, "window": self.window}
+        if self.compensate:  # written only when on: a policy without compensation reads as before
+            defaults["compensate"] = True
         return {
             "schema": self.schema,
             "model": _Flow(model),
-            "defaults": _Flow({"sink": self.sink, "window": self.window}),
+            "defaults": _Flow(defaults),
             "layers": layers,
             "provenance": dataclasses.asdict(self.provenance),
             "results": dict(self.results),
@@ -320,6 +361,8 @@ class HeadPolicy:
             f"# headpolicy policy for {self.model.name}: {self.num_retrieval}/{self.num_heads} KV heads "
             f"keep the full cache, the rest keep sink {self.sink} + window {self.window}.\n"
         )
+        if self.num_compensated:
+            header += f"# {self.num_compensated} streaming heads keep a compensation token (mean of what they drop).\n"
         native = [li for li in range(self.model.num_layers) if self.model.native_window(li) is not None]
         if native:
             header += (
@@ -352,6 +395,13 @@ class HeadPolicy:
             return cls.from_yaml(text)
         except PolicyError as e:
             raise type(e)(f"{path}: {e}") from None
+
+
+def compensation_bytes(head_dim: int, dtype_bytes: int) -> int:
+    """Bytes of one head's compensation token per sequence: the sums of its dropped keys and
+    values, accumulated in float32 (or the cache dtype if wider) so a long run of small keys
+    is not rounded away."""
+    return 2 * head_dim * max(dtype_bytes, 4)
 
 
 # ---- YAML formatting ------------------------------------------------------------------------
@@ -527,7 +577,7 @@ def _read_policy_text(path: Path) -> str:
 # ---- validation -----------------------------------------------------------------------------
 _TOP_KEYS = {"schema", "model", "defaults", "layers", "provenance", "results"}
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelInfo)}
-_HEAD_KEYS = {"kind", "sink", "window", "score"}
+_HEAD_KEYS = {"kind", "sink", "window", "score", "compensate"}
 _PROV_KEYS = {f.name for f in dataclasses.fields(Provenance)}
 
 
@@ -577,6 +627,12 @@ def need_tokens(x: Any, where: str, *, minimum: int) -> int:
     return x
 
 
+def _need_bool(x: Any, where: str) -> bool:
+    if not isinstance(x, bool):
+        raise PolicyError(f"{where}: expected true or false, got {x!r:.80}")
+    return x
+
+
 def _need_str(x: Any, where: str) -> str:
     if not isinstance(x, str) or not x:
         raise PolicyError(f"{where}: expected a non-empty string, got {x!r}")
@@ -619,7 +675,8 @@ def _parse_head(x: Any, where: str) -> HeadSpec:
         if finite_number(score) is None:
             raise PolicyError(f"{where}.score: expected a finite number, got {score!r:.80}")
         score = finite_number(score)
-    return HeadSpec(kind=kind, sink=sink, window=window, score=score)
+    compensate = None if x.get("compensate") is None else _need_bool(x["compensate"], f"{where}.compensate")
+    return HeadSpec(kind=kind, sink=sink, window=window, score=score, compensate=compensate)
 
 
 def _parse_native_windows(x: Any, num_layers: int) -> tuple[int | None, ...] | None:
@@ -658,9 +715,10 @@ def _parse_policy(data: Any) -> HeadPolicy:
     )
 
     d = _need_mapping(data.get("defaults") or {}, "defaults")
-    _no_unknown(d, {"sink", "window"}, "defaults")
+    _no_unknown(d, {"sink", "window", "compensate"}, "defaults")
     sink = need_tokens(d.get("sink", 64), "defaults.sink", minimum=0)
     window = need_tokens(d.get("window", 256), "defaults.window", minimum=1)
+    compensate = _need_bool(d.get("compensate", False), "defaults.compensate")
 
     rows = data["layers"]
     if not isinstance(rows, list):
@@ -704,6 +762,7 @@ def _parse_policy(data: Any) -> HeadPolicy:
         provenance=provenance,
         results=dict(results),
         schema=data["schema"],
+        compensate=compensate,
     )
 
 
@@ -722,6 +781,7 @@ def _validate_policy(p: HeadPolicy) -> None:
                 need_tokens(w, f"model.native_windows[{li}]", minimum=1)
     need_tokens(p.sink, "defaults.sink", minimum=0)
     need_tokens(p.window, "defaults.window", minimum=1)
+    _need_bool(p.compensate, "defaults.compensate")
     if len(p.layers) != m.num_layers:
         raise PolicyError(f"layers: expected {m.num_layers} layers (model.num_layers), got {len(p.layers)}")
     for li, row in enumerate(p.layers):
@@ -737,11 +797,23 @@ def _validate_policy(p: HeadPolicy) -> None:
                     f"layer {li} head {hi}: a retrieval head keeps every token; sink/window apply "
                     "only to streaming heads"
                 )
+            if spec.compensate is not None:
+                _need_bool(spec.compensate, f"layer {li} head {hi}.compensate")
+                if spec.is_retrieval:
+                    raise PolicyError(
+                        f"layer {li} head {hi}: a retrieval head keeps every token, so it has nothing to "
+                        "compensate; compensate applies only to streaming heads"
+                    )
             native = m.native_window(li)
             if native is not None and (spec.is_retrieval or p.head_window(li, hi) != (0, native)):
                 raise PolicyError(
                     f"layer {li} head {hi}: layer {li} is the model's own sliding-window layer "
                     f"(window {native}); its heads must be streaming with sink 0 and window {native}"
+                )
+            if native is not None and p.head_compensates(li, hi):
+                raise PolicyError(
+                    f"layer {li} head {hi}: layer {li} is the model's own sliding-window layer; its heads "
+                    "run as the model does and take no compensation token (set compensate: false)"
                 )
             if spec.sink is not None:
                 need_tokens(spec.sink, f"layer {li} head {hi}.sink", minimum=0)

@@ -127,3 +127,15 @@ def test_cli_inspect_and_diff(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("schema: headpolicy/v1\nmodel: 3\nlayers: []\n")
     assert main(["inspect", str(tmp_path / "bad.yaml")]) == 2
     assert "PolicyError" in capsys.readouterr().err
+
+
+def test_inspect_and_diff_show_compensation():
+    rules = [[None if keep else (4, 60) for keep in row] for row in TABLE]
+    rules[0][1] = (4, 60, False)
+    p = HeadPolicy.from_rules(INFO, rules, scores=SCORES, compensate=True)
+    text = format_inspect(p)
+    assert "compensate  6 streaming heads keep a compensation token" in text
+    assert "4+60+c" in text and "4+60 (0.100)" in text
+    d = diff_policies(policy(), p)
+    assert len(d.changed_window) == 6 and not d.changed_kind
+    assert "streaming(4,60,compensated)" in format_diff(d, policy(), p)

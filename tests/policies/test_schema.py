@@ -313,3 +313,103 @@ def test_fuzz_mutated_policy(data):
     else:
         d = data.draw(_values)
     _load_or_policy_error(yaml.safe_dump(d, allow_unicode=True))
+
+
+# ---- the compensation token (RazorAttention) ------------------------------------------------------
+def comp_policy(**kw) -> HeadPolicy:
+    """Layer 0: retrieval + compensated default; layer 1: own window, not compensated + default;
+    layer 2: default + retrieval."""
+    rules = [[None, (4, 32)], [(0, 7, False), (4, 32)], [(4, 32), None]]
+    return HeadPolicy.from_rules(INFO, rules, defaults=(4, 32), compensate=True, **kw)
+
+
+def test_compensation_round_trips_and_resolves_per_head(tmp_path):
+    p = comp_policy()
+    assert p.compensate and p.num_compensated == 3
+    assert [[p.head_compensates(li, hi) for hi in range(2)] for li in range(3)] == [
+        [False, True], [False, True], [True, False]
+    ]  # fmt: skip
+    assert p.layers[1][0].compensate is False and p.layers[0][1].compensate is None
+    assert HeadPolicy.from_yaml(p.to_yaml()) == p
+    assert HeadPolicy.load(p.save(tmp_path / "p.yaml")) == p
+    text = p.to_yaml()
+    assert "compensate: true" in text and "3 streaming heads keep a compensation token" in text
+
+
+def test_policies_without_compensation_read_and_write_as_before():
+    p = make_policy()
+    assert not p.compensate and p.num_compensated == 0
+    assert "compensate" not in p.to_yaml()
+    d = _plain(p.to_dict())
+    assert set(d["defaults"]) == {"sink", "window"}
+    assert HeadPolicy.from_dict(d) == p  # an older file (no `compensate` anywhere) loads with it off
+
+
+def test_compensation_counts_one_slot_and_its_float32_sums():
+    p, plain = comp_policy(), comp_policy().replace(compensate=False)
+    # plain: layer 1 head 0 still says compensate: false explicitly, so only the defaults differ
+    assert plain.num_compensated == 0
+    assert p.kv_tokens(100) == plain.kv_tokens(100) + 3
+    assert p.kv_tokens(3) == 6 * 3 + 3  # the slot is allocated from the first token on
+    D = INFO.head_dim
+    for dtype_bytes in (2, 4, 8):
+        extra = 3 * 2 * D * max(dtype_bytes, 4)
+        assert p.kv_bytes(100, batch=2, dtype_bytes=dtype_bytes) == (
+            plain.kv_bytes(100, batch=2, dtype_bytes=dtype_bytes) + 2 * extra
+        )
+    assert p.kv_fraction(100) == pytest.approx((plain.kv_tokens(100) + 3) / 600)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["layers"][0]["heads"][0].update(compensate=True),
+         "layer 0 head 0: a retrieval head keeps every token, so it has nothing to compensate"),
+        (lambda d: d["layers"][0]["heads"][0].update(compensate=False), "layer 0 head 0: a retrieval head"),
+        (lambda d: d["layers"][1]["heads"][0].update(compensate="yes"),
+         "layer 1 head 0.compensate: expected true or false, got 'yes'"),
+        (lambda d: d["layers"][1]["heads"][0].update(compensate=1), "layer 1 head 0.compensate: expected true"),
+        (lambda d: d["defaults"].update(compensate=None), "defaults.compensate: expected true or false, got None"),
+        (lambda d: d["defaults"].update(compensate="on"), "defaults.compensate: expected true or false"),
+    ],
+)  # fmt: skip
+def test_bad_compensation_raises_named_errors(edit, message):
+    d = _plain(make_policy().to_dict())
+    edit(d)
+    with pytest.raises(PolicyError) as e:
+        HeadPolicy.from_yaml(yaml.safe_dump(d))
+    assert message in str(e.value)
+
+
+def test_compensation_in_code_is_validated_too():
+    p = make_policy()
+    layers = list(p.layers)
+    layers[0] = (HeadSpec("retrieval", compensate=True), layers[0][1])
+    with pytest.raises(PolicyError, match="layer 0 head 0: a retrieval head keeps every token"):
+        p.replace(layers=tuple(layers))
+    with pytest.raises(PolicyError, match="defaults.compensate: expected true or false"):
+        p.replace(compensate=1)
+
+
+def test_native_sliding_layers_never_compensate():
+    hybrid = ModelInfo(**{**INFO.__dict__, "native_windows": (None, 16, None)})
+    p = HeadPolicy.from_kinds(hybrid, [[True, False]] * 3, sink=4, window=32, compensate=True)
+    assert [p.head_compensates(1, h) for h in range(2)] == [False, False]
+    assert p.num_compensated == 2 and HeadPolicy.from_yaml(p.to_yaml()) == p
+    layers = list(p.layers)
+    layers[1] = (HeadSpec("streaming", sink=0, window=16), layers[1][1])  # inherits compensate: true
+    with pytest.raises(PolicyError, match="layer 1 head 0: layer 1 is the model's own sliding-window layer"):
+        p.replace(layers=tuple(layers))
+
+
+def test_plan_groups_streaming_heads_by_compensation():
+    from headpolicy.policies.plan import plan_layers
+
+    info = ModelInfo("toy", "LlamaForCausalLM", 1, 8, 4, 16, "sha256:abc")
+    rules = [[(4, 32, True), None, (4, 32, False), (4, 32, True)]]
+    (plan,) = plan_layers(HeadPolicy.from_rules(info, rules))
+    assert plan.perm == (1, 2, 0, 3)
+    assert [(g.start, g.stop, g.compensate) for g in plan.groups] == [(1, 2, False), (2, 4, True)]
+    assert plan.compensated and plan.head_compensate == (False, False, True, True)
+    (plain,) = plan_layers(HeadPolicy.from_rules(info, [[(4, 32), None, (4, 32), (4, 32)]]))
+    assert not plain.compensated and len(plain.groups) == 1
