@@ -47,6 +47,11 @@ class KernelCompileError(CodegenError):
     """A generated kernel could not be written, imported or compiled (or Triton is missing)."""
 
 
+class UnsupportedPolicyError(HeadPolicyError, ValueError):
+    """A valid policy that a path cannot run: the compensation token on the generated Triton
+    kernels or in an exported graph."""
+
+
 class OutputError(HeadPolicyError, OSError):
     """A result file or folder cannot be written (read-only folder, a directory in the way...)."""
 

@@ -44,10 +44,11 @@ def alias_bomb(policy_yaml: str, levels: int = 9) -> str:
 
 
 def make_plan(num_retrieval, groups, group_size) -> LayerPlan:
-    """A one-layer plan: `num_retrieval` retrieval KV heads, then groups of (num_heads, sink, window)."""
+    """A one-layer plan: `num_retrieval` retrieval KV heads, then groups of (num_heads, sink, window)
+    or (num_heads, sink, window, compensate)."""
     out, pos = [], num_retrieval
-    for n, sink, window in groups:
-        out.append(StreamGroup(pos, pos + n, sink, window))
+    for n, sink, window, *compensate in groups:
+        out.append(StreamGroup(pos, pos + n, sink, window, *compensate))
         pos += n
     return LayerPlan(0, tuple(range(pos)), num_retrieval, tuple(out), group_size)
 
