@@ -74,6 +74,7 @@ class CompileSettings:
     min_per_layer: int = 0  # --budget only
     reference_context: int = 4096
     seed: int = 0
+    compensate: bool = False  # streaming heads keep a compensation token (one slot each, in the budget too)
 
     @property
     def mode(self) -> str:
@@ -201,9 +202,11 @@ def score(model, data: CalibrationData, ref: O.Reference, s: CompileSettings, *,
 
 
 # ---- stage 3: select -------------------------------------------------------------------------------------------
-def option_costs(options: Sequence[tuple[int, int]], context: int) -> np.ndarray:
-    """Cached tokens of [retrieval, *options] at `context` tokens."""
-    return np.array([context] + [min(context, sink + window) for sink, window in options], dtype=np.int64)
+def option_costs(options: Sequence[tuple[int, int]], context: int, compensate: bool = False) -> np.ndarray:
+    """Cached tokens of [retrieval, *options] at `context` tokens (+ 1: a compensation token's slot,
+    as HeadPolicy.kv_tokens counts it)."""
+    extra = int(bool(compensate))
+    return np.array([context] + [min(context, sink + window) + extra for sink, window in options], dtype=np.int64)
 
 
 def at_kv_budget(scored: Scored, info: ModelInfo, s: CompileSettings, fraction: float) -> Candidate:
@@ -215,7 +218,7 @@ def at_kv_budget(scored: Scored, info: ModelInfo, s: CompileSettings, fraction: 
         losses = losses - losses.min()
     table = np.concatenate([np.zeros((losses.shape[0], 1)), np.maximum(losses, 0.0)], axis=1)
     ctx = s.reference_context
-    costs = np.tile(option_costs(scored.options, ctx), (table.shape[0], 1))
+    costs = np.tile(option_costs(scored.options, ctx, s.compensate), (table.shape[0], 1))
     budget = int(math.floor(fraction * len(chosen) * H * ctx + 1e-6))
     choice = allocate(table, costs, budget).reshape(len(chosen), H)
     rules: list[list] = [[(s.sink, s.window)] * H for _ in range(info.num_layers)]
@@ -234,7 +237,7 @@ def at_head_budget(scored: Scored, info: ModelInfo, s: CompileSettings) -> Candi
     for i, li in enumerate(chosen):
         rules[li] = [None if keep else (s.sink, s.window) for keep in sub[i]]
     ctx = s.reference_context
-    cost = option_costs([(s.sink, s.window)], ctx)
+    cost = option_costs([(s.sink, s.window)], ctx, s.compensate)
     kv = float((sub * cost[0] + ~sub * cost[1]).sum()) / (sub.size * ctx)
     return Candidate(rules, s.budget, kv)
 
@@ -303,7 +306,7 @@ def record(
     seconds: dict[str, float],
 ) -> HeadPolicy:
     """The policy: the chosen rules, the scores, the settings and what was measured."""
-    draft = _policy(info, chosen.rules, scored)
+    draft = _policy(info, chosen.rules, scored, s.compensate)
     ctx = s.reference_context
     results = {
         "reference_context": ctx,
@@ -332,10 +335,10 @@ def record(
     return draft.replace(results=results, provenance=provenance)
 
 
-def _policy(info: ModelInfo, rules, scored: Scored) -> HeadPolicy:
+def _policy(info: ModelInfo, rules, scored: Scored, compensate: bool = False) -> HeadPolicy:
     # per-head estimates: a head's score is the most streaming can cost it (its smallest window)
     scores = scored.losses.max(axis=2) if scored.per_head else scored.losses[:, :, 0]
-    return HeadPolicy.from_rules(info, rules, scores=scores)
+    return HeadPolicy.from_rules(info, rules, scores=scores, compensate=compensate)
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------------------
@@ -362,7 +365,7 @@ def compile_policy(
                     len(data.calib.tasks))  # fmt: skip
     with _timed(secs, "score"):
         scored = score(model, data, ref, s, progress=progress)
-    measure = Measurer(model, info, data.calib, ref, lambda rules: _policy(info, rules, scored), progress)
+    measure = Measurer(model, info, data.calib, ref, lambda rules: _policy(info, rules, scored, s.compensate), progress)
     with _timed(secs, "select"):
         chosen, trace = select(scored, info, s, measure)
     heldout = None
