@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -63,6 +63,8 @@ class CompileSettings:
     window: int = 256  # fixed-window methods, and --budget
     windows: tuple[int, ...] = WINDOWS  # per-head ladder (methods that estimate every window)
     estimate: str = "abs_first_order"  # which of causal.ESTIMATES orders the per-head options
+    repair_seconds: float = 180.0  # measured swaps after the knapsack (byte-budget modes)
+    repair_patience: int = 3  # stop after this many swaps in a row that do not help
     lengths: tuple[int, ...] = (2048, 4096)  # calibration task lengths: where the policy is used
     kinds: tuple[str, ...] = T.NEEDLE_KINDS
     depths: tuple[float, ...] = (0.2, 0.5, 0.8)  # taken in turn by the (kind, length) pairs
@@ -93,6 +95,10 @@ class CompileSettings:
             if value is not None and not (isinstance(value, int | float) and 0.0 < value <= 1.0):
                 raise BudgetError(f"--{name.replace('_', '-')} must be a fraction of the full KV cache in (0, 1], "
                                   f"got {value!r}")  # fmt: skip
+        if self.estimate not in ESTIMATES:
+            raise BudgetError(f"unknown estimate {self.estimate!r} (known: {', '.join(ESTIMATES)})")
+        if not (math.isfinite(self.repair_seconds) and self.repair_seconds >= 0):
+            raise BudgetError(f"--repair-seconds must be >= 0, got {self.repair_seconds}")
         if not (math.isfinite(self.target_drop) and self.target_drop >= 0):
             raise BudgetError(f"--target-drop must be >= 0 percent, got {self.target_drop}")
         windows = (self.window, *self.windows)
@@ -156,6 +162,7 @@ class Candidate:
     budget: float  # what was asked (kv fraction, or head fraction for --budget)
     kv_fraction: float  # over the chosen heads, at the reference context
     loss: O.Loss | None = None
+    choice: np.ndarray | None = None  # byte-budget modes: option per chosen head, 0 = retrieval
 
 
 # ---- stage 1: calibration data -------------------------------------------------------------------------
@@ -209,23 +216,84 @@ def option_costs(options: Sequence[tuple[int, int]], context: int, compensate: b
     return np.array([context] + [min(context, sink + window) + extra for sink, window in options], dtype=np.int64)
 
 
-def at_kv_budget(scored: Scored, info: ModelInfo, s: CompileSettings, fraction: float) -> Candidate:
-    """The least estimated loss within `fraction` of the full KV cache of the chosen heads."""
+def _knapsack(scored: Scored, info: ModelInfo, s: CompileSettings) -> tuple[np.ndarray, np.ndarray]:
+    """[chosen heads, 1 + options] loss and cost tables (column 0 = retrieval) for `allocate`."""
     chosen = info.policy_layers
-    H = info.num_kv_heads
-    losses = scored.losses[chosen].reshape(len(chosen) * H, -1)
+    losses = scored.losses[chosen].reshape(len(chosen) * info.num_kv_heads, -1)
     if not scored.per_head:  # a ranking score: only its order matters; keep the best heads
         losses = losses - losses.min()
     table = np.concatenate([np.zeros((losses.shape[0], 1)), np.maximum(losses, 0.0)], axis=1)
-    ctx = s.reference_context
-    costs = np.tile(option_costs(scored.options, ctx, s.compensate), (table.shape[0], 1))
-    budget = int(math.floor(fraction * len(chosen) * H * ctx + 1e-6))
-    choice = allocate(table, costs, budget).reshape(len(chosen), H)
+    costs = np.tile(option_costs(scored.options, s.reference_context, s.compensate), (table.shape[0], 1))
+    return table, costs
+
+
+def _byte_budget(info: ModelInfo, s: CompileSettings, fraction: float) -> int:
+    return int(math.floor(fraction * len(info.policy_layers) * info.num_kv_heads * s.reference_context + 1e-6))
+
+
+def _candidate(scored: Scored, info: ModelInfo, s: CompileSettings, choice: np.ndarray, fraction: float) -> Candidate:
+    chosen, H = info.policy_layers, info.num_kv_heads
     rules: list[list] = [[(s.sink, s.window)] * H for _ in range(info.num_layers)]
     for i, li in enumerate(chosen):
-        rules[li] = [None if c == 0 else scored.options[c - 1] for c in choice[i]]
-    kv = float(costs[np.arange(costs.shape[0]), choice.reshape(-1)].sum()) / (len(chosen) * H * ctx)
-    return Candidate(rules, fraction, kv)
+        rules[li] = [None if c == 0 else scored.options[c - 1] for c in choice[i * H : (i + 1) * H]]
+    costs = option_costs(scored.options, s.reference_context, s.compensate)
+    kv = float(costs[choice].sum()) / (len(chosen) * H * s.reference_context)
+    return Candidate(rules, fraction, kv, choice=choice)
+
+
+def at_kv_budget(scored: Scored, info: ModelInfo, s: CompileSettings, fraction: float) -> Candidate:
+    """The least estimated loss within `fraction` of the full KV cache of the chosen heads."""
+    table, costs = _knapsack(scored, info, s)
+    choice = allocate(table, costs, _byte_budget(info, s, fraction))
+    return _candidate(scored, info, s, choice, fraction)
+
+
+def repair(
+    cand: Candidate, scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measurer, deadline: float
+) -> tuple[Candidate, list[dict]]:
+    """Swaps under the same byte budget, each measured, kept when the measured objective falls.
+
+    The estimates add up per-head effects; the model does not quite. So, riskiest first (largest
+    estimated loss at its current option), one streaming head at a time is given more bytes
+    (a larger window or the full cache) and the knapsack is solved again around it: the bytes come
+    from the heads the estimates find cheapest to shrink. A swap is measured and kept if the
+    objective falls. Stops after `repair_patience` swaps in a row that do not help, when no
+    move is left, or at `deadline` (time.perf_counter())."""
+    table, costs = _knapsack(scored, info, s)
+    budget = _byte_budget(info, s, cand.budget)
+    best, trace, seen, misses = cand, [], {tuple(cand.choice)}, 0
+    rows = np.arange(len(cand.choice))
+    while misses < s.repair_patience and time.perf_counter() < deadline:
+        at = best.choice
+        risk = np.where(at > 0, table[rows, at], -np.inf)
+        move = None
+        for u in np.argsort(-risk, kind="stable"):
+            if at[u] == 0:
+                break  # only retrieval heads are left
+            allowed = np.ones(table.shape, dtype=bool)
+            allowed[u] = costs[u] > costs[u, at[u]]  # u gets more bytes than it has
+            try:
+                choice = allocate(table, costs, budget, allowed)
+            except BudgetError:
+                continue
+            if tuple(choice) not in seen:
+                move = int(u), choice
+                break
+        if move is None:
+            break
+        u, choice = move
+        seen.add(tuple(choice))
+        trial = _measured(_candidate(scored, info, s, choice, cand.budget), measure)
+        kept = trial.loss.value < best.loss.value
+        layer, head = info.policy_layers[u // info.num_kv_heads], u % info.num_kv_heads
+        option = lambda c: "full" if c == 0 else f"window {scored.options[c - 1][1]}"  # noqa: E731
+        trace.append({"layer": layer, "kv_head": head, "from": option(at[u]), "to": option(choice[u]),
+                      "changed_heads": int((choice != at).sum()), "value": round(trial.loss.value, 6),
+                      "kept": kept})  # fmt: skip
+        log.info("repair: layer %d head %d %s -> %s (%d heads change): %.4f %s", layer, head, option(at[u]),
+                 option(choice[u]), (choice != at).sum(), trial.loss.value, "kept" if kept else "undone")  # fmt: skip
+        best, misses = (trial, 0) if kept else (best, misses + 1)
+    return best, trace
 
 
 def at_head_budget(scored: Scored, info: ModelInfo, s: CompileSettings) -> Candidate:
@@ -262,13 +330,18 @@ class Measurer:
         return loss
 
 
-def select(scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measurer) -> tuple[Candidate, list[dict]]:
-    """The candidate compile returns, measured, and the budgets tried (target mode)."""
+def select(
+    scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measurer
+) -> tuple[Candidate, list[dict], list[dict]]:
+    """The candidate compile returns, measured; the budgets tried (target mode); the repair swaps."""
     if s.mode == "budget":
         cand = at_head_budget(scored, info, s)
-        return _measured(cand, measure), []
+        return _measured(cand, measure), [], []
+    deadline = lambda: time.perf_counter() + s.repair_seconds  # noqa: E731
     if s.mode == "kv_budget":
-        return _measured(at_kv_budget(scored, info, s, s.kv_budget), measure), []
+        cand = _measured(at_kv_budget(scored, info, s, s.kv_budget), measure)
+        repaired, swaps = repair(cand, scored, info, s, measure, deadline())
+        return repaired, [], swaps
 
     def check(fraction: float) -> tuple[bool, Candidate]:
         cand = _measured(at_kv_budget(scored, info, s, fraction), measure)
@@ -280,17 +353,30 @@ def select(scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measure
     found = smallest_passing(grid, check)
     trace = [{"kv_budget": b, "kv_fraction": round(c.kv_fraction, 6), "ok": ok, **c.loss.as_dict()}
              for b, ok, c in found.trace]  # fmt: skip
+    # repair where it pays most: the largest failing budget below the passing one may pass after
+    # swaps (a smaller cache); else the passing one gets better (or nothing fails below it)
+    failed = [c for b, ok, c in found.trace if not ok and (found.budget is None or b < found.budget)]
+    if failed:
+        near = max(failed, key=lambda c: c.budget)
+        repaired, swaps = repair(near, scored, info, s, measure, deadline())
+        if repaired.loss.within(s.target_drop):
+            trace.append({"kv_budget": near.budget, "kv_fraction": round(repaired.kv_fraction, 6), "ok": True,
+                          "repaired": True, **repaired.loss.as_dict()})  # fmt: skip
+            return repaired, trace, swaps
     if found.budget is None:
         tried = "; ".join(f"KV {100 * b:.0f}%: {c.loss.describe()}" for b, _, c in found.trace)
         raise BudgetError(
             f"no KV budget up to {100 * grid[-1]:.0f}% keeps perplexity and answers within {s.target_drop:g}% of the "
             f"full model ({tried}); raise --max-kv-budget or --target-drop, or pick one with --kv-budget"
         )
-    return found.result, trace
+    if failed:  # the repair above had its chance; the passing policy is returned as measured
+        return found.result, trace, swaps
+    repaired, swaps = repair(found.result, scored, info, s, measure, deadline())
+    return repaired, trace, swaps
 
 
 def _measured(cand: Candidate, measure: Measurer) -> Candidate:
-    return Candidate(cand.rules, cand.budget, cand.kv_fraction, measure(cand))
+    return replace(cand, loss=measure(cand))
 
 
 # ---- stage 4: record ----------------------------------------------------------------------------------------------
@@ -302,6 +388,7 @@ def record(
     scored: Scored,
     chosen: Candidate,
     trace: list[dict],
+    swaps: list[dict],
     heldout: O.Loss | None,
     seconds: dict[str, float],
 ) -> HeadPolicy:
@@ -324,6 +411,8 @@ def record(
         results["heldout"] = {"loss": heldout.as_dict(), "wording": "B", "prose": T.CALIBRATION_PROSE[1]}
     if trace:
         results["search"] = trace
+    if swaps:
+        results["repair"] = swaps
     results["compile_seconds"] = round(seconds["total"], 1)
     provenance = Provenance(
         version=__version__,
@@ -367,14 +456,14 @@ def compile_policy(
         scored = score(model, data, ref, s, progress=progress)
     measure = Measurer(model, info, data.calib, ref, lambda rules: _policy(info, rules, scored, s.compensate), progress)
     with _timed(secs, "select"):
-        chosen, trace = select(scored, info, s, measure)
+        chosen, trace, swaps = select(scored, info, s, measure)
     heldout = None
     if data.heldout is not None:
         with _timed(secs, "heldout"):
             href = O.reference(model, data.heldout)
             heldout = Measurer(model, info, data.heldout, href, measure.make_policy, progress)(chosen)
     secs["total"] = time.perf_counter() - t_all
-    policy = record(info, s, data, ref, scored, chosen, trace, heldout, secs)
+    policy = record(info, s, data, ref, scored, chosen, trace, swaps, heldout, secs)
     log.info("compiled: %d/%d retrieval heads, KV %.1f%% at %d, %s", policy.num_retrieval, policy.num_heads,
              100 * policy.results["kv_fraction"], s.reference_context, chosen.loss.describe())  # fmt: skip
     est = scored.losses if scored.per_head else None
