@@ -44,12 +44,14 @@ def alias_bomb(policy_yaml: str, levels: int = 9) -> str:
 
 
 def make_plan(num_retrieval, groups, group_size, *, retrieval_bits=(), kv_group=4, kv_residual=3) -> LayerPlan:
-    """A one-layer plan: `num_retrieval` retrieval KV heads, then groups of (num_heads, sink, window[, bits]).
+    """A one-layer plan: `num_retrieval` retrieval KV heads, then groups of (num_heads, sink, window)
+    followed optionally by KV bits (an int) and/or compensate (a bool).
 
     retrieval_bits: (num_heads, bits) quantised retrieval groups, the last of the retrieval heads."""
     out, pos = [], num_retrieval
-    for n, sink, window, *bits in groups:
-        out.append(StreamGroup(pos, pos + n, sink, window, *bits))
+    for n, sink, window, *extra in groups:
+        flags = {"compensate" if isinstance(x, bool) else "bits": x for x in extra}
+        out.append(StreamGroup(pos, pos + n, sink, window, **flags))
         pos += n
     quantised, start = [], num_retrieval - sum(n for n, _ in retrieval_bits)
     for n, bits in retrieval_bits:

@@ -13,6 +13,7 @@ from headpolicy.cli.args import add_model, float_list, int_list
 def _configure(p: argparse.ArgumentParser) -> None:
     from headpolicy.profiler.compile import CompileSettings
     from headpolicy.profiler.scorers import scorer_names
+    from headpolicy.profiler.scorers.causal import ESTIMATES
 
     d = CompileSettings()
     add_model(p)
@@ -46,6 +47,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-per-layer", type=int, default=d.min_per_layer, help="--budget: retrieval heads per layer")
     p.add_argument("--reference-context", type=int, default=d.reference_context,
                    help="context length at which KV budgets and fractions are counted")  # fmt: skip
+    p.add_argument("--repair-seconds", type=float, default=d.repair_seconds, metavar="S",
+                   help="byte budgets: time for measured swaps after the knapsack "
+                        f"(default {d.repair_seconds:g}; 0 = none)")  # fmt: skip
+    p.add_argument("--estimate", default=d.estimate, choices=ESTIMATES,
+                   help=f"causal: which estimate orders the per-head options (default {d.estimate})")
     p.add_argument("--no-heldout", action="store_true", help="skip measuring the result on held-out data")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--scores-json", help="also write the raw head scores here")
@@ -63,7 +69,7 @@ def run_compile(args: argparse.Namespace) -> int:
 
     from_args = ("method", "budget", "kv_budget", "target_drop", "max_kv_budget", "sink", "window", "windows",
                  "lengths", "depths", "text_length", "text_from", "min_per_layer", "reference_context",
-                 "seed", "precision")  # fmt: skip
+                 "seed", "repair_seconds", "estimate", "precision")  # fmt: skip
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     settings = CompileSettings(**{name: getattr(args, name) for name in from_args}, kinds=kinds,
                                heldout=not args.no_heldout)  # fmt: skip

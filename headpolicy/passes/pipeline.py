@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from headpolicy.errors import ExportError, QuantizedExportError
+from headpolicy.errors import ExportError, QuantizedExportError, UnsupportedPolicyError
 from headpolicy.models import describe_model, get_adapter
 from headpolicy.passes import bind_cache, locate_attention, permute_heads, split_attention  # noqa: F401 (register)
 from headpolicy.passes.bind_cache import CacheEntry
@@ -83,6 +83,7 @@ def compile_step(
     info = describe_model(model)
     policy.check_model(info, check_fingerprint=check_fingerprint)
     refuse_quantized(policy)
+    refuse_compensation(policy)
     cap = capture(model, mode, last_logits_only=last_logits_only)
     ctx = pass_context(cap, model, policy, skip_noop=skip_noop)
     with torch.no_grad():
@@ -106,6 +107,16 @@ def refuse_quantized(policy: HeadPolicy) -> None:
             f"policy stores {policy.num_quantized} of {policy.num_heads} KV heads quantised (kv_bits 8/4); "
             "export (pt2, onnx) carries native-precision heads only: compile with --precision native "
             "or set kv_bits: 16 to export it"
+        )
+
+
+def refuse_compensation(policy: HeadPolicy) -> None:
+    """Exported graphs (pt2, ONNX) have no compensation token: their streaming ops and cache
+    layout hold only the sink and the ring. Refused before anything is captured."""
+    if policy.num_compensated:
+        raise UnsupportedPolicyError(
+            f"the policy gives {policy.num_compensated} streaming heads a compensation token, which exported "
+            "graphs (pt2, ONNX) do not implement; export a policy without compensate, or run it with apply()"
         )
 
 

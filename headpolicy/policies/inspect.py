@@ -44,13 +44,15 @@ def format_inspect(policy: HeadPolicy) -> str:
         f"retrieval   {policy.num_retrieval}/{policy.num_heads} KV heads ({100 * policy.retrieval_fraction:.1f}%); "
         f"streaming heads keep sink {policy.sink} + window {policy.window}"
         + (" (some heads override)" if _has_overrides(policy) else ""),
+        *_compensation_line(policy),
         *_kv_lines(policy),
         "",
     ]
     overrides = _has_overrides(policy)
     header = f"{'layer':>5}  {'retr':>5}  {'retrieval heads':<20}"
-    if overrides:  # per-head windows or bits: what each head keeps
+    if overrides:  # per-head windows, bits or compensation: what each head keeps
         header += "  per head: R = retrieval, else sink+window"
+        header += " (+c: compensated)" if policy.num_compensated else ""
         header += (", @b = KV bits if not 16" if policy.num_quantized else "") + (" (score)" if has_scores else "")
     elif has_scores:
         header += "  scores (* = retrieval)"
@@ -63,6 +65,7 @@ def format_inspect(policy: HeadPolicy) -> str:
             score = "" if h.score is None else f"{h.score:.3f}"
             if overrides:
                 rule = "R" if h.is_retrieval else "{}+{}".format(*policy.head_window(li, hi))
+                rule += "+c" if policy.head_compensates(li, hi) else ""
                 bits = policy.head_bits(li, hi)
                 rule += f"@{bits}" if bits != NATIVE_BITS else ""
                 cells.append(f"{rule}{f' ({score})' if has_scores else ''}".rjust(18 if has_scores else 10))
@@ -73,9 +76,25 @@ def format_inspect(policy: HeadPolicy) -> str:
     return "\n".join(lines)
 
 
+def _compensation_line(policy: HeadPolicy) -> list[str]:
+    n = policy.num_compensated
+    if not n:
+        return []
+    return [f"compensate  {n} streaming heads keep a compensation token (one slot: the mean key/value they dropped)"]
+
+
 def _has_overrides(policy: HeadPolicy) -> bool:
-    own_window = any(h.sink is not None or h.window is not None for row in policy.layers for h in row)
-    return own_window or policy.num_quantized > 0
+    own_rule = any(
+        h.sink is not None or h.window is not None or h.compensate is not None for row in policy.layers for h in row
+    )
+    return own_rule or policy.num_quantized > 0
+
+
+def _compensation_line(policy: HeadPolicy) -> list[str]:
+    n = policy.num_compensated
+    if not n:
+        return []
+    return [f"compensate  {n} streaming heads keep a compensation token (one slot: the mean key/value they dropped)"]
 
 
 def _kv_lines(policy: HeadPolicy) -> list[str]:
@@ -182,14 +201,14 @@ def save_heatmap(policy: HeadPolicy, out: str | os.PathLike, *, title: str | Non
 class HeadChange:
     layer: int
     head: int
-    before: str  # "retrieval" or "streaming(sink,window)", with "@bits" when not 16
+    before: str  # "retrieval" or "streaming(sink,window[,compensated])", with "@bits" when not 16
     after: str
 
 
 @dataclass(frozen=True)
 class PolicyDiff:
     changed_kind: tuple[HeadChange, ...]
-    changed_window: tuple[HeadChange, ...]  # same kind, other sink/window or KV bits
+    changed_window: tuple[HeadChange, ...]  # same kind, other sink/window, KV bits or compensation
     spearman: float | None  # None: a policy has no scores
     scored_heads: int
     same_fingerprint: bool
@@ -201,11 +220,11 @@ def _describe(policy: HeadPolicy, li: int, hi: int) -> str:
     if policy.layers[li][hi].is_retrieval:
         return f"retrieval{at}"
     s, w = policy.head_window(li, hi)
-    return f"streaming({s},{w}){at}"
+    return f"streaming({s},{w}{',compensated' if policy.head_compensates(li, hi) else ''}){at}"
 
 
 def diff_policies(a: HeadPolicy, b: HeadPolicy) -> PolicyDiff:
-    """Heads whose kind (or sink/window/bits) differ, and the Spearman correlation of their scores."""
+    """Heads whose kind (or sink/window/bits/compensation) differ, and the Spearman correlation of their scores."""
     ma, mb = a.model, b.model
     if (ma.num_layers, ma.num_kv_heads) != (mb.num_layers, mb.num_kv_heads):
         raise PolicyMismatchError(
@@ -241,7 +260,7 @@ def format_diff(d: PolicyDiff, a: HeadPolicy, b: HeadPolicy, names: tuple[str, s
     for c in d.changed_kind:
         lines.append(f"  layer {c.layer:>3} head {c.head:>3}: {c.before} -> {c.after}")
     if d.changed_window:
-        lines.append(f"heads with another sink/window or KV bits: {len(d.changed_window)}")
+        lines.append(f"heads with another sink/window, KV bits or compensation: {len(d.changed_window)}")
         for c in d.changed_window:
             lines.append(f"  layer {c.layer:>3} head {c.head:>3}: {c.before} -> {c.after}")
     return "\n".join(lines)

@@ -4,17 +4,17 @@ Running (the attention function, the cache, the kernels, the graph passes) only 
 small frozen objects; nothing is re-planned per step.
 
 After `apply`, each layer's KV heads sit in the order `perm`: retrieval heads first, then the
-streaming heads grouped by (sink, window). `kv_rows` / `query_rows` give the projection rows
-of that order, for the weights (models.Adapter) and for exported graphs (passes).
+streaming heads grouped by (sink, window, compensate). `kv_rows` / `query_rows` give the projection
+rows of that order, for the weights (models.Adapter) and for exported graphs (passes).
 
 KV precision (policies/precision.py) orders heads further, so each cache part is one
 contiguous head range at one precision:
 
-    [ retrieval 16 bits | retrieval 8 bits | retrieval 4 bits | streaming groups by (bits, sink, window) ]
+    [ retrieval 16 bits | retrieval 8 bits | retrieval 4 bits | streaming groups by (bits, sink, window, compensate) ]
       num_native_retrieval  retrieval_groups (quantised)        groups (16-bit ones first)
 
 Retrieval heads of one layer may have different bits: each quantised bits value is its own
-`RetrievalGroup` (one stored tensor set each), as each (sink, window, bits) is its own
+`RetrievalGroup` (one stored tensor set each), as each (sink, window, bits, compensate) is its own
 `StreamGroup`. The 16-bit retrieval heads stay the one plain part they always were.
 """
 
@@ -25,6 +25,7 @@ from functools import cached_property
 
 import torch
 
+from headpolicy.errors import QuantizedCompensationError
 from headpolicy.policies.precision import DEFAULT_GROUP, DEFAULT_RESIDUAL, NATIVE_BITS
 from headpolicy.policies.rule import causal_below
 from headpolicy.policies.schema import HeadPolicy
@@ -32,13 +33,23 @@ from headpolicy.policies.schema import HeadPolicy
 
 @dataclass(frozen=True)
 class StreamGroup:
-    """Streaming KV heads [start, stop) (permuted order) that share one sink/window and KV bits."""
+    """Streaming KV heads [start, stop) (permuted order) that share one sink/window, KV bits and
+    whether they keep a compensation token (policies/rule.py). A group is never both quantised and
+    compensated (QuantizedCompensationError, as in the policy's validation)."""
 
     start: int
     stop: int
     sink: int
     window: int
     bits: int = NATIVE_BITS
+    compensate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compensate and self.quantized:
+            raise QuantizedCompensationError(
+                f"streaming heads [{self.start}, {self.stop}): a compensation token on quantised heads "
+                f"(kv_bits {self.bits}) is not supported; keep them at kv_bits 16 or drop compensate"
+            )
 
     @property
     def num_heads(self) -> int:
@@ -110,6 +121,11 @@ class LayerPlan:
         return min((causal_below(g.sink, g.window) for g in self.groups), default=None)
 
     @cached_property
+    def compensated(self) -> bool:
+        """Whether any streaming group keeps a compensation token (a path that lacks it must refuse)."""
+        return any(g.compensate for g in self.groups)
+
+    @cached_property
     def group_sinks(self) -> tuple[int, ...]:
         return tuple(g.sink for g in self.groups)
 
@@ -128,6 +144,11 @@ class LayerPlan:
             window += [g.window] * g.num_heads
         return tuple(retrieval), tuple(sink), tuple(window)
 
+    @cached_property
+    def head_compensate(self) -> tuple[bool, ...]:
+        """Per KV head (permuted order): whether it keeps a compensation token."""
+        return (False,) * self.num_retrieval + tuple(g.compensate for g in self.groups for _ in range(g.num_heads))
+
     def table_tensors(self, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`head_table` as tensors [Hkv]: bool, int64, int64."""
         r, s, w = self.head_table
@@ -140,8 +161,8 @@ class LayerPlan:
 
 def plan_layers(policy: HeadPolicy) -> list[LayerPlan]:
     """Retrieval heads first (16 bits, then 8, then 4; original order within), then streaming heads
-    grouped by (bits, sink, window), 16-bit groups first. Without quantised heads this is the
-    order of retrieval heads, then streaming heads grouped by (sink, window)."""
+    grouped by (bits, sink, window, compensate), 16-bit groups first. Without quantised heads this
+    is the order of retrieval heads, then streaming heads grouped by (sink, window, compensate)."""
     plans = []
     group_size = policy.model.group_size
     for li, row in enumerate(policy.layers):
@@ -156,13 +177,15 @@ def plan_layers(policy: HeadPolicy) -> list[LayerPlan]:
             else:
                 retrieval_groups.append(RetrievalGroup(pos, pos + 1, -neg_bits))
         streaming = sorted(
-            (-bits[h], *policy.head_window(li, h), h) for h, spec in enumerate(row) if not spec.is_retrieval
+            (-bits[h], *policy.head_window(li, h), policy.head_compensates(li, h), h)
+            for h, spec in enumerate(row)
+            if not spec.is_retrieval
         )
         groups: list[StreamGroup] = []
         pos = len(retrieval)
-        for neg_bits, sink, window, _ in streaming:
-            key = (sink, window, -neg_bits)
-            if groups and (groups[-1].sink, groups[-1].window, groups[-1].bits) == key:
+        for neg_bits, sink, window, comp, _ in streaming:
+            key = (sink, window, -neg_bits, comp)
+            if groups and (groups[-1].sink, groups[-1].window, groups[-1].bits, groups[-1].compensate) == key:
                 groups[-1] = StreamGroup(groups[-1].start, groups[-1].stop + 1, *key)
             else:
                 groups.append(StreamGroup(pos, pos + 1, *key))

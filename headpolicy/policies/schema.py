@@ -12,6 +12,7 @@ A policy file looks like this (abridged)::
       - {kind: retrieval, score: 0.91, kv_bits: 8}
       - {kind: streaming, score: 0.02}
       - {kind: streaming, sink: 16, window: 512, kv_bits: 4}
+      - {kind: streaming, sink: 16, window: 512, compensate: true}
     provenance: {tool: headpolicy, version: 0.1.0, method: retrieval, settings: {...}, seed: 0}
     results: {...}
 
@@ -19,8 +20,16 @@ A policy file looks like this (abridged)::
 quantised by the rule in policies/precision.py, with `kv_group` values per float16 scale and
 zero point and, for retrieval heads, the newest `kv_residual` tokens at full precision.
 
+`compensate` (optional, defaults and per streaming head; false when absent) gives a streaming
+head RazorAttention's compensation token: one extra slot holding the mean key and value of the
+tokens it dropped, attended with logit + log(count) (policies/rule.py). It is never allowed on
+a retrieval head, which drops nothing, nor (for now) on a quantised head: the runtime keeps
+the sums of full-precision evictions only, so `kv_bits` 8/4 together with `compensate` is
+refused by name.
+
 Versions: v2 added `kv_bits`, `kv_group` and `kv_residual`. A v1 file still loads (every head
-at native precision) and becomes a v2 policy; `save` always writes v2 (see MIGRATIONS).
+at native precision; `compensate`, an optional field, may appear in either version) and
+becomes a v2 policy; `save` always writes v2 (see MIGRATIONS).
 
 Loading is strict: anything unexpected raises a `PolicyError` that names the key
 (and layer/head) that is wrong and what was expected. Loading is also bounded, so a hostile
@@ -47,7 +56,7 @@ from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
-from headpolicy.errors import PolicyError, PolicyMismatchError
+from headpolicy.errors import PolicyError, PolicyMismatchError, QuantizedCompensationError
 from headpolicy.io import atomic_write
 from headpolicy.policies import precision
 from headpolicy.policies.precision import BITS, DEFAULT_GROUP, DEFAULT_RESIDUAL, NATIVE_BITS
@@ -103,13 +112,14 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """One KV head. `sink`/`window`/`kv_bits` of None mean the policy's defaults."""
+    """One KV head. `sink`/`window`/`kv_bits`/`compensate` of None mean the policy's defaults."""
 
     kind: Kind
     sink: int | None = None
     window: int | None = None
     score: float | None = None
     kv_bits: int | None = None
+    compensate: bool | None = None  # streaming heads only: keep a compensation token (rule.py)
 
     @property
     def is_retrieval(self) -> bool:
@@ -145,6 +155,7 @@ class HeadPolicy:
     provenance: Provenance = field(default_factory=Provenance)
     results: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
+    compensate: bool = False  # the default of streaming heads that name none
 
     def __post_init__(self) -> None:
         _validate_policy(self)
@@ -164,22 +175,25 @@ class HeadPolicy:
         bits: Sequence[Sequence[int]] | None = None,
         kv_group: int = DEFAULT_GROUP,
         kv_residual: int = DEFAULT_RESIDUAL,
+        compensate: bool = False,
     ) -> HeadPolicy:
         """Build a policy from a [layers][kv_heads] boolean table (True = retrieval), every
-        streaming head with the same sink/window; `bits` as in from_rules.
+        streaming head with the same sink/window (and compensation token if `compensate`);
+        `bits` as in from_rules.
 
         Layers with a native sliding window (model.native_windows) ignore their row: their
         heads stay streaming with sink 0 and that window, which is what the model does anyway.
         """
         rules = [[None if bool(keep) else (sink, window) for keep in row] for row in retrieval]
         return cls.from_rules(model, rules, defaults=(sink, window), scores=scores, provenance=provenance,
-                              results=results, bits=bits, kv_group=kv_group, kv_residual=kv_residual)  # fmt: skip
+                              results=results, bits=bits, kv_group=kv_group, kv_residual=kv_residual,
+                              compensate=compensate)  # fmt: skip
 
     @classmethod
     def from_rules(
         cls,
         model: ModelInfo,
-        rules: Sequence[Sequence[tuple[int, int] | None]],
+        rules: Sequence[Sequence[tuple[int, int] | tuple[int, int, bool] | None]],
         *,
         defaults: tuple[int, int] | None = None,
         scores: Sequence[Sequence[float]] | None = None,
@@ -189,6 +203,7 @@ class HeadPolicy:
         kv_bits: int | None = None,
         kv_group: int = DEFAULT_GROUP,
         kv_residual: int = DEFAULT_RESIDUAL,
+        compensate: bool = False,
     ) -> HeadPolicy:
         """Build a policy from a [layers][kv_heads] table of rules: None = retrieval, (sink, window) =
         streaming with its own window. `defaults` (default: the most common streaming rule) is
@@ -197,9 +212,13 @@ class HeadPolicy:
         bits: a [layers][kv_heads] table of KV bits (16, 8 or 4; None: all 16), the precision axis
         beside the rules; `kv_bits` (default: the most common entry) is written once, other heads
         carry their own. kv_group/kv_residual: the quantisation settings (policies/precision.py).
+
+        compensate: whether streaming heads keep a compensation token (the policy's default); a
+        rule (sink, window, flag) sets it for one head. Native sliding layers never compensate.
         """
+        compensate = bool(compensate)
         chosen = [row for li, row in enumerate(rules) if li >= model.num_layers or model.native_window(li) is None]
-        streaming = [tuple(r) for row in chosen for r in row if r is not None]
+        streaming = [tuple(r)[:2] for row in chosen for r in row if r is not None]
         if defaults is None:
             counts = {r: streaming.count(r) for r in sorted(set(streaming))}
             defaults = max(counts, key=counts.get) if counts else (64, 256)
@@ -214,13 +233,15 @@ class HeadPolicy:
                 score = None if scores is None else float(scores[li][hi])
                 head_bits = None if bits is None or bits[li][hi] == kv_bits else bits[li][hi]
                 if native is not None:
-                    spec = HeadSpec(STREAMING, sink=0, window=native, score=score)
+                    spec = HeadSpec(STREAMING, sink=0, window=native, score=score,
+                                    compensate=False if compensate else None)  # fmt: skip
                 elif rule is None:
                     spec = HeadSpec(RETRIEVAL, score=score)
                 else:
-                    own = tuple(rule) != tuple(defaults)
+                    own = tuple(rule)[:2] != tuple(defaults)
+                    flag = bool(rule[2]) if len(rule) > 2 else compensate
                     spec = HeadSpec(STREAMING, sink=rule[0] if own else None, window=rule[1] if own else None,
-                                    score=score)  # fmt: skip
+                                    score=score, compensate=None if flag == compensate else flag)  # fmt: skip
                 heads.append(dataclasses.replace(spec, kv_bits=head_bits))
             layers.append(tuple(heads))
         return cls(
@@ -233,6 +254,7 @@ class HeadPolicy:
             kv_residual=kv_residual,
             provenance=provenance or Provenance(),
             results=dict(results or {}),
+            compensate=compensate,
         )
 
     def replace(self, **changes: Any) -> HeadPolicy:
@@ -264,6 +286,17 @@ class HeadPolicy:
     def num_quantized(self) -> int:
         """KV heads whose cache is quantised (kv_bits 8 or 4)."""
         return sum(precision.is_quantized(b) for row in self.bits_table() for b in row)
+    def head_compensates(self, layer: int, head: int) -> bool:
+        """Whether a head keeps a compensation token (streaming heads only), the default resolved."""
+        spec = self.layers[layer][head]
+        if spec.is_retrieval:
+            return False
+        return self.compensate if spec.compensate is None else spec.compensate
+
+    @property
+    def num_compensated(self) -> int:
+        """Streaming heads with a compensation token (never in a hybrid model's own sliding layers)."""
+        return sum(self.head_compensates(li, hi) for li, row in enumerate(self.layers) for hi in range(len(row)))
 
     @property
     def num_heads(self) -> int:
@@ -283,7 +316,8 @@ class HeadPolicy:
         return self.num_retrieval / self.num_heads
 
     def kv_tokens(self, context: int, *, chosen_only: bool = False) -> int:
-        """Cached tokens summed over all KV heads at `context` tokens (per sequence, K or V).
+        """Cached tokens summed over all KV heads at `context` tokens (per sequence, K or V); a
+        compensation token counts as one (its slot is allocated from the first token on).
 
         chosen_only: only the heads the policy chooses (not a hybrid model's own sliding layers).
         """
@@ -297,19 +331,24 @@ class HeadPolicy:
                     total += context
                 else:
                     sink, window = self.head_window(li, hi)
-                    total += min(context, sink + window)
+                    total += min(context, sink + window) + self.head_compensates(li, hi)
         return total
 
     def head_kv_bytes(self, layer: int, head: int, context: int, *, dtype_bytes: int = 4) -> int:
         """Exact bytes of one head's cache (keys and values, one sequence) at `context` tokens:
-        codes, scales, zero points and full-precision residual (precision.kv_head_bytes)."""
+        codes, scales, zero points and full-precision residual (precision.kv_head_bytes), plus
+        a compensation token's float32 sums (compensation_bytes; its count is a function of the
+        rank, not stored)."""
         sink = window = None
         if not self.layers[layer][head].is_retrieval:
             sink, window = self.head_window(layer, head)
-        return precision.kv_head_bytes(
+        stored = precision.kv_head_bytes(
             context, head_dim=self.model.head_dim, dtype_bytes=dtype_bytes, bits=self.head_bits(layer, head),
             sink=sink, window=window, group=self.kv_group, residual=self.kv_residual,
         )  # fmt: skip
+        if self.head_compensates(layer, head):
+            stored += compensation_bytes(self.model.head_dim, dtype_bytes)
+        return stored
 
     def kv_bytes(self, context: int, *, batch: int = 1, dtype_bytes: int = 4, chosen_only: bool = False) -> int:
         """Bytes of the split KV cache (keys and values, every stored tensor) at `context` tokens;
@@ -370,6 +409,8 @@ class HeadPolicy:
                     h["score"] = round(float(spec.score), 6)
                 if spec.kv_bits is not None:
                     h["kv_bits"] = spec.kv_bits
+                if spec.compensate is not None:
+                    h["compensate"] = spec.compensate
                 heads.append(_Flow(h))
             layers.append({"layer": li, "heads": heads})
         model = dataclasses.asdict(self.model)
@@ -377,11 +418,14 @@ class HeadPolicy:
             del model["native_windows"]
         else:
             model["native_windows"] = list(model["native_windows"])
+        defaults: dict[str, Any] = {"sink": self.sink, "window": self.window, "kv_bits": self.kv_bits,
+                                    "kv_group": self.kv_group, "kv_residual": self.kv_residual}  # fmt: skip
+        if self.compensate:  # written only when on: a policy without compensation reads as before
+            defaults["compensate"] = True
         return {
             "schema": self.schema,
             "model": _Flow(model),
-            "defaults": _Flow({"sink": self.sink, "window": self.window, "kv_bits": self.kv_bits,
-                               "kv_group": self.kv_group, "kv_residual": self.kv_residual}),  # fmt: skip
+            "defaults": _Flow(defaults),
             "layers": layers,
             "provenance": dataclasses.asdict(self.provenance),
             "results": dict(self.results),
@@ -402,6 +446,8 @@ class HeadPolicy:
                 f"# KV precision: {', '.join(counts)} (16 = the model's dtype; groups of {self.kv_group}, "
                 f"residual {self.kv_residual}).\n"
             )
+        if self.num_compensated:
+            header += f"# {self.num_compensated} streaming heads keep a compensation token (mean of what they drop).\n"
         native = [li for li in range(self.model.num_layers) if self.model.native_window(li) is not None]
         if native:
             header += (
@@ -434,6 +480,13 @@ class HeadPolicy:
             return cls.from_yaml(text)
         except PolicyError as e:
             raise type(e)(f"{path}: {e}") from None
+
+
+def compensation_bytes(head_dim: int, dtype_bytes: int) -> int:
+    """Bytes of one head's compensation token per sequence: the sums of its dropped keys and
+    values, accumulated in float32 (or the cache dtype if wider) so a long run of small keys
+    is not rounded away."""
+    return 2 * head_dim * max(dtype_bytes, 4)
 
 
 # ---- YAML formatting ------------------------------------------------------------------------
@@ -609,8 +662,8 @@ def _read_policy_text(path: Path) -> str:
 # ---- validation -----------------------------------------------------------------------------
 _TOP_KEYS = {"schema", "model", "defaults", "layers", "provenance", "results"}
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelInfo)}
-_HEAD_KEYS = {"kind", "sink", "window", "score", "kv_bits"}
-_DEFAULT_KEYS = {"sink", "window", "kv_bits", "kv_group", "kv_residual"}
+_HEAD_KEYS = {"kind", "sink", "window", "score", "kv_bits", "compensate"}
+_DEFAULT_KEYS = {"sink", "window", "kv_bits", "kv_group", "kv_residual", "compensate"}
 _V2_KEYS = {"kv_bits", "kv_group", "kv_residual"}  # what a v1 file may not hold
 _PROV_KEYS = {f.name for f in dataclasses.fields(Provenance)}
 
@@ -670,6 +723,12 @@ def need_bits(x: Any, where: str) -> int:
     return x
 
 
+def _need_bool(x: Any, where: str) -> bool:
+    if not isinstance(x, bool):
+        raise PolicyError(f"{where}: expected true or false, got {x!r:.80}")
+    return x
+
+
 def _need_str(x: Any, where: str) -> str:
     if not isinstance(x, str) or not x:
         raise PolicyError(f"{where}: expected a non-empty string, got {x!r}")
@@ -713,7 +772,8 @@ def _parse_head(x: Any, where: str) -> HeadSpec:
             raise PolicyError(f"{where}.score: expected a finite number, got {score!r:.80}")
         score = finite_number(score)
     bits = None if x.get("kv_bits") is None else need_bits(x["kv_bits"], f"{where}.kv_bits")
-    return HeadSpec(kind=kind, sink=sink, window=window, score=score, kv_bits=bits)
+    compensate = None if x.get("compensate") is None else _need_bool(x["compensate"], f"{where}.compensate")
+    return HeadSpec(kind=kind, sink=sink, window=window, score=score, kv_bits=bits, compensate=compensate)
 
 
 def _parse_native_windows(x: Any, num_layers: int) -> tuple[int | None, ...] | None:
@@ -794,6 +854,7 @@ def _parse_policy(data: Any) -> HeadPolicy:
     kv_bits = need_bits(d.get("kv_bits", NATIVE_BITS), "defaults.kv_bits")
     kv_group = need_tokens(d.get("kv_group", DEFAULT_GROUP), "defaults.kv_group", minimum=1)
     kv_residual = need_tokens(d.get("kv_residual", DEFAULT_RESIDUAL), "defaults.kv_residual", minimum=0)
+    compensate = _need_bool(d.get("compensate", False), "defaults.compensate")
 
     rows = data["layers"]
     if not isinstance(rows, list):
@@ -839,6 +900,7 @@ def _parse_policy(data: Any) -> HeadPolicy:
         kv_residual=kv_residual,
         provenance=provenance,
         results=dict(results),
+        compensate=compensate,
     )
 
 
@@ -864,6 +926,7 @@ def _validate_policy(p: HeadPolicy) -> None:
     _need_head_bits(p.kv_bits, "defaults.kv_bits", m.head_dim)
     need_tokens(p.kv_group, "defaults.kv_group", minimum=1)
     need_tokens(p.kv_residual, "defaults.kv_residual", minimum=0)
+    _need_bool(p.compensate, "defaults.compensate")
     if len(p.layers) != m.num_layers:
         raise PolicyError(f"layers: expected {m.num_layers} layers (model.num_layers), got {len(p.layers)}")
     for li, row in enumerate(p.layers):
@@ -879,11 +942,23 @@ def _validate_policy(p: HeadPolicy) -> None:
                     f"layer {li} head {hi}: a retrieval head keeps every token; sink/window apply "
                     "only to streaming heads"
                 )
+            if spec.compensate is not None:
+                _need_bool(spec.compensate, f"layer {li} head {hi}.compensate")
+                if spec.is_retrieval:
+                    raise PolicyError(
+                        f"layer {li} head {hi}: a retrieval head keeps every token, so it has nothing to "
+                        "compensate; compensate applies only to streaming heads"
+                    )
             native = m.native_window(li)
             if native is not None and (spec.is_retrieval or p.head_window(li, hi) != (0, native)):
                 raise PolicyError(
                     f"layer {li} head {hi}: layer {li} is the model's own sliding-window layer "
                     f"(window {native}); its heads must be streaming with sink 0 and window {native}"
+                )
+            if native is not None and p.head_compensates(li, hi):
+                raise PolicyError(
+                    f"layer {li} head {hi}: layer {li} is the model's own sliding-window layer; its heads "
+                    "run as the model does and take no compensation token (set compensate: false)"
                 )
             if spec.sink is not None:
                 need_tokens(spec.sink, f"layer {li} head {hi}.sink", minimum=0)
@@ -891,6 +966,11 @@ def _validate_policy(p: HeadPolicy) -> None:
                 need_tokens(spec.window, f"layer {li} head {hi}.window", minimum=1)
             if spec.kv_bits is not None:
                 _need_head_bits(spec.kv_bits, f"layer {li} head {hi}.kv_bits", m.head_dim)
+            if p.head_compensates(li, hi) and precision.is_quantized(p.head_bits(li, hi)):
+                raise QuantizedCompensationError(
+                    f"layer {li} head {hi}: a compensation token on a quantised head (kv_bits "
+                    f"{p.head_bits(li, hi)}) is not supported; keep the head at kv_bits 16 or set compensate: false"
+                )
 
 
 def _need_head_bits(bits: Any, where: str, head_dim: int) -> None:

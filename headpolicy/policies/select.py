@@ -123,12 +123,13 @@ def smallest_passing(budgets: Sequence[float], check: Callable[[float], tuple[bo
 MAX_DP_CELLS = 50_000_000  # heads x options x budget units; beyond it costs are coarsened (never over budget)
 
 
-def allocate(losses, costs, budget: int) -> np.ndarray:
+def allocate(losses, costs, budget: int, allowed=None) -> np.ndarray:
     """Choose one option per head: minimise the summed loss with the summed cost within `budget`.
 
     losses, costs: [heads, options] (costs are non-negative integers, e.g. cached tokens at the
-    reference context; losses any finite numbers, lower is better). Returns int [heads], the chosen
-    option of each head. Raises BudgetError when even the cheapest options exceed the budget.
+    reference context; losses any finite numbers, lower is better); `allowed`, optional bool
+    [heads, options], rules options out. Returns int [heads], the chosen option of each head.
+    Raises BudgetError when even the cheapest allowed options exceed the budget.
 
     A multiple-choice knapsack, solved exactly by dynamic programming over the cost: every cost
     is a multiple of the greatest common divisor of all costs (64 tokens for the default option
@@ -147,7 +148,10 @@ def allocate(losses, costs, budget: int) -> np.ndarray:
     if (cost < 0).any() or not np.array_equal(cost, np.round(cost)):
         raise BudgetError("option costs must be non-negative integers")
     cost = cost.astype(np.int64)
-    floor = int(cost.min(axis=1).sum())
+    ok = np.ones(loss.shape, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    if ok.shape != loss.shape or not ok.any(axis=1).all():
+        raise BudgetError("`allowed` must be a [heads, options] mask leaving every head an option")
+    floor = int(np.where(ok, cost, np.iinfo(np.int64).max).min(axis=1).sum())
     if budget < floor:
         raise BudgetError(f"a budget of {budget} cannot hold even the cheapest option of every head ({floor})")
     unit = int(np.gcd.reduce(cost[cost > 0])) if (cost > 0).any() else 1
@@ -166,7 +170,7 @@ def allocate(losses, costs, budget: int) -> np.ndarray:
         cand = np.full((n_opts, cap + 1), np.inf)
         for o in range(n_opts):
             c = units[h, o]
-            if c <= cap:
+            if c <= cap and ok[h, o]:
                 cand[o, c:] = best[: cap + 1 - c] + loss[h, o] + tie[h, o]
         picks[h] = cand.argmin(axis=0)
         best = cand.min(axis=0)

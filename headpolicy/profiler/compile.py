@@ -18,7 +18,10 @@ Named stages, each a small function with explicit inputs and outputs:
                       whose *measured* objective is within tolerance; `--budget`: a head count.
                       `--precision auto` adds KV bits to every head's options (retrieval or
                       streaming, each at 16, 8 or 4 bits), costed in exact bytes (policies/
-                      precision.py) and estimated like the windows (scorers/causal.py)
+                      precision.py) and estimated like the windows (scorers/causal.py).
+                      `compensate` gives every streaming head a compensation token, whose slot
+                      the costs count (compensated streaming heads stay at 16 bits: the runtime
+                      refuses a quantised compensated head)
     record            the policy with its scores, settings and everything measured
 
 Scores order the search; measurement decides: every policy compile returns was run teacher-
@@ -33,14 +36,14 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from headpolicy.errors import BudgetError
 from headpolicy.models import describe_model
 from headpolicy.policies.precision import DEFAULT_GROUP, DEFAULT_RESIDUAL, NATIVE_BITS, kv_head_bytes
-from headpolicy.policies.schema import MAX_TOKENS, HeadPolicy, ModelInfo, Provenance
+from headpolicy.policies.schema import MAX_TOKENS, HeadPolicy, ModelInfo, Provenance, compensation_bytes
 from headpolicy.policies.select import allocate, budget_heads, select_budget, smallest_passing
 from headpolicy.profiler import objective as O
 from headpolicy.profiler import tasks as T
@@ -69,6 +72,8 @@ class CompileSettings:
     window: int = 256  # fixed-window methods, and --budget
     windows: tuple[int, ...] = WINDOWS  # per-head ladder (methods that estimate every window)
     estimate: str = "abs_first_order"  # which of causal.ESTIMATES orders the per-head options
+    repair_seconds: float = 180.0  # measured swaps after the knapsack (byte-budget modes)
+    repair_patience: int = 3  # stop after this many swaps in a row that do not help
     lengths: tuple[int, ...] = (2048, 4096)  # calibration task lengths: where the policy is used
     kinds: tuple[str, ...] = T.NEEDLE_KINDS
     depths: tuple[float, ...] = (0.2, 0.5, 0.8)  # taken in turn by the (kind, length) pairs
@@ -80,6 +85,7 @@ class CompileSettings:
     min_per_layer: int = 0  # --budget only
     reference_context: int = 4096
     seed: int = 0
+    compensate: bool = False  # streaming heads keep a compensation token (one slot each, in the budget too)
     precision: str = "native"  # "auto": KV bits per head too (--kv-budget / --target-drop with causal)
     kv_group: int = DEFAULT_GROUP  # quantisation settings of --precision auto (policies/precision.py)
     kv_residual: int = DEFAULT_RESIDUAL
@@ -101,6 +107,10 @@ class CompileSettings:
             if value is not None and not (isinstance(value, int | float) and 0.0 < value <= 1.0):
                 raise BudgetError(f"--{name.replace('_', '-')} must be a fraction of the full KV cache in (0, 1], "
                                   f"got {value!r}")  # fmt: skip
+        if self.estimate not in ESTIMATES:
+            raise BudgetError(f"unknown estimate {self.estimate!r} (known: {', '.join(ESTIMATES)})")
+        if not (math.isfinite(self.repair_seconds) and self.repair_seconds >= 0):
+            raise BudgetError(f"--repair-seconds must be >= 0, got {self.repair_seconds}")
         if not (math.isfinite(self.target_drop) and self.target_drop >= 0):
             raise BudgetError(f"--target-drop must be >= 0 percent, got {self.target_drop}")
         windows = (self.window, *self.windows)
@@ -177,6 +187,7 @@ class Candidate:
     budget: float  # what was asked (kv fraction, or head fraction for --budget)
     kv_fraction: float  # over the chosen heads, at the reference context
     loss: O.Loss | None = None
+    choice: np.ndarray | None = None  # byte-budget modes: column per chosen head (_knapsack), 0 = retrieval
     bits: list[list[int]] | None = None  # [layers][kv_heads] KV bits; None: every head native
 
 
@@ -231,19 +242,28 @@ def score(model, data: CalibrationData, ref: O.Reference, s: CompileSettings, *,
 
 
 # ---- stage 3: select -------------------------------------------------------------------------------------------
-def option_costs(options: Sequence[tuple[int, int]], context: int) -> np.ndarray:
-    """Cached tokens of [retrieval, *options] at `context` tokens."""
-    return np.array([context] + [min(context, sink + window) for sink, window in options], dtype=np.int64)
+def option_costs(options: Sequence[tuple[int, int]], context: int, compensate: bool = False) -> np.ndarray:
+    """Cached tokens of [retrieval, *options] at `context` tokens (+ 1: a compensation token's slot,
+    as HeadPolicy.kv_tokens counts it)."""
+    extra = int(bool(compensate))
+    return np.array([context] + [min(context, sink + window) + extra for sink, window in options], dtype=np.int64)
 
 
-def option_table(scored: Scored, info: ModelInfo, s: CompileSettings, dtype_bytes: int = 4) -> tuple[list, np.ndarray,
-                                                                                                   np.ndarray]:
-    """Every head's options as (rule, bits) columns with their [heads, options] losses and costs.
+Column = tuple[tuple[int, int] | None, int]  # (rule: None = retrieval, else (sink, window); KV bits)
 
-    native: [retrieval, *streaming options], costs in cached tokens at the reference context.
-    auto: each of those at 16, 8 and 4 bits, costs in exact bytes (precision.kv_head_bytes in the
-    model's dtype) and losses the streaming estimate plus the quantisation estimate of the head's
-    layout (retrieval or streaming): additive, each measured with the other part exact.
+
+def _knapsack(
+    scored: Scored, info: ModelInfo, s: CompileSettings, dtype_bytes: int = 4
+) -> tuple[list[Column], np.ndarray, np.ndarray]:
+    """Every chosen head's options as columns with their [heads, columns] losses and costs, for
+    `allocate`; column 0 is always retrieval at the model's own precision (the full cost).
+
+    native: [retrieval, *streaming options], costs in cached tokens at the reference context
+    (+ 1 for a compensation token's slot, as HeadPolicy.kv_tokens counts it).
+    auto: each of those at 16, 8 and 4 bits (compensated streaming heads at 16 only), costs in
+    exact bytes in the model's dtype (precision.kv_head_bytes, + schema.compensation_bytes for a
+    compensation token), losses the streaming estimate plus the quantisation estimate of the
+    head's layout (retrieval or streaming): additive, each measured with the other part exact.
     """
     chosen, H, ctx = info.policy_layers, info.num_kv_heads, s.reference_context
     losses = scored.losses[chosen].reshape(len(chosen) * H, -1)
@@ -251,13 +271,13 @@ def option_table(scored: Scored, info: ModelInfo, s: CompileSettings, dtype_byte
         losses = losses - losses.min()
     stream = np.maximum(losses, 0.0)
     if scored.quant is None:
-        columns = [(None, NATIVE_BITS)] + [(o, NATIVE_BITS) for o in scored.options]
+        columns: list[Column] = [(None, NATIVE_BITS)] + [(o, NATIVE_BITS) for o in scored.options]
         table = np.concatenate([np.zeros((losses.shape[0], 1)), stream], axis=1)
-        costs = np.tile(option_costs(scored.options, ctx), (table.shape[0], 1))
+        costs = np.tile(option_costs(scored.options, ctx, s.compensate), (table.shape[0], 1))
         return columns, table, costs
     quant = np.maximum(scored.quant[chosen].reshape(len(chosen) * H, len(QUANT_BITS), 2), 0.0)
-    bits = (NATIVE_BITS, *QUANT_BITS)
-    columns = [(rule, b) for rule in (None, *scored.options) for b in bits]
+    columns = [(rule, b) for rule in (None, *scored.options) for b in (NATIVE_BITS, *QUANT_BITS)
+               if rule is None or b == NATIVE_BITS or not s.compensate]  # fmt: skip
     table = np.zeros((losses.shape[0], len(columns)))
     cost = np.zeros(len(columns), dtype=np.int64)
     for c, (rule, b) in enumerate(columns):
@@ -267,25 +287,99 @@ def option_table(scored: Scored, info: ModelInfo, s: CompileSettings, dtype_byte
         sink, window = (None, None) if rule is None else rule
         cost[c] = kv_head_bytes(ctx, head_dim=info.head_dim, dtype_bytes=dtype_bytes, bits=b, sink=sink,
                                 window=window, group=s.kv_group, residual=s.kv_residual)  # fmt: skip
+        if rule is not None and s.compensate:
+            cost[c] += compensation_bytes(info.head_dim, dtype_bytes)
     return columns, table, np.tile(cost, (table.shape[0], 1))
+
+
+option_table = _knapsack  # the public name (bench, tests)
+
+
+def _byte_budget(costs: np.ndarray, fraction: float) -> int:
+    """`fraction` of the full cache of the chosen heads, in the costs' units (column 0: a full head)."""
+    return int(math.floor(fraction * int(costs[:, 0].sum()) + 1e-6))
+
+
+def _candidate(
+    scored: Scored, info: ModelInfo, s: CompileSettings, choice: np.ndarray, fraction: float, dtype_bytes: int = 4
+) -> Candidate:
+    chosen, H = info.policy_layers, info.num_kv_heads
+    columns, _, costs = _knapsack(scored, info, s, dtype_bytes)
+    rules: list[list] = [[(s.sink, s.window)] * H for _ in range(info.num_layers)]
+    bits: list[list[int]] = [[NATIVE_BITS] * H for _ in range(info.num_layers)]
+    for i, li in enumerate(chosen):
+        rules[li] = [columns[c][0] for c in choice[i * H : (i + 1) * H]]
+        bits[li] = [columns[c][1] for c in choice[i * H : (i + 1) * H]]
+    kv = float(costs[np.arange(len(choice)), choice].sum()) / float(costs[:, 0].sum())
+    return Candidate(rules, fraction, kv, choice=choice, bits=bits if scored.quant is not None else None)
 
 
 def at_kv_budget(scored: Scored, info: ModelInfo, s: CompileSettings, fraction: float, dtype_bytes: int = 4
                  ) -> Candidate:  # fmt: skip
     """The least estimated loss within `fraction` of the full KV cache of the chosen heads (in
-    tokens natively; in bytes of the model's dtype with --precision auto)."""
-    chosen, H = info.policy_layers, info.num_kv_heads
-    columns, table, costs = option_table(scored, info, s, dtype_bytes)
-    full = int(costs[0, 0]) * costs.shape[0]  # column 0: retrieval at the model's own precision
-    budget = int(math.floor(fraction * full + 1e-6))
-    choice = allocate(table, costs, budget).reshape(len(chosen), H)
-    rules: list[list] = [[(s.sink, s.window)] * H for _ in range(info.num_layers)]
-    bits: list[list[int]] = [[NATIVE_BITS] * H for _ in range(info.num_layers)]
-    for i, li in enumerate(chosen):
-        rules[li] = [columns[c][0] for c in choice[i]]
-        bits[li] = [columns[c][1] for c in choice[i]]
-    kv = float(costs[np.arange(costs.shape[0]), choice.reshape(-1)].sum()) / full
-    return Candidate(rules, fraction, kv, bits=bits if scored.quant is not None else None)
+    tokens natively; in bytes of the model's dtype, `dtype_bytes` an element, with --precision auto)."""
+    _, table, costs = _knapsack(scored, info, s, dtype_bytes)
+    choice = allocate(table, costs, _byte_budget(costs, fraction))
+    return _candidate(scored, info, s, choice, fraction, dtype_bytes)
+
+
+def repair(
+    cand: Candidate,
+    scored: Scored,
+    info: ModelInfo,
+    s: CompileSettings,
+    measure: Measurer,
+    deadline: float,
+    dtype_bytes: int = 4,
+) -> tuple[Candidate, list[dict]]:
+    """Swaps under the same byte budget, each measured, kept when the measured objective falls.
+
+    The estimates add up per-head effects; the model does not quite. So, riskiest first (largest
+    estimated loss at its current option), one streaming head at a time is given more bytes
+    (a larger window or the full cache) and the knapsack is solved again around it: the bytes come
+    from the heads the estimates find cheapest to shrink. A swap is measured and kept if the
+    objective falls. Stops after `repair_patience` swaps in a row that do not help, when no
+    move is left, or at `deadline` (time.perf_counter())."""
+    columns, table, costs = _knapsack(scored, info, s, dtype_bytes)
+    budget = _byte_budget(costs, cand.budget)
+    best, trace, seen, misses = cand, [], {tuple(cand.choice)}, 0
+    rows = np.arange(len(cand.choice))
+    while misses < s.repair_patience and time.perf_counter() < deadline:
+        at = best.choice
+        risk = np.where(at > 0, table[rows, at], -np.inf)
+        move = None
+        for u in np.argsort(-risk, kind="stable"):
+            if at[u] == 0:
+                break  # only retrieval heads are left
+            allowed = np.ones(table.shape, dtype=bool)
+            allowed[u] = costs[u] > costs[u, at[u]]  # u gets more bytes than it has
+            try:
+                choice = allocate(table, costs, budget, allowed)
+            except BudgetError:
+                continue
+            if tuple(choice) not in seen:
+                move = int(u), choice
+                break
+        if move is None:
+            break
+        u, choice = move
+        seen.add(tuple(choice))
+        trial = _measured(_candidate(scored, info, s, choice, cand.budget, dtype_bytes), measure)
+        kept = trial.loss.value < best.loss.value
+        layer, head = info.policy_layers[u // info.num_kv_heads], u % info.num_kv_heads
+        option = lambda c: _describe(columns[c])  # noqa: E731
+        trace.append({"layer": layer, "kv_head": head, "from": option(at[u]), "to": option(choice[u]),
+                      "changed_heads": int((choice != at).sum()), "value": round(trial.loss.value, 6),
+                      "kept": kept})  # fmt: skip
+        log.info("repair: layer %d head %d %s -> %s (%d heads change): %.4f %s", layer, head, option(at[u]),
+                 option(choice[u]), (choice != at).sum(), trial.loss.value, "kept" if kept else "undone")  # fmt: skip
+        best, misses = (trial, 0) if kept else (best, misses + 1)
+    return best, trace
+
+
+def _describe(column: Column) -> str:
+    rule, bits = column
+    return ("full" if rule is None else f"window {rule[1]}") + ("" if bits == NATIVE_BITS else f" at {bits} bits")
 
 
 def at_head_budget(scored: Scored, info: ModelInfo, s: CompileSettings) -> Candidate:
@@ -297,13 +391,14 @@ def at_head_budget(scored: Scored, info: ModelInfo, s: CompileSettings) -> Candi
     for i, li in enumerate(chosen):
         rules[li] = [None if keep else (s.sink, s.window) for keep in sub[i]]
     ctx = s.reference_context
-    cost = option_costs([(s.sink, s.window)], ctx)
+    cost = option_costs([(s.sink, s.window)], ctx, s.compensate)
     kv = float((sub * cost[0] + ~sub * cost[1]).sum()) / (sub.size * ctx)
     return Candidate(rules, s.budget, kv)
 
 
 class Measurer:
-    """Measured objective of candidates: each one applied to a copy of the model and run on `calib`."""
+    """Measured objective of candidates: each one applied to a copy of the model and run on `calib`
+    (make_policy: Candidate -> HeadPolicy)."""
 
     def __init__(self, model, info: ModelInfo, calib: O.Calibration, ref: O.Reference, make_policy, progress: bool):
         self.model, self.info, self.calib, self.ref = model, info, calib, ref
@@ -323,15 +418,19 @@ class Measurer:
         return loss
 
 
-def select(scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measurer, dtype_bytes: int = 4
-           ) -> tuple[Candidate, list[dict]]:  # fmt: skip
-    """The candidate compile returns, measured, and the budgets tried (target mode). dtype_bytes:
-    the model's element size (what quantised heads' byte costs are relative to)."""
+def select(
+    scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measurer, dtype_bytes: int = 4
+) -> tuple[Candidate, list[dict], list[dict]]:
+    """The candidate compile returns, measured; the budgets tried (target mode); the repair swaps.
+    dtype_bytes: the model's element size (what quantised heads' byte costs are relative to)."""
     if s.mode == "budget":
         cand = at_head_budget(scored, info, s)
-        return _measured(cand, measure), []
+        return _measured(cand, measure), [], []
+    deadline = lambda: time.perf_counter() + s.repair_seconds  # noqa: E731
     if s.mode == "kv_budget":
-        return _measured(at_kv_budget(scored, info, s, s.kv_budget, dtype_bytes), measure), []
+        cand = _measured(at_kv_budget(scored, info, s, s.kv_budget, dtype_bytes), measure)
+        repaired, swaps = repair(cand, scored, info, s, measure, deadline(), dtype_bytes)
+        return repaired, [], swaps
 
     def check(fraction: float) -> tuple[bool, Candidate]:
         cand = _measured(at_kv_budget(scored, info, s, fraction, dtype_bytes), measure)
@@ -343,17 +442,30 @@ def select(scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measure
     found = smallest_passing(grid, check)
     trace = [{"kv_budget": b, "kv_fraction": round(c.kv_fraction, 6), "ok": ok, **c.loss.as_dict()}
              for b, ok, c in found.trace]  # fmt: skip
+    # repair where it pays most: the largest failing budget below the passing one may pass after
+    # swaps (a smaller cache); else the passing one gets better (or nothing fails below it)
+    failed = [c for b, ok, c in found.trace if not ok and (found.budget is None or b < found.budget)]
+    if failed:
+        near = max(failed, key=lambda c: c.budget)
+        repaired, swaps = repair(near, scored, info, s, measure, deadline(), dtype_bytes)
+        if repaired.loss.within(s.target_drop):
+            trace.append({"kv_budget": near.budget, "kv_fraction": round(repaired.kv_fraction, 6), "ok": True,
+                          "repaired": True, **repaired.loss.as_dict()})  # fmt: skip
+            return repaired, trace, swaps
     if found.budget is None:
         tried = "; ".join(f"KV {100 * b:.0f}%: {c.loss.describe()}" for b, _, c in found.trace)
         raise BudgetError(
             f"no KV budget up to {100 * grid[-1]:.0f}% keeps perplexity and answers within {s.target_drop:g}% of the "
             f"full model ({tried}); raise --max-kv-budget or --target-drop, or pick one with --kv-budget"
         )
-    return found.result, trace
+    if failed:  # the repair above had its chance; the passing policy is returned as measured
+        return found.result, trace, swaps
+    repaired, swaps = repair(found.result, scored, info, s, measure, deadline(), dtype_bytes)
+    return repaired, trace, swaps
 
 
 def _measured(cand: Candidate, measure: Measurer) -> Candidate:
-    return Candidate(cand.rules, cand.budget, cand.kv_fraction, measure(cand), cand.bits)
+    return replace(cand, loss=measure(cand))
 
 
 # ---- stage 4: record ----------------------------------------------------------------------------------------------
@@ -365,12 +477,13 @@ def record(
     scored: Scored,
     chosen: Candidate,
     trace: list[dict],
+    swaps: list[dict],
     heldout: O.Loss | None,
     seconds: dict[str, float],
     dtype_bytes: int = 4,
 ) -> HeadPolicy:
     """The policy: the chosen rules, the scores, the settings and what was measured."""
-    draft = _policy(info, chosen, scored, s)
+    draft = _candidate_policy(info, chosen, scored, s)
     ctx = s.reference_context
     results = {
         "reference_context": ctx,
@@ -390,6 +503,8 @@ def record(
         results["heldout"] = {"loss": heldout.as_dict(), "wording": "B", "prose": T.CALIBRATION_PROSE[1]}
     if trace:
         results["search"] = trace
+    if swaps:
+        results["repair"] = swaps
     results["compile_seconds"] = round(seconds["total"], 1)
     provenance = Provenance(
         version=__version__,
@@ -401,11 +516,26 @@ def record(
     return draft.replace(results=results, provenance=provenance)
 
 
-def _policy(info: ModelInfo, cand: Candidate, scored: Scored, s: CompileSettings) -> HeadPolicy:
+def _policy(
+    info: ModelInfo,
+    rules,
+    scored: Scored,
+    compensate: bool = False,
+    *,
+    bits: list[list[int]] | None = None,
+    kv_group: int = DEFAULT_GROUP,
+    kv_residual: int = DEFAULT_RESIDUAL,
+) -> HeadPolicy:
     # per-head estimates: a head's score is the most streaming can cost it (its smallest window)
     scores = scored.losses.max(axis=2) if scored.per_head else scored.losses[:, :, 0]
-    return HeadPolicy.from_rules(info, cand.rules, scores=scores, bits=cand.bits, kv_group=s.kv_group,
-                                 kv_residual=s.kv_residual)  # fmt: skip
+    return HeadPolicy.from_rules(info, rules, scores=scores, compensate=compensate, bits=bits, kv_group=kv_group,
+                                 kv_residual=kv_residual)  # fmt: skip
+
+
+def _candidate_policy(info: ModelInfo, cand: Candidate, scored: Scored, s: CompileSettings) -> HeadPolicy:
+    """The policy of a candidate under the settings (compensation, quantisation settings)."""
+    return _policy(info, cand.rules, scored, s.compensate, bits=cand.bits, kv_group=s.kv_group,
+                   kv_residual=s.kv_residual)  # fmt: skip
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------------------
@@ -433,16 +563,16 @@ def compile_policy(
                     len(data.calib.tasks))  # fmt: skip
     with _timed(secs, "score"):
         scored = score(model, data, ref, s, progress=progress)
-    measure = Measurer(model, info, data.calib, ref, lambda cand: _policy(info, cand, scored, s), progress)
+    measure = Measurer(model, info, data.calib, ref, lambda cand: _candidate_policy(info, cand, scored, s), progress)
     with _timed(secs, "select"):
-        chosen, trace = select(scored, info, s, measure, dtype_bytes)
+        chosen, trace, swaps = select(scored, info, s, measure, dtype_bytes)
     heldout = None
     if data.heldout is not None:
         with _timed(secs, "heldout"):
             href = O.reference(model, data.heldout)
             heldout = Measurer(model, info, data.heldout, href, measure.make_policy, progress)(chosen)
     secs["total"] = time.perf_counter() - t_all
-    policy = record(info, s, data, ref, scored, chosen, trace, heldout, secs, dtype_bytes)
+    policy = record(info, s, data, ref, scored, chosen, trace, swaps, heldout, secs, dtype_bytes)
     log.info("compiled: %d/%d retrieval heads, KV %.1f%% at %d, %s", policy.num_retrieval, policy.num_heads,
              100 * policy.results["kv_fraction"], s.reference_context, chosen.loss.describe())  # fmt: skip
     est = scored.losses if scored.per_head else None

@@ -25,6 +25,12 @@ rule.reference_attention), chosen per layer and call:
     3. a fresh left-padded batch: each row's real tokens alone through 1./2. (no mask at all);
     4. new tokens on top of a cache (chunked prefill), or ranks given explicitly: the same
        blocks, with masks from ranks (`local_blocks`).
+Streaming groups with a compensation token (policies/rule.py: one extra key per query, the mean
+of what it dropped, logit + log|D_i|) always take path 4's rank masks: `compensation_tokens`
+builds each query's token from prefix sums over the dropped tokens (plus the cache's sums of
+what it evicted), and `local_blocks` attends it as one extra key per query in the same SDPA
+call (an additive mask carries log|D_i|), so the softmax over keys and token is exact. Decode
+appends the group's token to its buffer. Path 1 stays exact: there nothing is dropped yet.
 Measured on SmolLM2-135M shapes (1 thread, sink 64 + window 256, 6 query heads): path 2 takes
 13/23/44/88 ms at 1K/2K/4K/8K tokens where causal SDPA over the same heads takes 16/48/174/663
 and the earlier loop of 256-query chunks 14/27/55/114; compiled FlexAttention with a block mask
@@ -33,7 +39,9 @@ took 30/63 ms at 2K/4K after a 21 s first compile, so it is not used on CPU.
 Quantised heads (kv_bits 8/4, policies/precision.py; stored by runtime/quant_cache.py): a
 query attends the tokens of its own call at full precision and everything cached before it
 as stored, dequantised block by block on the fly (section "quantised heads" at the end). A
-decode step stores its token first, so it attends that token as stored too.
+decode step stores its token first, so it attends that token as stored too. A layer may mix
+quantised and compensated heads, but a group is never both (plan.StreamGroup refuses it), so
+the compensated paths only ever read full-precision buffers.
 """
 
 from __future__ import annotations
@@ -47,8 +55,16 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import headpolicy.codegen.ops  # noqa: F401  (registers torch.ops.headpolicy.prefill/decode_attention)
 from headpolicy.codegen.ops import use_kernels
-from headpolicy.policies.plan import LayerPlan
-from headpolicy.policies.rule import causal_below, reference_attention, token_ranks, visible
+from headpolicy.errors import UnsupportedPolicyError
+from headpolicy.policies.plan import LayerPlan, StreamGroup
+from headpolicy.policies.rule import (
+    causal_below,
+    compensation_logit_bias,
+    dropped_count,
+    reference_attention,
+    token_ranks,
+    visible,
+)
 from headpolicy.runtime.buffers import StreamBuffer
 from headpolicy.runtime.cache import SplitKVLayer, SplitKVStep
 from headpolicy.runtime.quant_cache import QuantRetrievalPart, QuantStreamBuffer
@@ -59,6 +75,7 @@ REFERENCE_ATTN_NAME = "headpolicy_reference"
 BLOCK_MIN, BLOCK_MAX = 32, 256
 
 Segment = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # k [B, H, N, D], v, rank [B, N] (-1 = empty)
+Extra = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # compensation tokens k, v [B, H, S, D], log|D_i| [B, S]
 
 
 def query_block(window: int) -> int:
@@ -217,13 +234,22 @@ def streaming_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int,
 
 
 def local_blocks(
-    q: torch.Tensor, q_rank: torch.Tensor, fixed: Segment, local: Segment, sink: int, window: int, scale: float
+    q: torch.Tensor,
+    q_rank: torch.Tensor,
+    fixed: Segment,
+    local: Segment,
+    sink: int,
+    window: int,
+    scale: float,
+    extra: Extra | None = None,
 ) -> torch.Tensor:
     """Sink + window attention from ranks, in blocks of `query_block(window)` queries.
 
     fixed: keys every block sees whole (the sink tokens, a cached buffer) [B, H, F, D] with ranks
     [B, F]; local: the new tokens [B, H, L, D] in slot order, whose last S are the queries' own,
     with ranks [B, L] (-1 where the token is in `fixed`). q: [B, Hq, S, D], q_rank [B, S].
+    extra: each query's compensation token (`compensation_tokens`), appended to its block's keys
+    and visible to that query alone, with logit + log|D_i|.
     Returns [B, Hq, S, D]; rows with no visible key (padding queries) are zeros.
     """
     B, Hq, S, D = q.shape
@@ -248,11 +274,64 @@ def local_blocks(
     k_rank = torch.cat([fr[:, None].expand(B, nb, F_), band_rank], dim=2)  # [B, nb, F + Wb]
     qr = F.pad(q_rank, (0, nb * block - S), value=-1).view(B, nb, block)
     mask = visible(qr[..., :, None], k_rank[..., None, :], sink, window)  # [B, nb, block, F + Wb]
+    keys, values = blocks(fk, lk), blocks(fv, lv)
+    if extra is not None:  # block keys + one token per query: [B * nb, H, F + Wb + block, D]
+        ek, ev, bias = extra
+        keys = torch.cat([keys, _query_blocks(ek.to(keys.dtype), block)], dim=2)
+        values = torch.cat([values, _query_blocks(ev.to(values.dtype), block)], dim=2)
+        none = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+        own = F.pad(bias, (0, nb * block - S), value=float("-inf")).view(B, nb, block).to(q.dtype)
+        eye = torch.eye(block, dtype=torch.bool, device=q.device)
+        mask = torch.cat([torch.where(mask, 0.0, none), torch.where(eye, own[..., None], none)], dim=-1)
     out = F.scaled_dot_product_attention(
-        _query_blocks(q, block), blocks(fk, lk), blocks(fv, lv),
-        attn_mask=mask.view(B * nb, 1, block, -1), scale=scale, enable_gqa=True,
+        _query_blocks(q, block), keys, values, attn_mask=mask.view(B * nb, 1, block, -1), scale=scale,
+        enable_gqa=True,
     )  # fmt: skip
     return _unblock(out, B, S).nan_to_num(0.0)
+
+
+def compensation_tokens(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_rank: torch.Tensor,
+    q_rank: torch.Tensor,
+    sink: int,
+    window: int,
+    past: Segment | None = None,
+    sums: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Extra:
+    """Each query's compensation token (policies/rule.py) for one streaming group.
+
+    k, v: the new tokens [B, H, L, D] with ranks k_rank [B, L] (-1 = padding); q_rank [B, S].
+    past: the group's buffer before them (k, v, rank) and sums: its sums of evicted keys/values
+    [B, H, D] (ranks sink .. base - 1, base = max(sink, last buffered rank - window + 1)), or None.
+    The tokens of rank >= base (buffered and new) are laid out by rank and summed by a prefix sum;
+    query rank i takes the prefix up to i - window plus the sums. Returns (k_c, v_c [B, H, S, D]
+    float32, log|D_i| [B, S], -inf where nothing was dropped).
+    """
+    B, H, _, D = k.shape
+    acc = torch.promote_types(k.dtype, torch.float32)
+    prev_last = past[2].max(dim=1).values if past is not None and past[2].shape[1] else k_rank.new_full((B,), -1)
+    base = (prev_last - window + 1).clamp(min=sink)[:, None]  # [B, 1]
+    width = int((k_rank.max(dim=1).values[:, None] - base).max()) + 1
+    count = dropped_count(q_rank, sink, window)  # [B, S]
+    sum_k = k.new_zeros(B, H, q_rank.shape[1], D, dtype=acc)
+    sum_v = torch.zeros_like(sum_k)
+    if width > 0:
+        parts = [(k, v, k_rank)] if past is None else [past, (k, v, k_rank)]
+        dense_k = k.new_zeros(B, H, width + 1, D, dtype=acc)  # slot `width` takes what is not summed
+        dense_v = torch.zeros_like(dense_k)
+        for pk, pv, pr in parts:
+            at = torch.where(pr >= base, pr - base, width).clamp(max=width)[:, None, :, None].expand(B, H, -1, D)
+            dense_k.scatter_add_(2, at, pk.to(acc))
+            dense_v.scatter_add_(2, at, pv.to(acc))
+        upto = (q_rank - window - base).clamp(0, width - 1)[:, None, :, None].expand(B, H, -1, D)
+        sum_k = dense_k[:, :, :width].cumsum(2).gather(2, upto)
+        sum_v = dense_v[:, :, :width].cumsum(2).gather(2, upto)
+    if sums is not None:
+        sum_k, sum_v = sum_k + sums[0][:, :, None], sum_v + sums[1][:, :, None]
+    n = count.clamp(min=1).to(acc)[:, None, :, None]
+    return sum_k / n, sum_v / n, compensation_logit_bias(count)
 
 
 def streaming_heads(
@@ -265,15 +344,19 @@ def streaming_heads(
     window: int,
     scale: float,
     past: Segment | None = None,
+    extra: Extra | None = None,
 ) -> torch.Tensor:
     """Sink + window attention of one streaming group over new tokens, plus what it cached before.
 
     q: [B, Hq, S, D], the last S of the L new tokens k, v [B, H, L, D] with ranks k_rank [B, L]
     (-1 = padding); q_rank [B, S]. k_rank None means no padding and no past: ranks are slot
     indices (`streaming_band`). past: the group's cache buffer before these tokens
-    (runtime/cache.StreamBuffer), or None. Returns [B, Hq, S, D].
+    (runtime/cache.StreamBuffer), or None. extra: the queries' compensation tokens
+    (`compensation_tokens`; needs ranks). Returns [B, Hq, S, D].
     """
     if k_rank is None:
+        if extra is not None:
+            raise ValueError("streaming_heads with compensation tokens needs the tokens' ranks")
         if past is not None:
             raise ValueError("streaming_heads with a cached past needs the new tokens' ranks")
         return streaming_band(q, k, v, sink, window, scale)
@@ -283,7 +366,33 @@ def streaming_heads(
         (pk, pv, pr), (sk, sv, sr) = past, fixed
         fixed = (torch.cat([pk, sk], dim=2), torch.cat([pv, sv], dim=2), torch.cat([pr, sr], dim=1))
     local_rank = torch.where(k_rank >= sink, k_rank, torch.full_like(k_rank, -1))  # sink tokens are in `fixed`
-    return local_blocks(q, q_rank, fixed, (k, v, local_rank), sink, window, scale)
+    return local_blocks(q, q_rank, fixed, (k, v, local_rank), sink, window, scale, extra)
+
+
+def compensated_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_rank: torch.Tensor | None,
+    q_rank: torch.Tensor | None,
+    group: StreamGroup,
+    scale: float,
+    stream: StreamBuffer | None = None,
+) -> torch.Tensor:
+    """`streaming_heads` of a group with a compensation token: always from ranks (path 4).
+
+    As streaming_heads (k_rank None: no padding, ranks are slots); stream: the group's cache
+    buffer before these tokens, with its sums of evicted tokens, or None.
+    """
+    B, S, L = q.shape[0], q.shape[2], k.shape[2]
+    if k_rank is None:
+        k_rank = torch.arange(L, device=q.device).expand(B, L)
+        q_rank = k_rank[:, L - S :]
+    past = sums = None
+    if stream is not None:
+        past, sums = (stream.k, stream.v, stream.rank), (stream.comp_k, stream.comp_v)
+    extra = compensation_tokens(k, v, k_rank, q_rank, group.sink, group.window, past, sums)
+    return streaming_heads(q, k, v, k_rank, q_rank, group.sink, group.window, scale, past=past, extra=extra)
 
 
 def model_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None):
@@ -310,7 +419,10 @@ def fresh_prefill(plan: LayerPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     outs = [causal_attention(q[:, : R * G], k[:, :R], v[:, :R], scale)] if R else []
     for g in plan.groups:
         qg, kg, vg = q[:, g.start * G : g.stop * G], k[:, g.start : g.stop], v[:, g.start : g.stop]
-        outs.append(streaming_band(qg, kg, vg, g.sink, g.window, scale))
+        if g.compensate:
+            outs.append(compensated_heads(qg, kg, vg, None, None, g, scale))
+        else:
+            outs.append(streaming_band(qg, kg, vg, g.sink, g.window, scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
@@ -345,6 +457,7 @@ def prefill(
     q_rank: torch.Tensor | None,
     past: list[Segment] | None = None,
     qparts: list[QuantRetrievalPart] | None = None,
+    streams: list[StreamBuffer] | None = None,
 ) -> torch.Tensor:
     """One layer's attention for S >= 1 queries, the last S of the L new tokens.
 
@@ -355,7 +468,8 @@ def prefill(
     nothing was cached (then new_k holds every token; dequantised for quantised groups:
     `stream_segment`). qparts: the quantised retrieval groups' storage (this call's tokens still
     at full precision in it), None when nothing was cached. A fresh sequence attends its own
-    tokens at full precision, quantised heads included. Returns [B, Hq, S, D].
+    tokens at full precision, quantised heads included. streams: the cache's buffers themselves
+    (what compensated groups read their sums from), with past. Returns [B, Hq, S, D].
     """
     if past is None:
         if use_kernels(q):  # a fresh sequence: the prefill kernel sees every token at once
@@ -383,6 +497,10 @@ def prefill(
     for i, g in enumerate(plan.groups):
         kg, vg = new_k[:, g.start : g.stop], new_v[:, g.start : g.stop]
         qg = q[:, g.start * G : g.stop * G]
+        if g.compensate:
+            stream = None if past is None else streams[i]
+            outs.append(compensated_heads(qg, kg, vg, new_rank, q_rank, g, scale, stream))
+            continue
         seg = None if past is None else past[i]
         outs.append(streaming_heads(qg, kg, vg, new_rank, q_rank, g.sink, g.window, scale, past=seg))
     return torch.cat(outs, dim=1)
@@ -440,12 +558,37 @@ def decode(
         g = s.group
         k, v, rank = stream_segment(s, q.dtype)
         mask = None if k_rank is None else visible(q_rank[:, None, :, None], rank[:, None, None, :], g.sink, g.window)
-        outs.append(decode_heads(q[:, g.start * G : g.stop * G], k, v, mask, scale))
+        qg = q[:, g.start * G : g.stop * G]
+        if g.compensate and (q_rank is not None or dropped_count(layer.seen - 1, g.sink, g.window)):
+            outs.append(_decode_compensated(qg, s, mask, q_rank, layer.seen - 1, scale))  # never quantised
+        else:
+            outs.append(decode_heads(qg, k, v, mask, scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _decode_compensated(q, s: StreamBuffer, mask, q_rank, last: int, scale: float) -> torch.Tensor:
+    """One compensated group's decode: its buffer plus the token from the sums of what it evicted
+    (committed already, so they cover D_i exactly), appended as one more key with logit + log|D_i|.
+    q: [B, Hq, 1, D]; mask: [B, 1, 1, N] bool or None; q_rank [B, 1] or None (every row at `last`)."""
+    B, N = s.rank.shape[0], s.size
+    count = dropped_count(q_rank if q_rank is not None else torch.full((B, 1), last, device=q.device),
+                          s.group.sink, s.group.window)  # fmt: skip
+    n = count.clamp(min=1).to(s.comp_k.dtype)[:, :, None]  # [B, 1, 1]
+    k = torch.cat([s.k, (s.comp_k / n)[:, :, None].to(s.k.dtype)], dim=2)  # [B, Hg, N + 1, D]
+    v = torch.cat([s.v, (s.comp_v / n)[:, :, None].to(s.v.dtype)], dim=2)
+    none = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+    keys = torch.zeros(B, 1, 1, N, dtype=q.dtype, device=q.device) if mask is None else torch.where(mask, 0.0, none)
+    bias = compensation_logit_bias(count).to(q.dtype)[:, None, :, None]  # [B, 1, 1, 1]
+    return decode_heads(q, k, v, torch.cat([keys, bias], dim=-1), scale)
 
 
 def _kernel(phase: str, plan: LayerPlan, q: torch.Tensor, scale: float, **parts) -> torch.Tensor:
     """The generated kernels (torch.ops.headpolicy.*, codegen/ops.py), with the plan's prebuilt tables."""
+    if plan.compensated:
+        raise UnsupportedPolicyError(
+            f"layer {plan.layer}: the generated Triton kernels do not implement the compensation token; "
+            "run with HEADPOLICY_KERNEL_BACKEND=reference (the PyTorch path) or a policy without compensate"
+        )
     if phase == "prefill":
         k_rank = parts["k_rank"]
         pad = None if k_rank is None else (k_rank < 0).sum(-1)  # left padding: slots before rank 0
@@ -621,7 +764,7 @@ def _attend_step(plan: LayerPlan, q: torch.Tensor, step: SplitKVStep, attention_
     past = None if T == S else [stream_segment(s, q.dtype) for s in layer.streams]
     out = prefill(plan, q, scale, keys=layer.keys, values=layer.values, k_rank=k_rank, new_k=step.new_k,
                   new_v=step.new_v, new_rank=q_rank, q_rank=q_rank, past=past,
-                  qparts=None if T == S else layer.qparts)  # fmt: skip
+                  qparts=None if T == S else layer.qparts, streams=layer.streams)  # fmt: skip
     layer.commit(step, q_rank)
     return out
 
@@ -631,9 +774,12 @@ def headpolicy_reference_attention(module, query, key, value, attention_mask, sc
     if isinstance(key, SplitKVStep):
         raise ValueError("the reference attention needs full K/V: use a DynamicCache, not a SplitKVCache")
     B, T = key.shape[0], key.shape[2]
-    retrieval, sink, window = layer_plan(module).table_tensors(query.device)
+    plan = layer_plan(module)
+    retrieval, sink, window = plan.table_tensors(query.device)
+    compensate = torch.tensor(plan.head_compensate, dtype=torch.bool, device=query.device)
     out = reference_attention(query, key, value, retrieval=retrieval, sink=sink, window=window,
-                              key_valid=check_key_mask(attention_mask, B, T), scale=scaling)  # fmt: skip
+                              key_valid=check_key_mask(attention_mask, B, T), scale=scaling,
+                              compensate=compensate)  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -2,7 +2,9 @@
 
     TokenBuffer    keys and values [B, H, capacity, D]; the first `size` slots hold tokens
     StreamBuffer   one streaming group: a TokenBuffer of at most sink + window slots + ranks,
-                   each token in the slot `rule.ring_slot` gives its rank
+                   each token in the slot `rule.ring_slot` gives its rank; a compensated group
+                   (rule.py's compensation token) also keeps comp_k/comp_v [B, Hg, D], the
+                   float32 (or wider) sums of the keys/values it evicted
 
 A decode step writes its token into free capacity instead of copying the whole cache
 (torch.cat), so appending costs O(1) amortised; `nbytes` is the capacity allocated,
@@ -142,10 +144,30 @@ class StreamBuffer:
         self.group = group
         self.kv = self._buffer(batch, dim, dtype, device)
         self._rank = torch.full((batch, 0), -1, dtype=torch.long, device=device)
+        self.comp_k = self.comp_v = None  # sums of the evicted keys/values [B, Hg, D] (compensated groups)
+        if group.compensate:  # never quantised (StreamGroup refuses the pair), so dtype is the model's
+            acc = torch.promote_types(dtype, torch.float32)  # a bf16 sum of thousands of keys loses the mean
+            self.comp_k = torch.zeros(batch, group.num_heads, dim, dtype=acc, device=device)
+            self.comp_v = torch.zeros_like(self.comp_k)
 
     def _buffer(self, batch: int, dim: int, dtype, device) -> TokenBuffer:
         g = self.group
         return TokenBuffer(batch, g.num_heads, dim, dtype, device, limit=g.sink + g.window)
+
+    def _evict(self, k: torch.Tensor, v: torch.Tensor, leaving: torch.Tensor) -> None:
+        """Add the tokens of k, v [B, Hg, n, D] where leaving [B, n] to the compensation sums."""
+        w = leaving.to(self.comp_k.dtype)
+        self.comp_k += torch.einsum("bn,bhnd->bhd", w, k.to(self.comp_k.dtype))
+        self.comp_v += torch.einsum("bn,bhnd->bhd", w, v.to(self.comp_v.dtype))
+
+    def _evict_before(self, k: torch.Tensor, v: torch.Tensor, rank: torch.Tensor, last: torch.Tensor | int) -> None:
+        """Before storing new tokens k, v [B, Hg, S, D] with ranks [B, S] up to `last` ([B, 1] or
+        int): what leaves for the sums, buffered tokens and new ones that are never stored alike,
+        is every token of rank sink .. last - window not summed yet (the buffer holds none older)."""
+        sink, window = self.group.sink, self.group.window
+        if self.size:
+            self._evict(self.k, self.v, (self.rank >= sink) & (self.rank <= last - window))
+        self._evict(k, v, (rank >= sink) & (rank <= last - window))
 
     @property
     def size(self) -> int:
@@ -184,6 +206,8 @@ class StreamBuffer:
         """Store new tokens k, v: [B, Hg, S, D] with ranks [B, S] (-1 = padding)."""
         sink, window = self.group.sink, self.group.window
         last = rank.max(dim=1, keepdim=True).values
+        if self.comp_k is not None:
+            self._evict_before(k, v, rank, last)
         keep = (rank >= 0) & kept(rank, last, sink, window)  # only the newest `window` survive
         b, s = keep.nonzero(as_tuple=True)
         if b.numel() == 0:
@@ -201,6 +225,8 @@ class StreamBuffer:
             return self._commit_one(k, v, first)
         last = first + S - 1
         ranks = torch.arange(first, last + 1, device=k.device)
+        if self.comp_k is not None:
+            self._evict_before(k, v, ranks.expand(k.shape[0], S), last)
         ranks = ranks[kept(ranks, last, sink, window)]  # the newest `window` evict older ones
         self._fill_to(last + 1)
         src, dst = ranks - first, ring_slot(ranks, sink, window)
@@ -209,6 +235,10 @@ class StreamBuffer:
 
     def _commit_one(self, k: torch.Tensor, v: torch.Tensor, rank: int) -> None:
         slot = ring_slot(rank, self.group.sink, self.group.window)
+        if self.comp_k is not None and rank - self.group.window >= self.group.sink:
+            # the ring slot holds rank - window, which leaves the window now
+            self.comp_k += self.kv.k.select(2, slot).to(self.comp_k.dtype)
+            self.comp_v += self.kv.v.select(2, slot).to(self.comp_v.dtype)
         self._fill_to(slot + 1)
         self.kv.put(slot, k, v)
         self._rank.select(1, slot).fill_(rank)
@@ -216,11 +246,18 @@ class StreamBuffer:
     def select_batch(self, index: torch.Tensor) -> None:
         self.kv.select_batch(index)
         self._rank = self._rank[index]
+        if self.comp_k is not None:
+            self.comp_k, self.comp_v = self.comp_k[index], self.comp_v[index]
+
+    @property
+    def comp_nbytes(self) -> int:
+        """Bytes of the compensation sums (policies/schema.compensation_bytes per head and row)."""
+        return 0 if self.comp_k is None else self.comp_k.nbytes + self.comp_v.nbytes
 
     @property
     def nbytes(self) -> int:
-        return self.kv.nbytes
+        return self.kv.nbytes + self.comp_nbytes
 
     @property
     def used_nbytes(self) -> int:
-        return self.kv.used_nbytes
+        return self.kv.used_nbytes + self.comp_nbytes

@@ -7,7 +7,10 @@ Per layer (KV heads in the order `apply` put them, see policies/plan.py):
                 + rank [B, <= sink + window] (-1 = empty)  ring of the last `window` after them
 
 so a streaming head holds min(T, sink + window) tokens (policies/rule.kept_tokens) in the
-slot `rule.ring_slot` gives each rank.
+slot `rule.ring_slot` gives each rank. A group with a compensation token (rule.py) also keeps
+comp_k/comp_v [B, Hg, D]: the sums of the keys/values it evicted (tokens of rank >= sink that
+left the window), added as they leave, in float32 or wider; their count is rule.dropped_count
+of the newest rank, so it is not stored.
 
 Memory: each part is a `TokenBuffer` (runtime/buffers.py), preallocated and grown in blocks (`grown_capacity`):
 a decode step writes its token into free capacity instead of copying the whole cache
@@ -220,7 +223,7 @@ class SplitKVLayer(CacheLayerMixin):
         n = self.plan.num_native_retrieval * self.retrieval.size
         n += sum(p.group.num_heads * p.tokens for p in self.qparts)
         for s in self.streams:
-            n += s.group.num_heads * s.size
+            n += s.group.num_heads * (s.size + s.group.compensate)  # a compensation token counts as one
         return n
 
 

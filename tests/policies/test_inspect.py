@@ -142,4 +142,16 @@ def test_format_inspect_shows_bits_per_head_and_the_bytes_they_imply():
     assert rows[0][3:] == ["R@8", "(0.900)", "4+60", "(0.100)", "4+60@4", "(0.300)"]
     d = diff_policies(policy(), p)
     assert any(c.after == "retrieval@8" for c in d.changed_window)
-    assert "heads with another sink/window or KV bits: 8" in format_diff(d, policy(), p)
+    assert "heads with another sink/window, KV bits or compensation: 8" in format_diff(d, policy(), p)
+
+
+def test_inspect_and_diff_show_compensation():
+    rules = [[None if keep else (4, 60) for keep in row] for row in TABLE]
+    rules[0][1] = (4, 60, False)
+    p = HeadPolicy.from_rules(INFO, rules, scores=SCORES, compensate=True)
+    text = format_inspect(p)
+    assert "compensate  6 streaming heads keep a compensation token" in text
+    assert "4+60+c" in text and "4+60 (0.100)" in text
+    d = diff_policies(policy(), p)
+    assert len(d.changed_window) == 6 and not d.changed_kind
+    assert "streaming(4,60,compensated)" in format_diff(d, policy(), p)

@@ -439,3 +439,148 @@ def test_from_rules_carries_bits():
     assert [h.kv_bits for h in p.layers[1]] == [8, 4] and p.layers[0][1].kv_bits is None
     assert HeadPolicy.from_rules(INFO, rules, bits=bits, kv_bits=8).layers[1][0].kv_bits is None
     assert HeadPolicy.from_kinds(INFO, [[True, False]] * 3, bits=[[8, 8]] * 3).kv_bits == 8
+
+
+# ---- the compensation token (RazorAttention) ------------------------------------------------------
+def comp_policy(**kw) -> HeadPolicy:
+    """Layer 0: retrieval + compensated default; layer 1: own window, not compensated + default;
+    layer 2: default + retrieval."""
+    rules = [[None, (4, 32)], [(0, 7, False), (4, 32)], [(4, 32), None]]
+    return HeadPolicy.from_rules(INFO, rules, defaults=(4, 32), compensate=True, **kw)
+
+
+def test_compensation_round_trips_and_resolves_per_head(tmp_path):
+    p = comp_policy()
+    assert p.compensate and p.num_compensated == 3
+    assert [[p.head_compensates(li, hi) for hi in range(2)] for li in range(3)] == [
+        [False, True], [False, True], [True, False]
+    ]  # fmt: skip
+    assert p.layers[1][0].compensate is False and p.layers[0][1].compensate is None
+    assert HeadPolicy.from_yaml(p.to_yaml()) == p
+    assert HeadPolicy.load(p.save(tmp_path / "p.yaml")) == p
+    text = p.to_yaml()
+    assert "compensate: true" in text and "3 streaming heads keep a compensation token" in text
+
+
+def test_policies_without_compensation_read_and_write_as_before():
+    p = make_policy()
+    assert not p.compensate and p.num_compensated == 0
+    assert "compensate" not in p.to_yaml()
+    d = _plain(p.to_dict())
+    assert set(d["defaults"]) == {"sink", "window", "kv_bits", "kv_group", "kv_residual"}  # v2 defaults
+    assert HeadPolicy.from_dict(d) == p  # an older file (no `compensate` anywhere) loads with it off
+
+
+def test_compensation_counts_one_slot_and_its_float32_sums():
+    p, plain = comp_policy(), comp_policy().replace(compensate=False)
+    # plain: layer 1 head 0 still says compensate: false explicitly, so only the defaults differ
+    assert plain.num_compensated == 0
+    assert p.kv_tokens(100) == plain.kv_tokens(100) + 3
+    assert p.kv_tokens(3) == 6 * 3 + 3  # the slot is allocated from the first token on
+    D = INFO.head_dim
+    for dtype_bytes in (2, 4, 8):
+        extra = 3 * 2 * D * max(dtype_bytes, 4)
+        assert p.kv_bytes(100, batch=2, dtype_bytes=dtype_bytes) == (
+            plain.kv_bytes(100, batch=2, dtype_bytes=dtype_bytes) + 2 * extra
+        )
+    assert p.kv_fraction(100) == pytest.approx((plain.kv_tokens(100) + 3) / 600)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["layers"][0]["heads"][0].update(compensate=True),
+         "layer 0 head 0: a retrieval head keeps every token, so it has nothing to compensate"),
+        (lambda d: d["layers"][0]["heads"][0].update(compensate=False), "layer 0 head 0: a retrieval head"),
+        (lambda d: d["layers"][1]["heads"][0].update(compensate="yes"),
+         "layer 1 head 0.compensate: expected true or false, got 'yes'"),
+        (lambda d: d["layers"][1]["heads"][0].update(compensate=1), "layer 1 head 0.compensate: expected true"),
+        (lambda d: d["defaults"].update(compensate=None), "defaults.compensate: expected true or false, got None"),
+        (lambda d: d["defaults"].update(compensate="on"), "defaults.compensate: expected true or false"),
+    ],
+)  # fmt: skip
+def test_bad_compensation_raises_named_errors(edit, message):
+    d = _plain(make_policy().to_dict())
+    edit(d)
+    with pytest.raises(PolicyError) as e:
+        HeadPolicy.from_yaml(yaml.safe_dump(d))
+    assert message in str(e.value)
+
+
+def test_compensation_in_code_is_validated_too():
+    p = make_policy()
+    layers = list(p.layers)
+    layers[0] = (HeadSpec("retrieval", compensate=True), layers[0][1])
+    with pytest.raises(PolicyError, match="layer 0 head 0: a retrieval head keeps every token"):
+        p.replace(layers=tuple(layers))
+    with pytest.raises(PolicyError, match="defaults.compensate: expected true or false"):
+        p.replace(compensate=1)
+
+
+def test_native_sliding_layers_never_compensate():
+    hybrid = ModelInfo(**{**INFO.__dict__, "native_windows": (None, 16, None)})
+    p = HeadPolicy.from_kinds(hybrid, [[True, False]] * 3, sink=4, window=32, compensate=True)
+    assert [p.head_compensates(1, h) for h in range(2)] == [False, False]
+    assert p.num_compensated == 2 and HeadPolicy.from_yaml(p.to_yaml()) == p
+    layers = list(p.layers)
+    layers[1] = (HeadSpec("streaming", sink=0, window=16), layers[1][1])  # inherits compensate: true
+    with pytest.raises(PolicyError, match="layer 1 head 0: layer 1 is the model's own sliding-window layer"):
+        p.replace(layers=tuple(layers))
+
+
+def test_plan_groups_streaming_heads_by_compensation():
+    from headpolicy.policies.plan import plan_layers
+
+    info = ModelInfo("toy", "LlamaForCausalLM", 1, 8, 4, 16, "sha256:abc")
+    rules = [[(4, 32, True), None, (4, 32, False), (4, 32, True)]]
+    (plan,) = plan_layers(HeadPolicy.from_rules(info, rules))
+    assert plan.perm == (1, 2, 0, 3)
+    assert [(g.start, g.stop, g.compensate) for g in plan.groups] == [(1, 2, False), (2, 4, True)]
+    assert plan.compensated and plan.head_compensate == (False, False, True, True)
+    (plain,) = plan_layers(HeadPolicy.from_rules(info, [[(4, 32), None, (4, 32), (4, 32)]]))
+    assert not plain.compensated and len(plain.groups) == 1
+
+
+# ---- KV precision and the compensation token together ---------------------------------------------
+def test_a_v1_file_with_compensation_loads_as_v2():
+    text = V1_TEXT.replace("window: 32}", "window: 32, compensate: true}").replace(
+        "{kind: streaming, sink: 0, window: 7}", "{kind: streaming, sink: 0, window: 7, compensate: false}"
+    )
+    p = HeadPolicy.from_yaml(text)
+    assert p.schema == "headpolicy/v2" and p.compensate and p.num_quantized == 0
+    assert [[p.head_compensates(li, hi) for hi in range(2)] for li in range(3)] == [
+        [False, True], [True, False], [True, False]
+    ]  # fmt: skip
+    assert HeadPolicy.from_yaml(p.to_yaml()) == p
+
+
+def test_quantised_retrieval_heads_and_compensated_streaming_heads_mix():
+    rules = [[None, (4, 32)], [(0, 7, False), (4, 32)], [(4, 32), None]]
+    bits = [[8, 16], [4, 16], [16, 4]]
+    p = HeadPolicy.from_rules(INFO, rules, bits=bits, kv_group=16, kv_residual=8, compensate=True)
+    assert p.num_quantized == 3 and p.num_compensated == 3
+    assert HeadPolicy.from_yaml(p.to_yaml()) == p
+    plain = p.replace(compensate=False)
+    extra = 3 * (2 * INFO.head_dim * 4)  # three compensated heads' float32 sums
+    for dtype_bytes in (2, 4):
+        assert p.kv_bytes(100, dtype_bytes=dtype_bytes) == plain.kv_bytes(100, dtype_bytes=dtype_bytes) + extra
+        assert p.kv_bytes(100, dtype_bytes=dtype_bytes) == sum(
+            p.head_kv_bytes(li, hi, 100, dtype_bytes=dtype_bytes) for li in range(3) for hi in range(2)
+        )
+
+
+def test_a_quantised_compensated_head_is_refused_by_name():
+    from headpolicy.errors import QuantizedCompensationError
+    from headpolicy.policies.plan import StreamGroup
+
+    rules = [[None, (4, 32)], [(4, 32), (4, 32)], [(4, 32), None]]
+    with pytest.raises(QuantizedCompensationError, match="layer 1 head 1: a compensation token on a quantised head"):
+        HeadPolicy.from_rules(INFO, rules, bits=[[16, 16], [16, 8], [16, 16]], compensate=True)
+    d = _plain(comp_policy().to_dict())
+    d["layers"][0]["heads"][1]["kv_bits"] = 4
+    with pytest.raises(PolicyError, match="layer 0 head 1: a compensation token on a quantised head .kv_bits 4."):
+        HeadPolicy.from_yaml(yaml.safe_dump(d))
+    d["layers"][0]["heads"][1]["compensate"] = False  # the same head uncompensated is fine
+    assert HeadPolicy.from_yaml(yaml.safe_dump(d)).head_bits(0, 1) == 4
+    with pytest.raises(QuantizedCompensationError, match="kv_bits 8"):
+        StreamGroup(0, 2, 4, 8, bits=8, compensate=True)

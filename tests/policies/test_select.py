@@ -88,6 +88,14 @@ def test_allocate_is_the_exact_knapsack_optimum():
         feasible = [c for c in itertools.product(range(n), repeat=H) if cost[np.arange(H), c].sum() <= budget]
         best = min(loss[np.arange(H), c].sum() for c in feasible)
         assert loss[np.arange(H), choice].sum() == pytest.approx(best, abs=1e-9)
+        allowed = rng.random((H, n)) < 0.7
+        allowed[np.arange(H), rng.integers(0, n, size=H)] = True  # every head keeps an option
+        feasible = [c for c in feasible if allowed[np.arange(H), c].all()]
+        if feasible:  # the optimum among the allowed options
+            choice = allocate(loss, cost, budget, allowed)
+            assert allowed[np.arange(H), choice].all() and cost[np.arange(H), choice].sum() <= budget
+            best = min(loss[np.arange(H), c].sum() for c in feasible)
+            assert loss[np.arange(H), choice].sum() == pytest.approx(best, abs=1e-9)
 
 
 def test_allocate_equal_costs_is_top_k_and_impossible_budgets_fail():
@@ -97,3 +105,7 @@ def test_allocate_equal_costs_is_top_k_and_impossible_budgets_fail():
     assert allocate(loss, cost, 4 + 4 + 1 + 1).tolist() == [0, 1, 1, 0]  # the two best heads keep everything
     with pytest.raises(BudgetError, match="cheapest option"):
         allocate(loss, cost, 3)
+    with pytest.raises(BudgetError, match="cheapest option"):  # head 0 may not stream: 4 + 1 + 1 + 1 > 6
+        allocate(loss, cost, 6, allowed=np.array([[True, False]] + [[True, True]] * 3))
+    with pytest.raises(BudgetError, match="leaving every head an option"):
+        allocate(loss, cost, 16, allowed=np.array([[False, False]] + [[True, True]] * 3))

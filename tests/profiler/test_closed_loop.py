@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from headpolicy import BudgetError
+from headpolicy.models import describe_model
 from headpolicy.profiler import compile as C
 from headpolicy.profiler import objective as O
 from headpolicy.profiler import tasks as T
@@ -13,7 +14,7 @@ from tests.conftest import tiny_llama
 
 CODEC = T.CharCodec(97)
 FAST = dict(lengths=(400,), depths=(0.5,), kinds=("passkey",), text_length=500, text_from=100, sink=4, window=8,
-            windows=(8, 32), heldout=False, reference_context=400)  # fmt: skip
+            windows=(8, 32), heldout=False, reference_context=400, repair_seconds=0.0)  # fmt: skip
 
 
 @pytest.fixture
@@ -63,3 +64,31 @@ def test_kv_budget_uses_per_head_windows_within_the_bytes():
     windows = {policy.head_window(li, h)[1] for li, h in streaming}
     assert windows <= {8, 32}
     assert np.isfinite(policy.results["calibration"]["loss"]["value"])
+
+
+def test_repair_swaps_until_the_measured_objective_stops_falling():
+    """The estimates call head (0, 1) the cheapest to stream; measuring says it must keep everything.
+    The knapsack streams it; the repair swaps, riskiest head first, and keeps the swap that helps."""
+    info = describe_model(tiny_llama(layers=2, vocab=97))
+    s = C.CompileSettings(kv_budget=0.5, repair_patience=3, **FAST)  # context 400: full 400, windows 12 / 36 tokens
+    losses = np.tile([0.2, 0.1], (2, 2, 1))
+    losses[0, 1] = [0.01, 0.005]
+    scored = C.Scored(s.options(per_head=True), losses, {}, per_head=True)
+    runs = []
+
+    def measure(cand):
+        runs.append(cand.rules)
+        streaming = sum(r is not None for row in cand.rules for r in row)
+        return O.Loss(0.0, 0.0, 0.0, 1.0, (1.0 if cand.rules[0][1] is not None else 0.0) + 0.01 * streaming, 1)
+
+    start = C._measured(C.at_kv_budget(scored, info, s, 0.5), measure)
+    assert start.rules[0][1] == (4, 32) and start.loss.value > 1  # one retrieval head fits: not (0, 1)
+    best, swaps = C.repair(start, scored, info, s, measure, deadline=float("inf"))
+    assert best.rules[0][1] is None and best.loss.value == pytest.approx(0.03)
+    assert best.kv_fraction <= 0.5 + 1e-9
+    assert [w["kept"] for w in swaps] == [False, False, True]  # then no head can get more bytes: stop
+    assert swaps[2] == {"layer": 0, "kv_head": 1, "from": "window 32", "to": "full", "changed_heads": 2,
+                        "value": pytest.approx(0.03), "kept": True}  # fmt: skip
+    assert len(runs) == 1 + len(swaps) and len({str(r) for r in runs}) == len(runs)  # nothing measured twice
+    late, none = C.repair(start, scored, info, s, measure, deadline=0.0)
+    assert late is start and none == []  # out of time: the knapsack's answer, as measured

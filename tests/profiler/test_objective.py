@@ -70,7 +70,7 @@ def test_causal_estimate_ranks_single_head_effects(seed):
     calib = calibration()
     ref = answered_everything(O.reference(model, calib))
     options = [(1, 8), (2, 32)]
-    est = estimate(model, calib, options, ref=ref)[0]  # the first-order estimate
+    est = estimate(model, calib, options, ref=ref, samples=0)[0]  # the first-order estimate
     assert est.shape == (2, 2, 2) and np.isfinite(est).all()
     measured = np.zeros_like(est)
     for li in range(2):
@@ -97,13 +97,70 @@ def test_layer_effects_equal_running_each_option(monkeypatch, S):
     full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     g = torch.randn(B, Hkv * G, S, D, generator=gen)
     delta = torch.zeros_like(full, requires_grad=True)
-    delta.grad = g
     options = [(0, 5), (2, 9), (4, 33)]
-    got = causal._layer_effects(causal._Layer(q, k, v, full, delta, scale), options, G)
+    got = causal._layer_effects(causal._Layer(q, k, v, full, delta, scale), options, G, [g, -2 * g])
     ranks = torch.arange(S).expand(B, S)
     for j, (sink, window) in enumerate(options):
         o = streaming_heads(q, k, v, ranks, ranks, sink, window, scale)
         want = (g * (o - full)).double().sum(dim=(0, 2, 3)).view(Hkv, G).sum(-1)
         torch.testing.assert_close(got[0, :, j], want, rtol=1e-4, atol=1e-5)
         assert (got[1, :, j] >= got[0, :, j].abs() - 1e-6).all()  # |sum| <= sum of |.|
+        torch.testing.assert_close(got[3, :, j], -2 * want, rtol=1e-4, atol=1e-5)  # a further gradient
     assert (got[2, :, 0] >= got[2, :, 1]).all() and (got[2] >= 0).all()  # a shorter window drops more
+
+
+def test_sampled_query_blocks_are_unbiased_and_keep_the_heavy_rows(monkeypatch):
+    """With `chunks`, a few blocks of query rows drawn by gradient norm and weighted by 1 / probability:
+    the average over draws is the exact sum, and a block holding most of the gradient is always in."""
+    from headpolicy.profiler.scorers import causal
+
+    monkeypatch.setattr(causal, "CHUNK", 16)
+    gen = torch.Generator().manual_seed(0)
+    B, Hkv, G, D, S = 1, 2, 2, 8, 160
+    q, k, v = (torch.randn(B, h, S, D, generator=gen) for h in (Hkv * G, Hkv, Hkv))
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.4, enable_gqa=True)
+    g = torch.randn(B, Hkv * G, S, D, generator=gen)
+    g[:, :, 96:112] *= 30  # the "answer" block
+    lay = causal._Layer(q, k, v, full, torch.zeros_like(full), 0.4)
+    options = [(0, 16), (2, 40)]  # query blocks start at row 16
+    exact = causal._layer_effects(lay, options, G, [g])
+    assert torch.equal(causal._layer_effects(lay, options, G, [g], chunks=50, gen=gen), exact)  # enough: all
+    draws, counts = [], []
+    for _ in range(300):
+        blocks = causal._blocks(16, S, [g], 3, gen)
+        assert (96, 1.0) in blocks
+        counts.append(len(blocks))
+        draws.append(causal._layer_effects(lay, options, G, [g], chunks=3, gen=gen))
+    assert 2.7 < np.mean(counts) < 3.3  # 3 blocks expected, of 9
+    mean = torch.stack(draws).mean(0)
+    torch.testing.assert_close(mean[0], exact[0], rtol=0.1, atol=0.05 * float(exact[0].abs().max()))
+    torch.testing.assert_close(mean[2], exact[2], rtol=0.1, atol=0.0)
+
+
+def _weighted_kl(full, policy, calib) -> float:
+    """sum over sequences of weight * sum over target positions of KL(full || policy), as the estimate weighs it."""
+    from headpolicy.profiler.scorers.causal import _sequences
+
+    total = 0.0
+    with torch.no_grad():
+        for ids, first, weight in _sequences(calib, None):
+            keep = ids.shape[1] - first + 1
+            lp = [torch.log_softmax(m(ids, use_cache=False, logits_to_keep=keep).logits[0, :-1].double(), -1)
+                  for m in (full, policy)]  # fmt: skip
+            total += weight * float((lp[0].exp() * (lp[0] - lp[1])).sum())
+    return total
+
+
+def test_fisher_estimate_is_the_second_order_kl():
+    """With enough sampled labels, the Fisher estimate of streaming one head matches the KL it causes."""
+    model = tiny_llama(layers=2, seed=2)
+    calib = calibration()
+    options = [(1, 8), (2, 32)]
+    fisher = estimate(model, calib, options, samples=24, seed=1)[3]
+    kl = np.zeros_like(fisher)
+    for li in range(2):
+        for h in range(2):
+            for j, (sink, window) in enumerate(options):
+                kl[li, h, j] = _weighted_kl(model, applied_copy(model, single_head(model, li, h, sink, window)), calib)
+    assert (fisher >= 0).all() and spearman(fisher, kl) > 0.7
+    np.testing.assert_allclose(fisher, kl, rtol=0.6)  # a sampled estimate: right to within its noise

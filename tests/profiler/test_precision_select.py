@@ -38,9 +38,10 @@ def test_quantisation_estimates_follow_the_bits_and_share_the_pass():
     ref = answered_everything(O.reference(model, calib))
     est, qest = estimate_with_precision(model, calib, [(1, 8)], (8, 4), kv_group=8, kv_residual=4, ref=ref)
     np.testing.assert_allclose(est, estimate(model, calib, [(1, 8)], ref=ref))  # the window estimates unchanged
-    assert qest.shape == (3, 2, 2, 2, 2) and np.isfinite(qest).all()
+    assert qest.shape == (4, 2, 2, 2, 2) and np.isfinite(qest).all()  # ESTIMATES: ..., fisher
     assert (qest[1, :, :, 1] >= qest[1, :, :, 0]).all() and (qest[1] > 0).all()  # int4 costs more than int8
     assert (qest[2] == 0).all()  # quantisation drops no attention mass
+    assert (qest[3] >= 0).all() and (qest[3] > 0).any()  # the second-order estimate, from the same samples
 
 
 def test_auto_precision_fills_the_bytes_with_bits_and_windows():
@@ -79,3 +80,37 @@ def test_auto_precision_needs_causal_estimates_and_a_byte_budget(bad):
     with pytest.raises(BudgetError, match="precision"):
         s.check()
 
+
+
+@pytest.mark.parametrize("fraction", [0.15, 0.3, 0.6])
+def test_auto_precision_with_compensation_keeps_compensated_heads_native_and_counts_their_slot(fraction):
+    """compensate + --precision auto: streaming options only at 16 bits (a quantised head may not
+    compensate), retrieval at 16/8/4; the knapsack's bytes are the policy's, slot sums included."""
+    info = describe_model(tiny_llama(layers=2))
+    s = C.CompileSettings(kv_budget=fraction, precision="auto", compensate=True, **FAST)
+    rng = np.random.default_rng(1)
+    scored = C.Scored(((4, 8), (4, 32)), rng.random((2, 2, 2)), {}, per_head=True, quant=rng.random((2, 2, 2, 2)))
+    columns, _, costs = C.option_table(scored, info, s, dtype_bytes=2)
+    assert columns == [(None, 16), (None, 8), (None, 4), ((4, 8), 16), ((4, 32), 16)]
+    slot = 2 * info.head_dim * 4  # compensation_bytes: float32 sums of keys and values
+    assert costs[0, 3] == kv_head_bytes(400, head_dim=info.head_dim, dtype_bytes=2, sink=4, window=8) + slot
+    cand = C.at_kv_budget(scored, info, s, fraction, dtype_bytes=2)
+    policy = C._candidate_policy(info, cand, scored, s)  # a valid policy: no head both quantised and compensated
+    streaming = [(li, hi) for li in range(2) for hi in range(2) if cand.rules[li][hi] is not None]
+    assert all(policy.head_compensates(li, hi) and policy.head_bits(li, hi) == 16 for li, hi in streaming)
+    assert cand.kv_fraction == pytest.approx(policy.kv_fraction(400, chosen_only=True, dtype_bytes=2))
+    assert cand.kv_fraction <= fraction
+
+
+def test_compile_with_auto_precision_and_compensation_measures_a_valid_policy():
+    s = C.CompileSettings(kv_budget=0.15, precision="auto", compensate=True, repair_seconds=0, **FAST)
+    policy = C.compile_policy(tiny_llama(layers=2, vocab=97), CODEC, s).policy
+    streaming = policy.num_heads - policy.num_retrieval
+    heads = [(li, hi) for li in range(2) for hi in range(2)]
+    assert policy.num_compensated == streaming > 0
+    assert all(policy.head_bits(li, hi) == 16 for li, hi in heads if policy.head_compensates(li, hi))
+    assert policy.kv_fraction(400) <= 0.15 + 1e-9  # 4-bit retrieval alone would not fit: some heads stream
+    assert np.isfinite(policy.results["calibration"]["loss"]["value"])
+    back = HeadPolicy.from_yaml(policy.to_yaml())  # scores are rounded in the file
+    assert back.bits_table() == policy.bits_table() and back.retrieval_table() == policy.retrieval_table()
+    assert [back.head_compensates(li, hi) for li, hi in heads] == [policy.head_compensates(li, hi) for li, hi in heads]

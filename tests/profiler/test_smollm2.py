@@ -38,11 +38,12 @@ def test_compile_with_budget(smollm2):
     from headpolicy.profiler.compile import CompileSettings, compile_policy
 
     model, tok = smollm2
-    s = CompileSettings(budget=0.25, lengths=(768,), depths=(0.5,), heldout_lengths=(1024,),
-                        heldout_depths=(0.5,), repeat_length=512, haystack_tokens=64)  # fmt: skip
+    s = CompileSettings(budget=0.25, lengths=(1024,), kinds=("passkey", "word"), depths=(0.5,), text_length=1536,
+                        text_from=512, repeat_length=512)  # fmt: skip
     policy = compile_policy(model, tok, s).policy
-    assert policy.num_retrieval == 23
+    assert policy.num_retrieval == 23  # 25% of 90 KV heads
     assert policy.results["kv_fraction"] < 0.35
-    h = policy.results["heldout"]
-    assert h["policy_accuracy"] >= h["full_accuracy"] - 50  # 2 tasks: at most one lost
+    for part in ("calibration", "heldout"):  # measured teacher-forced against the full model
+        loss = policy.results[part]["loss"]
+        assert np.isfinite(loss["value"]) and loss["ppl_ratio"] >= 1.0 - 1e-3
     assert np.isfinite([hd.score for row in policy.layers for hd in row]).all()

@@ -120,14 +120,29 @@ def estimate(
     options: Sequence[tuple[int, int]],
     *,
     ref: Reference | None = None,
+    samples: int = 2,
+    chunks: int | None = None,
+    seed: int = 0,
     progress=None,
 ) -> np.ndarray:
-    """Per KV head and (sink, window) option, what streaming that head alone costs, as the three
-    ESTIMATES [3, layers, kv_heads, len(options)]: the first-order objective increase (nats per token),
-    the same summed in absolute value per query position, and the attention mass dropped (summed
-    over query positions and heads). 0 where a layer is the model's own sliding layer. `ref`
-    restricts the answer terms to the tasks the full model answers."""
-    return _estimate(model, calib, options, (), DEFAULT_GROUP, DEFAULT_RESIDUAL, ref, progress)[0]
+    """Per KV head and (sink, window) option, what streaming that head alone costs, as the
+    ESTIMATES [4, layers, kv_heads, len(options)]:
+
+    first_order      the first-order objective increase (nats per token), from the true tokens' NLL
+    abs_first_order  the same with every query position's term in absolute value
+    dropped_mass     the attention mass the option drops, summed over query positions and heads
+    fisher           the second-order increase of KL(full || policy) at the target positions:
+                     with labels y sampled from the full model's own next-token distributions,
+                     E_y[(g_y . d_out)^2] / 2 = d_out^T J^T F J d_out / 2 (F the Fisher of the
+                     logits, J the Jacobian from the head's output to them): the Gauss-Newton
+                     quadratic, exact in expectation, `samples` backward passes per sequence.
+                     Positive and scale-aware where the first order cancels.
+
+    0 where a layer is the model's own sliding layer. `ref` restricts the answer terms to the
+    tasks the full model answers. `chunks`: per layer and sequence, sum about this many blocks of
+    query rows (drawn by gradient norm, unbiased) instead of all: the cost falls in proportion."""
+    return _estimate(model, calib, options, (), DEFAULT_GROUP, DEFAULT_RESIDUAL, ref, samples, chunks, seed,
+                     progress)[0]  # fmt: skip
 
 
 def estimate_with_precision(
@@ -139,34 +154,54 @@ def estimate_with_precision(
     kv_group: int = DEFAULT_GROUP,
     kv_residual: int = DEFAULT_RESIDUAL,
     ref: Reference | None = None,
+    samples: int = 2,
+    chunks: int | None = None,
+    seed: int = 0,
     progress=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`estimate`, and from the same forward and backward passes what quantising each head alone
-    costs: [3, layers, kv_heads, len(bits), 2] for each of `bits` (8, 4) in a retrieval head's
-    layout ([..., 0]) and a streaming head's ([..., 1]); see `_quant_effects`."""
-    return _estimate(model, calib, options, tuple(bits), kv_group, kv_residual, ref, progress)
+    costs: the ESTIMATES [4, layers, kv_heads, len(bits), 2] for each of `bits` (8, 4) in a
+    retrieval head's layout ([..., 0]) and a streaming head's ([..., 1]); see `_quant_effects`.
+    The fisher estimate uses the same sampled labels as the options'; `chunks` samples the
+    options' query blocks only (quantisation is measured over every query)."""
+    return _estimate(model, calib, options, tuple(bits), kv_group, kv_residual, ref, samples, chunks, seed, progress)
 
 
-def _estimate(model, calib, options, bits, kv_group_size, kv_residual, ref, progress):
+def _estimate(model, calib, options, bits, kv_group_size, kv_residual, ref, samples, chunks, seed, progress):
     layers, heads, kv_heads = kv_group(model)
     group = heads // kv_heads
     native = describe_model(model).native_windows
     est = torch.zeros(len(ESTIMATES), layers, kv_heads, len(options), dtype=torch.float64)
     qest = torch.zeros(len(ESTIMATES), layers, kv_heads, len(bits), 2, dtype=torch.float64)
     device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     with _recording(model, native) as rec:
         for ids, first, weight in _sequences(calib, ref):
             ids = ids.to(device)
             rec.layers.clear()
             logits = model(ids, use_cache=False, logits_to_keep=ids.shape[1] - first + 1).logits[0, :-1].float()
-            loss = weight * F.cross_entropy(logits, ids[0, first:], reduction="sum")
-            loss.backward()
+            F.cross_entropy(logits, ids[0, first:], reduction="sum").mul(weight).backward(retain_graph=samples > 0)
+            grads = {li: [lay.delta.grad.clone()] for li, lay in rec.layers.items()}
+            probs = torch.softmax(logits.detach().cpu(), dim=-1)
+            for k in range(samples):  # gradients of the log-likelihood of labels the model itself samples
+                for lay in rec.layers.values():
+                    lay.delta.grad = None
+                y = torch.multinomial(probs, 1, generator=gen)[:, 0].to(device)
+                F.cross_entropy(logits, y, reduction="sum").backward(retain_graph=k < samples - 1)
+                for li, lay in rec.layers.items():
+                    grads[li].append(lay.delta.grad.clone())
             for li, lay in rec.layers.items():
                 if native is not None and native[li] is not None:
                     continue
-                est[:, li] += _layer_effects(lay, options, group).cpu()
-                if bits:
-                    qest[:, li] += _quant_effects(lay, bits, group, kv_group_size, kv_residual).cpu()
+                effects = _layer_effects(lay, options, group, grads[li], chunks, gen).cpu()  # [3 + samples, Hkv, O]
+                est[:3, li] += effects[:3]
+                if samples:  # the squared per-sequence sums; each target position's KL counts with its weight
+                    est[3, li] += weight * 0.5 * effects[3:].pow(2).mean(0)
+                if bits:  # [3 + samples, Hkv, len(bits), 2], reduced as the options' effects are
+                    qeffects = _quant_effects(lay, bits, group, kv_group_size, kv_residual, grads[li]).cpu()
+                    qest[:3, li] += qeffects[:3]
+                    if samples:
+                        qest[3, li] += weight * 0.5 * qeffects[3:].pow(2).mean(0)
             rec.layers.clear()
             if progress is not None:
                 progress.update(1)
@@ -174,9 +209,8 @@ def _estimate(model, calib, options, bits, kv_group_size, kv_residual, ref, prog
 
 
 CHUNK = 256  # query rows per block in _layer_effects
-# what _layer_effects sums per head and option: the first-order effect; its absolute value per
-# query (no cancellation between positions); the attention mass the option drops
-ESTIMATES = ("first_order", "abs_first_order", "dropped_mass")
+# what estimate() gives per head and option (see its docstring)
+ESTIMATES = ("first_order", "abs_first_order", "dropped_mass", "fisher")
 KEY_BLOCK = 64  # prefix sums are kept per block of keys; the partial block is summed exactly
 
 
@@ -207,9 +241,39 @@ class _PrefixSums:
         return torch.where(x >= 0, full + part, torch.zeros_like(full))
 
 
+def _blocks(start: int, S: int, grads, chunks: int | None, gen) -> list[tuple[int, float]]:
+    """(first query row, weight) of the blocks of CHUNK rows _layer_effects sums: every block, or
+    about `chunks` of them drawn with probability growing with the block's gradient norm and
+    weighted by 1 / probability (Horvitz-Thompson: the sums stay unbiased, and the blocks that
+    carry the gradient, an answer's rows, are always in)."""
+    starts = list(range(start, S, CHUNK))
+    if chunks is None or len(starts) <= chunks:
+        return [(a, 1.0) for a in starts]
+    norm = torch.stack([sum(g[:, :, a : a + CHUNK].double().norm() for g in grads) for a in starts]).cpu()
+    prob = torch.ones(len(starts), dtype=torch.float64)
+    free = torch.ones(len(starts), dtype=torch.bool)
+    for _ in range(len(starts)):  # probabilities proportional to the norm, capped at 1 (the capped are certain)
+        room = chunks - int((~free).sum())
+        share = norm * free
+        if room <= 0 or float(share.sum()) <= 0:
+            prob = torch.where(free, torch.zeros_like(prob), prob)
+            break
+        prob = torch.where(free, room * share / share.sum(), prob)
+        over = free & (prob >= 1.0)
+        if not bool(over.any()):
+            break
+        prob[over], free = 1.0, free & ~over
+    draw = torch.rand(len(starts), generator=gen, dtype=torch.float64) < prob
+    return [(a, 1.0 / float(pr)) for a, pr, d in zip(starts, prob, draw, strict=True) if d]
+
+
 @torch.no_grad()
-def _layer_effects(lay: _Layer, options, group: int) -> torch.Tensor:
-    """[kv_heads, options]: sum over positions and query heads of g . (out_option - out_full).
+def _layer_effects(
+    lay: _Layer, options, group: int, grads: Sequence[torch.Tensor], chunks: int | None = None, gen=None
+) -> torch.Tensor:
+    """[3 + len(grads) - 1, kv_heads, options]: for grads[0] (the true tokens' gradient) the first-order
+    effect, its per-position absolute value and the dropped attention mass; for every further
+    gradient its first-order effect (signed), summed over positions and query heads.
 
     Exactly, from the full attention rows, without running attention once per option: for query i
     with full-attention probabilities p_j, a streaming option drops D_i = {j: sink <= j <= i - window}.
@@ -217,42 +281,58 @@ def _layer_effects(lay: _Layer, options, group: int) -> torch.Tensor:
         out_option = (out_full - sum_D p_j v_j) / (1 - P),   so
         g . (out_option - out_full) = (P * U - U_D) / (1 - P),   U = sum_{j <= i} p_j (g . v_j).
     Every window of the ladder drops a prefix of the same row (in key order), so prefix sums of
-    one row serve every option: a layer costs about one dense attention, whatever the ladder.
+    one row serve every option: a layer costs about one dense attention per gradient. With
+    `chunks`, about that many blocks of query rows are summed, drawn by gradient norm (_blocks).
     """
-    g_all = lay.delta.grad  # [B, Hq, S, D]
     B, Hq, S, D = lay.q.shape
     Hkv = lay.k.shape[1]
-    out = torch.zeros(len(ESTIMATES), Hkv, len(options), dtype=torch.float64, device=lay.q.device)
+    out = torch.zeros(2 + len(grads), Hkv, len(options), dtype=torch.float64, device=lay.q.device)
     first = min(sink + window for sink, window in options)
-    for a in range(min(first, S), S, CHUNK):
+    for a, scale in _blocks(min(first, S), S, grads, chunks, gen):
         b = min(S, a + CHUNK)
-        q = lay.q[:, :, a:b].view(B, Hkv, group, b - a, D)
-        g = g_all[:, :, a:b].view(B, Hkv, group, b - a, D)
-        k, v = lay.k[:, :, None, :b], lay.v[:, :, None, :b]  # keys up to the last query of the block
+        C = b - a
+        # one [G*C, D] x [D, b] product per KV head (broadcasting over the group is several times slower)
+        q = lay.q[:, :, a:b].reshape(B, Hkv, group * C, D)
+        k, v = lay.k[:, :, :b], lay.v[:, :, :b]  # keys up to the last query of the block
         rows = torch.arange(a, b, device=q.device)
         future = torch.arange(b, device=q.device)[None, :] > rows[:, None]  # [C, b]
-        p = torch.softmax(((q @ k.transpose(-1, -2)) * lay.scale).masked_fill_(future, float("-inf")), dim=-1)
-        P, U = _PrefixSums(p), _PrefixSums(p * (g @ v.transpose(-1, -2)))  # p_j and p_j (g . v_j)
+        logits = (q @ k.transpose(-1, -2)).view(B, Hkv, group, C, b) * lay.scale
+        p = torch.softmax(logits.masked_fill_(future, float("-inf")), dim=-1)
+        P = _PrefixSums(p)
+        Us = [_PrefixSums(p * (g[:, :, a:b].reshape(B, Hkv, group * C, D) @ v.transpose(-1, -2)).view(p.shape))
+              for g in grads]  # fmt: skip
+        sink_ends = {}
         for j, (sink, window) in enumerate(options):
             last = rows - window  # the last dropped key of each row; none when last < sink
             has = last >= sink
             if not bool(has.any()):
                 continue
-            sink_end = torch.full_like(rows, sink - 1)
-            P_d = P.upto(last) - P.upto(sink_end)
-            U_d = U.upto(last) - U.upto(sink_end)
-            effect = ((P_d * U.total - U_d) / (1.0 - P_d).clamp(min=1e-6)) * has  # [B, Hkv, G, C]
-            out[0, :, j] += effect.sum(dim=(0, 2, 3))
-            out[1, :, j] += effect.abs().sum(dim=(0, 2, 3))
-            out[2, :, j] += (P_d * has).sum(dim=(0, 2, 3))
+            if sink not in sink_ends:
+                sink_ends[sink] = torch.full_like(rows, sink - 1)
+            P_d = P.upto(last) - P.upto(sink_ends[sink])
+            kept = (1.0 - P_d).clamp(min=1e-6)
+            out[2, :, j] += scale * (P_d * has).sum(dim=(0, 2, 3))
+            for n, U in enumerate(Us):
+                U_d = U.upto(last) - U.upto(sink_ends[sink])
+                effect = ((P_d * U.total - U_d) / kept) * has  # [B, Hkv, G, C]
+                if n == 0:
+                    out[0, :, j] += scale * effect.sum(dim=(0, 2, 3))
+                    out[1, :, j] += scale * effect.abs().sum(dim=(0, 2, 3))
+                else:
+                    out[2 + n, :, j] += scale * effect.sum(dim=(0, 2, 3))
     return out
 
 
 @torch.no_grad()
-def _quant_effects(lay: _Layer, bits: Sequence[int], group: int, kv_group_size: int, residual: int) -> torch.Tensor:
-    """[ESTIMATES, kv_heads, len(bits), 2]: sum over positions and query heads of
-    g . (out_quantised - out_full), where out_quantised is the full attention output with the
-    head's K/V replaced by what the quantised cache would give back (policies/precision.py):
+def _quant_effects(
+    lay: _Layer, bits: Sequence[int], group: int, kv_group_size: int, residual: int, grads: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """[3 + len(grads) - 1, kv_heads, len(bits), 2], laid out as `_layer_effects`: for grads[0]
+    (the true tokens' gradient) the sum over positions and query heads of g . (out_quantised -
+    out_full), its per-position absolute value and the dropped mass (0: quantisation drops no
+    key); for every further (sampled-label) gradient its signed sum, which `_estimate` squares
+    into the fisher estimate. out_quantised is the full attention output with the head's K/V
+    replaced by what the quantised cache would give back (policies/precision.py):
 
         layout 0 (a retrieval head)  keys per channel in groups of kv_group tokens, values per
                                      token, the last tokens (the residual) exact
@@ -262,12 +342,11 @@ def _quant_effects(lay: _Layer, bits: Sequence[int], group: int, kv_group_size: 
     the sequence really saw a few more exact tokens), and a streaming head's quantisation is
     measured over full attention: selection adds it to the streaming estimate of the head's
     window. Each head's output depends on its own K/V only, so quantising all heads at once
-    gives every head's single-head effect. Dropped mass is 0 (quantisation drops no key).
+    gives every head's single-head effect.
     """
-    g = lay.delta.grad  # [B, Hq, S, D]
     B, Hq, S, D = lay.q.shape
     Hkv = lay.k.shape[1]
-    out = torch.zeros(len(ESTIMATES), Hkv, len(bits), 2, dtype=torch.float64, device=lay.q.device)
+    out = torch.zeros(2 + len(grads), Hkv, len(bits), 2, dtype=torch.float64, device=lay.q.device)
     n_q = quantized_tokens(S, kv_group_size, residual)
 
     def restored(x, b, per_channel, upto):
@@ -279,9 +358,14 @@ def _quant_effects(lay: _Layer, bits: Sequence[int], group: int, kv_group_size: 
                    (restored(lay.k, b, False, S), restored(lay.v, b, False, S)))  # fmt: skip
         for j, (k, v) in enumerate(layouts):
             o = F.scaled_dot_product_attention(lay.q, k, v, is_causal=True, scale=lay.scale, enable_gqa=True)
-            effect = (g * (o - lay.out)).sum(-1).double().view(B, Hkv, group, S)  # per query head and position
-            out[0, :, i, j] = effect.sum(dim=(0, 2, 3))
-            out[1, :, i, j] = effect.abs().sum(dim=(0, 2, 3))
+            d_out = o - lay.out
+            for n, g in enumerate(grads):  # g: [B, Hq, S, D]
+                effect = (g * d_out).sum(-1).double().view(B, Hkv, group, S)  # per query head and position
+                if n == 0:
+                    out[0, :, i, j] = effect.sum(dim=(0, 2, 3))
+                    out[1, :, i, j] = effect.abs().sum(dim=(0, 2, 3))
+                else:
+                    out[2 + n, :, i, j] = effect.sum(dim=(0, 2, 3))
     return out
 
 
@@ -289,4 +373,4 @@ def _quant_effects(lay: _Layer, bits: Sequence[int], group: int, kv_group_size: 
 def causal_score(model, tasks, *, sink, window, progress=None):
     """First-order effect on the answers' log-probability of streaming each KV head alone (sink, window)."""
     calib = Calibration(tuple(tasks), (), 0)
-    return estimate(model, calib, [(sink, window)], progress=progress)[0, :, :, 0]
+    return estimate(model, calib, [(sink, window)], samples=0, progress=progress)[0, :, :, 0]
