@@ -1,33 +1,57 @@
-"""KV cache memory and decode speed: full cache vs a hand-written policy, side by side.
+"""KV cache memory and speed: the full model vs applied policies, side by side, per phase.
 
-SmolLM2-135M at 1K/2K/4K context. The policy keeps KV head 0 of every layer as a
-retrieval head (1 of 3) and makes the others streaming heads with sink 64 + window 256.
-For each context, full and policy runs alternate (`--repeats` times, median taken) so both
-see the same machine load. KV bytes are read from the caches themselves and checked
-against the formula retrieval * T + streaming * min(T, sink + window).
+SmolLM2-135M at 1K/2K/4K/8K context (8K is the model's context: there the prompt is 8K minus
+the new tokens, so prompt + new tokens fill it). Three models run in one process: the
+unmodified model (transformers' own SDPA attention and DynamicCache, untouched), a hand policy
+(KV head 0 of every layer retrieval, the others sink 64 + window 256) and the bundled compiled
+policy (headpolicy/policies/bundled/smollm2-135m-instruct.yaml). For each thread count and
+context the three alternate (`--repeats` times, the order rotating) so all see the same
+machine load; a speed-up is the median over repeats of policy over full in the same repeat,
+the other numbers are medians.
 
-    python bench/kv_memory.py [--contexts 1024 2048 4096] [--new-tokens 32] [--repeats 3] [--threads N]
+Per run: prefill seconds (the prompt in one forward), decode tokens/s (`--new-tokens` greedy
+steps after it, the first included), KV bytes allocated and used. Caches are made as
+`headpolicy.runtime.generate` makes them (SplitKVCache reserved for prompt + new tokens, so
+allocated == used unless --grow). KV bytes are checked against the policy's formula; the exit
+status is 1 only if they differ. Peak RSS is measured apart, once per model and context, in a
+fresh child process on one thread: the run's peak above the RSS of the loaded, warmed-up
+model (the prefill's activations dominate it), and the absolute peak.
+
+    python bench/kv_memory.py               # 1K-8K, --threads 1,2, 2 repeats, RSS probes (~45-60 min idle)
+    python bench/kv_memory.py --quick       # smoke run: 512/1K, 8 tokens, 1 repeat, RSS at 512 (~2 min)
+    python bench/kv_memory.py --contexts 4096 --threads 1 --repeats 3 --no-rss
+
+Timing on a shared machine: prefer --threads 1 (with two threads on two busy cores OpenMP
+stalls and distorts both sides); the ratios, not the absolute numbers, are what compare.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from headpolicy import HeadPolicy, Provenance, SplitKVCache, apply, describe_model, load_model
+from headpolicy.io import write_json
+from headpolicy.runtime.generate import cache_bytes, context_limit, new_cache
 
 RESULTS = Path(__file__).parent / "results"
+BUNDLED = Path(__file__).parents[1] / "headpolicy/policies/bundled/smollm2-135m-instruct.yaml"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+# Targets of issue 15 (policy over full, per context): prefill speed-up, decode speed-up.
+PREFILL_TARGET = {1024: 1.0, 2048: 1.0, 4096: 1.2, 8192: 1.2}
+DECODE_TARGET = {4096: 1.5, 8192: 2.0}
 
 
 def prompt_ids(tok, n_tokens: int) -> torch.Tensor:
@@ -36,25 +60,16 @@ def prompt_ids(tok, n_tokens: int) -> torch.Tensor:
     text = FILLER * (n_tokens // 20 + 8)
     mid = len(text) // 2
     ids = tok(text[:mid] + needle + text[mid:], return_tensors="pt")["input_ids"]
+    if ids.shape[1] < n_tokens:
+        raise ValueError(f"the haystack has {ids.shape[1]} tokens, {n_tokens} were asked for")
     return ids[:, :n_tokens]
 
 
-def dynamic_cache_bytes(cache: DynamicCache) -> int:
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-
-
-@torch.no_grad()
-def run(model, ids: torch.Tensor, cache, new_tokens: int) -> dict:
-    """Prefill, then greedy-decode `new_tokens` one at a time; time both phases."""
-    t0 = time.perf_counter()
-    out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
-    t1 = time.perf_counter()
-    tok = out.logits[:, -1:].argmax(-1)
-    for _ in range(new_tokens):
-        out = model(tok, cache=cache, use_cache=True)
-        tok = out.logits[:, -1:].argmax(-1)
-    t2 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "decode_tok_s": new_tokens / (t2 - t1)}
+def load_policies(model, *, bundled: bool) -> dict[str, HeadPolicy]:
+    policies = {"hand": hand_policy(model)}
+    if bundled:
+        policies["bundled"] = HeadPolicy.load(BUNDLED)
+    return policies
 
 
 def hand_policy(model) -> HeadPolicy:
@@ -64,100 +79,264 @@ def hand_policy(model) -> HeadPolicy:
     return HeadPolicy.from_kinds(info, keep, sink=64, window=256, provenance=prov)
 
 
+# ---- memory: peak resident set of one run -----------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim), so that a run's RSS starts
+    from what is live, not from what earlier runs freed and the allocator kept."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux: clear_refs 5), so VmHWM covers what follows."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# ---- one run ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def run(model, ids: torch.Tensor, new_tokens: int, grow: bool) -> dict:
+    """Prefill, then greedy-decode `new_tokens` one at a time; time both phases."""
+    cache = new_cache(model)
+    if isinstance(cache, SplitKVCache) and not grow:
+        cache.reserve(ids.shape[1] + new_tokens)  # as runtime/generate.generate does
+    t0 = time.perf_counter()
+    out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+    t1 = time.perf_counter()
+    tok = out.logits[:, -1:].argmax(-1)
+    for _ in range(new_tokens):
+        out = model(tok, cache=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+    t2 = time.perf_counter()
+    used = cache.kv_bytes_used() if isinstance(cache, SplitKVCache) else cache_bytes(cache)
+    return {
+        "prefill_s": t1 - t0,
+        "decode_tok_s": new_tokens / (t2 - t1),
+        "kv_bytes_allocated": cache_bytes(cache),
+        "kv_bytes_used": used,
+    }
+
+
+def probe_rss(args) -> int:
+    """Child process: one model, one context; print the run's peak RSS as a JSON line.
+
+    A fresh process per (model, context), because in a process that ran other models the
+    allocator's kept and fragmented memory makes a run's own peak unreadable.
+    """
+    torch.set_num_threads(1)
+    full, tok = load_model(args.model)
+    model = full if args.probe_rss == "full" else apply(full, load_policies(full, bundled=True)[args.probe_rss])
+    limit = context_limit(full)
+    ids = prompt_ids(tok, min(args.contexts[0], limit - args.new_tokens) if limit else args.contexts[0])
+    run(model, prompt_ids(tok, 64), 2, args.grow)  # warm up: first-call allocations stay out of the peak
+    release_free_memory()
+    loaded = _status_kib("VmRSS")
+    if loaded is None or not reset_peak_rss():
+        print(json.dumps(None))
+        return 0
+    run(model, ids, args.new_tokens, args.grow)
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"peak_rss_mib": peak / 1024, "run_over_loaded_mib": (peak - loaded) / 1024}))
+    return 0
+
+
+def measure_rss(names: list[str], context: int, args) -> dict:
+    """Peak RSS of one run of each model at `context`, each in a fresh child process."""
+    out = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--probe-rss", name, "--model", args.model, "--contexts", str(context),
+               "--new-tokens", str(args.new_tokens)] + (["--grow"] if args.grow else [])  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        lines = done.stdout.strip().splitlines()
+        out[name] = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+        if out[name] is None:
+            print(f"peak RSS probe of {name} at {context} gave nothing: {done.stderr.strip()[-300:]}", file=sys.stderr)
+    return out
+
+
+def median_runs(runs: list[dict]) -> dict:
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def measure_context(models: dict, policies: dict, context: int, ids, args, esize: int) -> dict:
+    """All models at one context (prompt `ids` + new tokens), alternating, the order rotating per
+    repeat; medians and ratios."""
+    names = list(models)
+    runs = {n: [] for n in names}
+    for rep in range(args.repeats):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[name].append(run(models[name], ids, args.new_tokens, args.grow))
+    T = ids.shape[1] + args.new_tokens
+    full = median_runs(runs["full"])
+    row = {"context": context, "prompt_tokens": ids.shape[1], "tokens_cached": T, "full": full, "runs": runs}
+    full_formula = next(iter(policies.values())).full_kv_bytes(T, dtype_bytes=esize)
+    for name, policy in policies.items():
+        med = median_runs(runs[name])
+        # ratios per repeat (the two runs next to each other in time), then their median
+        pairs = list(zip(runs["full"], runs[name], strict=True))
+        med["prefill_speedup"] = statistics.median(f["prefill_s"] / p["prefill_s"] for f, p in pairs)
+        med["decode_speedup"] = statistics.median(p["decode_tok_s"] / f["decode_tok_s"] for f, p in pairs)
+        med["kv_ratio_full_over_policy"] = full["kv_bytes_allocated"] / med["kv_bytes_allocated"]
+        med["kv_bytes_formula"] = policy.kv_bytes(T, dtype_bytes=esize)
+        med["formula_matches"] = (
+            med["kv_bytes_used"] == med["kv_bytes_formula"] and full["kv_bytes_used"] == full_formula
+        )
+        med["targets"] = targets(context, med)
+        row[name] = med
+    return row
+
+
+def targets(context: int, med: dict) -> dict:
+    """Issue 15's targets at this context: met (True/False) or not set (absent)."""
+    out = {}
+    if context in PREFILL_TARGET:
+        out["prefill"] = med["prefill_speedup"] >= PREFILL_TARGET[context]
+    if context in DECODE_TARGET:
+        out["decode"] = med["decode_speedup"] >= DECODE_TARGET[context]
+    return out
+
+
+def thread_list(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--threads takes thread counts like 1 or 1,2, got {text!r}")
+    return values
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=RESULTS / "kv_memory_cpu.json")
-    ap.add_argument(
-        "--threads", type=int, default=None,
-        help="torch intra-op threads for both sides (default: torch's choice); use 1 on a shared, loaded machine",
-    )  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=thread_list, default=None,
+                    help="torch intra-op thread counts, each reported apart (default 1,2; --quick: 1)")  # fmt: skip
+    ap.add_argument("--no-bundled", action="store_true", help="only the hand policy")
+    ap.add_argument("--grow", action="store_true", help="do not reserve: split caches grow in blocks as tokens come")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: contexts 512 1024, 8 tokens, 1 repeat, peak RSS at 512 only")  # fmt: skip
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    ap.add_argument("--probe-rss", choices=["full", "hand", "bundled"], help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/kv_memory_cpu.json)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.contexts, args.new_tokens, args.repeats = [512, 1024], 8, 1
+    threads_list = args.threads or ([1] if args.quick else [1, 2])
+    out_path = args.out or RESULTS / ("kv_memory_cpu_quick.json" if args.quick else "kv_memory_cpu.json")
 
+    if args.probe_rss:
+        return probe_rss(args)
     full, tok = load_model(args.model)
-    policy = hand_policy(full)
-    applied = apply(copy.deepcopy(full), policy)
+    policies = load_policies(full, bundled=not args.no_bundled)
+    models = {"full": full} | {name: apply(copy.deepcopy(full), p) for name, p in policies.items()}
     esize = next(full.parameters()).element_size()
-    load_before = os.getloadavg()
+    limit = context_limit(full)  # 8K is the model's context: the prompt leaves room for the new tokens
+    warm = prompt_ids(tok, 64)
+    for m in models.values():  # first-call costs (allocator, thread pool) stay out of the first timing
+        run(m, warm, 2, args.grow)
 
-    rows = []
-    for ctx in args.contexts:
-        ids = prompt_ids(tok, ctx)
-        T = ids.shape[1] + args.new_tokens
-        runs = {"full": [], "policy": []}
-        for _ in range(args.repeats):
-            full_cache, split_cache = DynamicCache(), SplitKVCache.for_model(applied)
-            runs["full"].append(run(full, ids, full_cache, args.new_tokens))
-            runs["policy"].append(run(applied, ids, split_cache, args.new_tokens))
-        full_bytes, policy_bytes = dynamic_cache_bytes(full_cache), split_cache.kv_bytes()
-        formula = policy.kv_bytes(T, dtype_bytes=esize)
-        med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
-        rows.append(
-            {
-                "context": ctx,
-                "tokens_cached": T,
-                "kv_bytes_full": full_bytes,
-                "kv_bytes_policy": policy_bytes,
-                "kv_bytes_formula": formula,
-                "kv_ratio_full_over_policy": full_bytes / policy_bytes,
-                "kv_fraction": policy_bytes / full_bytes,
-                "formula_matches": policy_bytes == formula and full_bytes == policy.full_kv_bytes(T, dtype_bytes=esize),
-                "decode_tok_s_full": med["full"]["decode_tok_s"],
-                "decode_tok_s_policy": med["policy"]["decode_tok_s"],
-                "decode_speedup": med["policy"]["decode_tok_s"] / med["full"]["decode_tok_s"],
-                "prefill_s_full": med["full"]["prefill_s"],
-                "prefill_s_policy": med["policy"]["prefill_s"],
-            }
-        )
-        print_row(rows[-1], header=len(rows) == 1)
+    by_threads = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        load_before = os.getloadavg()
+        rows = []
+        print(f"\n== {threads} thread(s), load average {load_before[0]:.1f}")
+        for ctx in args.contexts:
+            ids = prompt_ids(tok, min(ctx, limit - args.new_tokens) if limit else ctx)
+            rows.append(measure_context(models, policies, ctx, ids, args, esize))
+            print_row(rows[-1], policies, header=len(rows) == 1)
+        by_threads.append({"threads": threads, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                           "rows": rows})  # fmt: skip
+
+    memory = []
+    if not args.no_rss:
+        print("\npeak RSS, one run per fresh process (1 thread): MiB above the loaded model / absolute")
+        for ctx in args.contexts[:1] if args.quick else args.contexts:
+            memory.append({"context": ctx, **measure_rss(list(models), ctx, args)})
+            print_rss(memory[-1], list(models))
 
     result = {
         "benchmark": "kv_memory",
         "model": describe_model(full).name,
-        "policy": {
-            "retrieval_heads": policy.num_retrieval,
-            "kv_heads": policy.num_heads,
-            "sink": policy.sink,
-            "window": policy.window,
-        },
+        "policies": {name: describe_policy(p) for name, p in policies.items()},
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "reserved": not args.grow,
+        "targets": {"prefill_speedup": PREFILL_TARGET, "decode_speedup": DECODE_TARGET},
         "device": "cpu",
         "machine": {
             "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
             "python": sys.version.split()[0],
             "torch": torch.__version__,
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
         },
-        "rows": rows,
+        "by_threads": by_threads,
+        "peak_rss": memory,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
-    return 0 if all(r["formula_matches"] for r in rows) else 1
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out_path, result)
+    print(f"\nwrote {out_path}")
+    ok = all(row[name]["formula_matches"] for t in by_threads for row in t["rows"] for name in policies)
+    return 0 if ok else 1
 
 
-def print_row(r: dict, header: bool) -> None:
+def describe_policy(p: HeadPolicy) -> dict:
+    windows = sorted({p.head_window(li, h) for li, row in enumerate(p.layers) for h, s in enumerate(row)
+                      if not s.is_retrieval})  # fmt: skip
+    return {"retrieval_heads": p.num_retrieval, "kv_heads": p.num_heads, "sink_window": windows,
+            "method": p.provenance.method}  # fmt: skip
+
+
+def print_row(row: dict, policies: dict, header: bool) -> None:
+    mib = 2**20
     if header:
         print(
-            f"{'context':>7} | {'KV full MiB':>11} | {'KV policy MiB':>13} | {'ratio':>5} | {'formula':>7} | "
-            f"{'decode tok/s full':>17} | {'policy':>6} | {'speedup':>7} | {'prefill s full':>14} | {'policy':>6}"
+            f"{'context':>7} {'model':>7} | {'KV alloc MiB':>12} {'used MiB':>8} {'full/pol':>8} | "
+            f"{'prefill s':>9} {'speed-up':>8} | {'decode tok/s':>12} {'speed-up':>8} | targets"
         )
-    mib = 2**20
+    f = row["full"]
     print(
-        f"{r['context']:>7} | {r['kv_bytes_full'] / mib:>11.2f} | {r['kv_bytes_policy'] / mib:>13.2f} | "
-        f"{r['kv_ratio_full_over_policy']:>5.2f} | {'ok' if r['formula_matches'] else 'MISMATCH':>7} | "
-        f"{r['decode_tok_s_full']:>17.2f} | {r['decode_tok_s_policy']:>6.2f} | {r['decode_speedup']:>7.2f} | "
-        f"{r['prefill_s_full']:>14.2f} | {r['prefill_s_policy']:>6.2f}"
+        f"{row['context']:>7} {'full':>7} | {f['kv_bytes_allocated'] / mib:>12.2f} {f['kv_bytes_used'] / mib:>8.2f} "
+        f"{'':>8} | {f['prefill_s']:>9.2f} {'':>8} | {f['decode_tok_s']:>12.2f} {'':>8} |"
     )
+    for name in policies:
+        p = row[name]
+        met = " ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in p["targets"].items())
+        kv = "" if p["formula_matches"] else "  KV MISMATCH"
+        print(
+            f"{'':>7} {name:>7} | {p['kv_bytes_allocated'] / mib:>12.2f} {p['kv_bytes_used'] / mib:>8.2f} "
+            f"{p['kv_ratio_full_over_policy']:>7.2f}x | {p['prefill_s']:>9.2f} {p['prefill_speedup']:>7.2f}x | "
+            f"{p['decode_tok_s']:>12.2f} {p['decode_speedup']:>7.2f}x | {met}{kv}"
+        )
+
+
+def print_rss(row: dict, names: list[str]) -> None:
+    cells = []
+    for name in names:
+        r = row[name]
+        cells.append(f"{name} " + ("n/a" if r is None else f"{r['run_over_loaded_mib']:.0f} / {r['peak_rss_mib']:.0f}"))
+    print(f"{row['context']:>7}: " + "   ".join(cells))
 
 
 if __name__ == "__main__":

@@ -135,7 +135,8 @@ def main() -> int:
         t = time.perf_counter()
         scored, s = profile(method, model, data, ref)
         row["profile_seconds"] = round(time.perf_counter() - t, 1)
-        measure = C.Measurer(model, info, data.calib, ref, lambda rules, sc=scored: C._policy(info, rules, sc), False)
+        make = lambda cand, sc=scored: C._policy(info, cand.rules, sc)  # noqa: E731
+        measure = C.Measurer(model, info, data.calib, ref, make, False)
         for b in budgets:
             if f"{b:g}" in row["cells"]:
                 continue

@@ -22,6 +22,7 @@ from headpolicy.errors import (
     PolicyMismatchError,
     PromptError,
     UnsupportedModelError,
+    UnsupportedPolicyError,
 )
 from headpolicy.models import describe_model, fingerprint
 from headpolicy.policies.importers import ImportFormatError, import_policy
@@ -50,6 +51,7 @@ __all__ = [
     "Provenance",
     "SplitKVCache",
     "UnsupportedModelError",
+    "UnsupportedPolicyError",
     "applied_policy",
     "apply",
     "attach",

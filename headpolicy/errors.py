@@ -15,6 +15,11 @@ class PolicyMismatchError(PolicyError):
     """A well-formed policy that belongs to another model (shape or fingerprint)."""
 
 
+class QuantizedCompensationError(PolicyError):
+    """A streaming head that is both quantised (kv_bits 8/4) and compensated: the runtime keeps
+    compensation sums for full-precision streaming buffers only, so the pair is refused."""
+
+
 class UnsupportedModelError(HeadPolicyError, ValueError):
     """The model's architecture has no adapter."""
 
@@ -47,9 +52,18 @@ class KernelCompileError(CodegenError):
     """A generated kernel could not be written, imported or compiled (or Triton is missing)."""
 
 
+class UnsupportedPolicyError(HeadPolicyError, ValueError):
+    """A valid policy that a path cannot run: the compensation token on the generated Triton
+    kernels or in an exported graph."""
+
+
 class OutputError(HeadPolicyError, OSError):
     """A result file or folder cannot be written (read-only folder, a directory in the way...)."""
 
 
 class ExportError(HeadPolicyError, RuntimeError):
     """A graph cannot be captured, rewritten or exported (missing pass provider, no attention found...)."""
+
+
+class QuantizedExportError(ExportError):
+    """The policy stores some KV heads quantised (kv_bits 8/4), which exported graphs do not carry."""

@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headpolicy import HeadPolicy, describe_model
-from headpolicy.policies.plan import LayerPlan, StreamGroup
+from headpolicy.policies.plan import LayerPlan, RetrievalGroup, StreamGroup
 from headpolicy.runtime import attention
 from headpolicy.runtime.state import set_layer_plan
 
@@ -43,13 +43,22 @@ def alias_bomb(policy_yaml: str, levels: int = 9) -> str:
     return policy_yaml.replace("results:", "\n".join(lines) + "\n  measured:", 1)
 
 
-def make_plan(num_retrieval, groups, group_size) -> LayerPlan:
-    """A one-layer plan: `num_retrieval` retrieval KV heads, then groups of (num_heads, sink, window)."""
+def make_plan(num_retrieval, groups, group_size, *, retrieval_bits=(), kv_group=4, kv_residual=3) -> LayerPlan:
+    """A one-layer plan: `num_retrieval` retrieval KV heads, then groups of (num_heads, sink, window)
+    followed optionally by KV bits (an int) and/or compensate (a bool).
+
+    retrieval_bits: (num_heads, bits) quantised retrieval groups, the last of the retrieval heads."""
     out, pos = [], num_retrieval
-    for n, sink, window in groups:
-        out.append(StreamGroup(pos, pos + n, sink, window))
+    for n, sink, window, *extra in groups:
+        flags = {"compensate" if isinstance(x, bool) else "bits": x for x in extra}
+        out.append(StreamGroup(pos, pos + n, sink, window, **flags))
         pos += n
-    return LayerPlan(0, tuple(range(pos)), num_retrieval, tuple(out), group_size)
+    quantised, start = [], num_retrieval - sum(n for n, _ in retrieval_bits)
+    for n, bits in retrieval_bits:
+        quantised.append(RetrievalGroup(start, start + n, bits))
+        start += n
+    return LayerPlan(0, tuple(range(pos)), num_retrieval, tuple(out), group_size, tuple(quantised), kv_group,
+                     kv_residual)  # fmt: skip
 
 
 def attend(plan, q, key, value, mask, scale) -> torch.Tensor:
@@ -67,3 +76,34 @@ def attend(plan, q, key, value, mask, scale) -> torch.Tensor:
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+def stored_kv(layer, key_valid, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a SplitKVLayer holds, dequantised, as dense K/V [B, Hkv, T, D] in slot order (T = layer.seen).
+
+    Streaming heads' tokens go to the slot of their rank (left padding: pad + rank); slots a
+    buffer no longer holds stay zero (the sink/window rule never lets a query see them).
+    key_valid: [B, T] bool (None: no padding). The dense reference on these tensors is what
+    every quantised path must equal."""
+    from headpolicy.runtime.attention import stream_segment
+
+    plan, T = layer.plan, layer.seen
+    B, D = layer.keys.shape[0], layer.keys.shape[3]
+    K = torch.zeros(B, plan.num_kv_heads, T, D, dtype=dtype)
+    V = torch.zeros_like(K)
+    R = plan.num_native_retrieval
+    K[:, :R], V[:, :R] = layer.keys, layer.values
+    for part in layer.qparts:
+        g = part.group
+        K[:, g.start : g.stop] = torch.cat([part.k.dequantize(dtype), part.k_tail], dim=2)
+        V[:, g.start : g.stop] = torch.cat([part.v.dequantize(dtype), part.v_tail], dim=2)
+    pad = torch.zeros(B, dtype=torch.long) if key_valid is None else (~key_valid.bool()).sum(-1)
+    for s in layer.streams:
+        k, v, rank = stream_segment(s, dtype)
+        g = s.group
+        for b in range(B):
+            for j in range(rank.shape[1]):
+                if rank[b, j] >= 0:
+                    K[b, g.start : g.stop, pad[b] + rank[b, j]] = k[b, :, j]
+                    V[b, g.start : g.stop, pad[b] + rank[b, j]] = v[b, :, j]
+    return K, V

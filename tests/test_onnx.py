@@ -1,5 +1,7 @@
 """ONNX export parity on a tiny model: prefill and 3x-window decode vs PyTorch (<= 1e-4)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +96,20 @@ def test_unavailable_provider_is_an_error(exported):
         pytest.skip("CUDA provider is available here")
     with pytest.raises(ExportError, match="CUDAExecutionProvider is not available"):
         OnnxRunner(exported[2].directory, provider="cuda")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_quantised_heads_are_refused_by_name(tmp_path, fmt):
+    """Exported graphs carry native-precision caches only: a policy with kv_bits 8/4 is refused
+    before anything is captured or written (the CLI prints the one line and exits 2)."""
+    from headpolicy.errors import QuantizedExportError
+
+    model = make_model()
+    policy = make_policy(model)
+    layers = [list(row) for row in policy.layers]
+    layers[0][1] = dataclasses.replace(layers[0][1], kv_bits=4)
+    policy = policy.replace(layers=tuple(tuple(row) for row in layers))
+    with pytest.raises(QuantizedExportError, match="1 of 6 KV heads quantised") as err:
+        export_artifact(model, policy, fmt, tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()

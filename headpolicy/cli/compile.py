@@ -30,6 +30,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
                      help="fraction F of KV heads that stay retrieval, every other at --sink/--window")
     p.add_argument("--max-kv-budget", type=float, default=d.max_kv_budget, metavar="F",
                    help=f"--target-drop: the largest KV budget tried (default {d.max_kv_budget:g})")
+    p.add_argument("--precision", choices=("native", "auto"), default=d.precision,
+                   help="native: every head keeps the model's dtype; auto: --kv-budget/--target-drop also choose "
+                        "8 or 4 KV bits per head (causal method; exported graphs refuse such policies) "
+                        f"(default {d.precision})")  # fmt: skip
     p.add_argument("--sink", type=int, default=d.sink, help=f"streaming heads: first tokens kept (default {d.sink})")
     p.add_argument("--window", type=int, default=d.window,
                    help=f"streaming heads' last tokens kept, for fixed-window methods and --budget ({d.window})")
@@ -68,7 +72,7 @@ def run_compile(args: argparse.Namespace) -> int:
 
     from_args = ("method", "budget", "kv_budget", "target_drop", "max_kv_budget", "sink", "window", "windows",
                  "lengths", "depths", "text_length", "text_from", "min_per_layer", "reference_context",
-                 "seed", "repair_seconds", "time_budget", "estimate")  # fmt: skip
+                 "seed", "repair_seconds", "time_budget", "estimate", "precision")  # fmt: skip
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     settings = CompileSettings(**{name: getattr(args, name) for name in from_args}, kinds=kinds,
                                heldout=not args.no_heldout)  # fmt: skip

@@ -59,6 +59,8 @@ ring tokens share it, the ranks tell them apart.)
 Specs (every compile-time constant of a kernel) are built once per layout and cached
 (kernels.prefill_spec / kernels.decode_spec), so a decode step does no planning.
 Chunked prefill on top of a split cache (S > 1 with a cache) keeps the PyTorch path.
+A policy with compensation tokens (policies/rule.py) has no kernel: `_kernel` raises
+UnsupportedPolicyError for such a plan, and HEADPOLICY_KERNEL_BACKEND=reference runs it in PyTorch.
 """
 
 from headpolicy.codegen.emitter import cache_dir, codegen_enabled, kernel_path, load_kernels, render, set_enabled

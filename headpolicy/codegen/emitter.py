@@ -108,8 +108,8 @@ def render(spec: PrefillSpec | DecodeSpec) -> str:
     if isinstance(spec, PrefillSpec):
         values.update(block_m=spec.block_m, num_kv_heads=spec.num_kv_heads, dispatch=_prefill_dispatch(spec.runs))
     else:
-        parts = tuple((r.start, r.stop, r.retrieval, r.sink, r.window) for r in spec.runs)
-        values.update(block_g=spec.block_g, parts=repr(parts))
+        parts = tuple((r.start, r.stop, r.retrieval, r.sink, r.window, r.bits) for r in spec.runs)
+        values.update(block_g=spec.block_g, parts=repr(parts), kv_group=max(1, spec.kv_group))
     return string.Template(template).substitute(values)
 
 

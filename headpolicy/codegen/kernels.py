@@ -208,6 +208,8 @@ def decode_spec(
     head_dim: int, group_size: int, num_retrieval: int, groups: tuple, dtype: torch.dtype, device_type: str,
     block_n: int | None = None,
     upcast: bool = False,
+    quant: tuple = (),
+    kv_group: int = 0,
 ) -> DecodeSpec:
     """The DecodeSpec of one layer's cache layout, built once per layout (cached)."""
     cfg = default_blocks(head_dim, device_type, dtype_tag(dtype))
@@ -221,7 +223,24 @@ def decode_spec(
         num_warps=min(4, cfg["num_warps"]),  # a [BLOCK_G, BLOCK_N] tile: 4 warps are plenty
         num_stages=cfg["num_stages"],
         upcast_matmul=upcast,
+        quant=quant,
+        kv_group=kv_group if quant else 0,
     )
+
+
+def _check_decode(q, k_full, v_full, group_k, group_v, lists) -> tuple[int, int, int, int]:
+    """Shapes shared by both decode launchers; returns (B, Hq, D, R)."""
+    B, Hq, S, D = q.shape
+    if S != 1:
+        raise ValueError(f"decode: expects one query per row, got q {tuple(q.shape)}")
+    if any(len(x) != len(lists[0]) for x in lists):
+        sizes = [len(x) for x in lists]
+        raise ValueError(f"decode: per-group lists must all have {len(lists[0])} entries, got {sizes}")
+    for name, t in [("k_full", k_full), ("v_full", v_full), *[("group_k", t) for t in group_k],
+                    *[("group_v", t) for t in group_v]]:  # fmt: skip
+        if t.dim() != 4 or t.shape[0] != B or t.shape[3] != D or t.dtype != q.dtype:
+            raise ValueError(f"decode: {name} must be [B={B}, H, N, D={D}] {q.dtype}, got {tuple(t.shape)} {t.dtype}")
+    return B, Hq, D, k_full.shape[1]
 
 
 @_on_tensor_device
@@ -245,57 +264,138 @@ def decode_triton(
 
     num_splits forces the split-K factor of every part (capped by its key blocks). Returns [B, Hq, 1, D].
     """
-    B, Hq, S, D = q.shape
-    if S != 1:
-        raise ValueError(f"decode: expects one query per row, got q {tuple(q.shape)}")
-    n_groups = len(group_sink)
-    lists = (group_k, group_v, group_rank, group_window)
-    if any(len(x) != n_groups for x in lists):
-        raise ValueError(f"decode: per-group lists must all have {n_groups} entries, got {[len(x) for x in lists]}")
-    R = k_full.shape[1]
+    B, Hq, D, R = _check_decode(q, k_full, v_full, group_k, group_v, (group_sink, group_k, group_v, group_rank,
+                                                                       group_window))  # fmt: skip
     kv_heads = R + sum(t.shape[1] for t in group_k)
     if kv_heads == 0 or Hq % kv_heads:
         raise ValueError(f"decode: {Hq} query heads do not divide over {kv_heads} KV heads")
-    for name, t in [("k_full", k_full), ("v_full", v_full), *[("group_k", t) for t in group_k],
-                    *[("group_v", t) for t in group_v]]:  # fmt: skip
-        if t.dim() != 4 or t.shape[0] != B or t.shape[3] != D or t.dtype != q.dtype:
-            raise ValueError(f"decode: {name} must be [B={B}, H, N, D={D}] {q.dtype}, got {tuple(t.shape)} {t.dtype}")
     _check_device(q, q_rank, k_full, v_full, *group_k)
     groups = tuple((t.shape[1], int(s), int(w)) for t, s, w in zip(group_k, group_sink, group_window, strict=True))
     spec = decode_spec(D, Hq // kv_heads, R, groups, q.dtype, q.device.type, block_n, _upcast_matmul(q.dtype))
+    # parts in cache order: (k, v, rank | None); a retrieval part without padding has no ranks
+    parts = [_Plain(k_full, v_full, full_rank)] if R else []
+    parts += [_Plain(k, v, rank) for k, v, rank in zip(group_k, group_v, group_rank, strict=True)]
+    return _decode(q, q_rank, spec, parts, num_splits, scale)
+
+
+@_on_tensor_device
+def decode_quantized_triton(
+    q, q_rank, k_full, v_full, full_rank, group_k, group_v, group_rank, group_sink, group_window,
+    quant, quant_retrieval, quant_bits, quant_sink, quant_window, kv_group: int, scale: float,
+    *,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Generated decode kernels over a split cache with quantised parts (arguments:
+    ops.decode_attention_quantized): plain parts as decode_triton, quantised ones read as codes.
+    Returns [B, Hq, 1, D]."""
+    from headpolicy.codegen.reference import quantized_parts
+
+    B, Hq, D, R = _check_decode(q, k_full, v_full, group_k, group_v, (group_sink, group_k, group_v, group_rank,
+                                                                       group_window))  # fmt: skip
+    coded = quantized_parts(quant, quant_retrieval, quant_bits, kv_group)
+    for i, (k, v, rank, k_tail, v_tail, tail_rank) in enumerate(coded):
+        _check_quantized_part(i, k, v, rank, k_tail, v_tail, tail_rank, q)
+    kv_heads = R + sum(t.shape[1] for t in group_k) + sum(c[0].codes.shape[1] for c in coded)
+    if kv_heads == 0 or Hq % kv_heads:
+        raise ValueError(f"decode: {Hq} query heads do not divide over {kv_heads} KV heads")
+    _check_device(q, q_rank, k_full, v_full, *group_k, *quant)
+    groups = tuple((t.shape[1], int(s), int(w)) for t, s, w in zip(group_k, group_sink, group_window, strict=True))
+    table = zip(coded, quant_retrieval, quant_bits, quant_sink, quant_window, strict=True)
+    rules = tuple((c[0].codes.shape[1], bool(r), int(b), int(s), int(w)) for c, r, b, s, w in table)
+    spec = decode_spec(D, Hq // kv_heads, R, groups, q.dtype, q.device.type, block_n, _upcast_matmul(q.dtype),
+                       rules, int(kv_group))  # fmt: skip
+    n_r = sum(1 for r in quant_retrieval if r)
+    quantised = [_Coded(*c) for c in coded]
+    parts = ([_Plain(k_full, v_full, full_rank)] if R else []) + quantised[:n_r]
+    parts += [_Plain(k, v, rank) for k, v, rank in zip(group_k, group_v, group_rank, strict=True)]
+    parts += quantised[n_r:]
+    return _decode(q, q_rank, spec, parts, num_splits, scale)
+
+
+def _check_quantized_part(i, k, v, rank, k_tail, v_tail, tail_rank, q) -> None:
+    B, D = q.shape[0], q.shape[3]
+    H, n = k.codes.shape[1], k.codes.shape[2]
+    for name, x in (("k", k), ("v", v)):
+        if x.codes.dtype != torch.uint8 or x.codes.dim() != 4 or x.codes.shape[:3] != (B, H, n) or x.head_dim != D:
+            raise ValueError(f"decode: quantised part {i} {name} codes must be uint8 [B={B}, H, N, D*bits/8] for "
+                             f"D={D}, got {x.codes.dtype} {tuple(x.codes.shape)}")  # fmt: skip
+        if x.scale.dtype != torch.float16 or x.zero.shape != x.scale.shape or x.zero.stride() != x.scale.stride():
+            raise ValueError(f"decode: quantised part {i} {name} scales/zeros must be float16 of one shape and layout")
+        if any(t.stride(-1) != 1 for t in x.tensors()):
+            raise ValueError(f"decode: quantised part {i} {name} tensors must be contiguous in their last dimension")
+    if tuple(rank.shape) != (B, n):
+        raise ValueError(f"decode: quantised part {i} ranks must be [B={B}, N={n}], got {tuple(rank.shape)}")
+    if k_tail.shape != v_tail.shape or k_tail.dtype != q.dtype or tuple(tail_rank.shape) != (B, k_tail.shape[2]):
+        raise ValueError(f"decode: quantised part {i} residual k/v must be [B, H, Nt, D] {q.dtype} with ranks [B, Nt]")
+
+
+class _Plain:
+    """A part in the model's dtype: k, v [B, H, N, D], ranks [B, N] or None (slot = rank)."""
+
+    def __init__(self, k, v, rank):
+        self.k, self.v, self.rank = k, v, rank
+        self.heads, self.blocks_of = k.shape[1], lambda bn: triton_cdiv(k.shape[2], bn)
+
+    def launch(self, mod, grid, common, run, q_rank):
+        k, v = _nonempty(_last_contiguous(self.k)), _nonempty(_last_contiguous(self.v))
+        r = _nonempty(_last_contiguous(self.rank)) if self.rank is not None else q_rank
+        q3, o_part, lse_part, h0, Hq, per, max_splits, qk_scale = common
+        mod.decode_split_kernel[grid](
+            q3, q_rank, k, v, r, o_part, lse_part,
+            q3.stride(0), q3.stride(1), *k.stride()[:3], *v.stride()[:3], r.stride(0) if self.rank is not None else 0,
+            self.k.shape[2], self.heads, h0, Hq, per, max_splits, qk_scale,
+            HAS_RANK=self.rank is not None, IS_RETRIEVAL=run.retrieval, SINK=run.sink,
+            WINDOW=max(1, run.window), num_warps=mod.NUM_WARPS, num_stages=mod.NUM_STAGES,
+        )  # fmt: skip
+
+
+class _Coded:
+    """A quantised part: k, v precision.Quantized [B, H, NQ], ranks [B, NQ], then a full-precision tail."""
+
+    def __init__(self, k, v, rank, k_tail, v_tail, tail_rank):
+        self.k, self.v, self.rank, self.k_tail, self.v_tail, self.tail_rank = k, v, rank, k_tail, v_tail, tail_rank
+        self.heads = k.codes.shape[1]
+        self.blocks_of = lambda bn: triton_cdiv(k.codes.shape[2], bn) + triton_cdiv(k_tail.shape[2], bn)
+
+    def launch(self, mod, grid, common, run, q_rank):
+        q3, o_part, lse_part, h0, Hq, per, max_splits, qk_scale = common
+        kc, ks, kz = (_nonempty(t) for t in self.k.tensors())
+        vc, vs, vz = (_nonempty(t) for t in self.v.tensors())
+        r, rt = _nonempty(self.rank.contiguous()), _nonempty(self.tail_rank.contiguous())
+        kt, vt = _nonempty(self.k_tail.contiguous()), _nonempty(self.v_tail.contiguous())
+        mod.decode_quant_split_kernel[grid](
+            q3, q_rank, kc, ks, kz, vc, vs, vz, r, kt, vt, rt, o_part, lse_part,
+            q3.stride(0), q3.stride(1), *kc.stride()[:3], *ks.stride()[:3], *vc.stride()[:3], *vs.stride()[:3],
+            r.stride(0), *kt.stride()[:3], rt.stride(0),
+            self.k.codes.shape[2], self.k_tail.shape[2], self.heads, h0, Hq, per, max_splits, qk_scale,
+            BITS=run.bits, IS_RETRIEVAL=run.retrieval, SINK=run.sink, WINDOW=max(1, run.window),
+            num_warps=mod.NUM_WARPS, num_stages=mod.NUM_STAGES,
+        )  # fmt: skip
+
+
+def _decode(q, q_rank, spec: DecodeSpec, parts: list, num_splits: int | None, scale: float) -> torch.Tensor:
+    """Launch one split-K kernel per part (in cache order, matching spec.runs), then the combine kernel."""
+    B, Hq, _, D = q.shape
     mod = load_kernels(spec)
     bn = spec.block_n
     q3 = _last_contiguous(q[:, :, 0])  # [B, Hq, D]
     q_rank = q_rank.reshape(B).to(device=q.device, dtype=torch.int64).contiguous()  # read as QRANK + b
-
-    # parts in cache order: (k, v, rank | None, first KV head); a retrieval part without padding has no ranks
-    parts = [(k_full, v_full, full_rank, 0)] if R else []
-    pos = R
-    for k, v, rank in zip(group_k, group_v, group_rank, strict=True):
-        parts.append((k, v, rank, pos))
-        pos += k.shape[1]
-    launches = []
-    for (k, v, rank, h0), run in zip(parts, spec.runs, strict=True):
-        heads, n = k.shape[1], k.shape[2]
-        n_blocks = triton_cdiv(n, bn)
-        splits = num_splits if num_splits is not None else _num_splits(n_blocks, B * heads, q.device)
+    launches, h0 = [], 0
+    for part, run in zip(parts, spec.runs, strict=True):
+        n_blocks = part.blocks_of(bn)
+        splits = num_splits if num_splits is not None else _num_splits(n_blocks, B * part.heads, q.device)
         per = max(1, triton_cdiv(n_blocks, max(1, splits)))
-        launches.append((k, v, rank, h0, heads, n, per, max(1, triton_cdiv(n_blocks, per)), run))
-    max_splits = max(x[7] for x in launches)
+        launches.append((part, run, h0, per, max(1, triton_cdiv(n_blocks, per))))
+        h0 += part.heads
+    max_splits = max(x[4] for x in launches)
     o_part = torch.empty(B * Hq, max_splits, D, dtype=torch.float32, device=q.device)
     lse_part = torch.full((B * Hq, max_splits), float("-inf"), dtype=torch.float32, device=q.device)
-    for k, v, rank, h0, heads, n, per, splits, run in launches:
-        if heads == 0:
+    for part, run, h0, per, splits in launches:
+        if part.heads == 0:
             continue
-        k, v = _nonempty(_last_contiguous(k)), _nonempty(_last_contiguous(v))
-        r = _nonempty(_last_contiguous(rank)) if rank is not None else q_rank
-        mod.decode_split_kernel[(B * heads, splits)](
-            q3, q_rank, k, v, r, o_part, lse_part,
-            q3.stride(0), q3.stride(1), *k.stride()[:3], *v.stride()[:3], r.stride(0) if rank is not None else 0,
-            n, heads, h0, Hq, per, max_splits, scale * LOG2E,
-            HAS_RANK=rank is not None, IS_RETRIEVAL=run.retrieval, SINK=run.sink,
-            WINDOW=max(1, run.window), num_warps=mod.NUM_WARPS, num_stages=mod.NUM_STAGES,
-        )  # fmt: skip
+        common = (q3, o_part, lse_part, h0, Hq, per, max_splits, scale * LOG2E)
+        part.launch(mod, (B * part.heads, splits), common, run, q_rank)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     mod.decode_combine_kernel[(B * Hq,)](
         o_part, lse_part, out, out.stride(0), out.stride(1), Hq, max_splits,

@@ -1,4 +1,5 @@
-"""`torch.library` custom ops: headpolicy::prefill_attention and headpolicy::decode_attention.
+"""`torch.library` custom ops: headpolicy::prefill_attention, headpolicy::decode_attention and
+headpolicy::decode_attention_quantized (decode over a cache with quantised heads).
 
 Eager code, torch.export graphs and torch.compile all call these same ops. Each op has a
 fake (meta) implementation, so tracing never runs a kernel. Which implementation runs:
@@ -19,7 +20,12 @@ import os
 import torch
 from torch import Tensor
 
-from headpolicy.codegen.reference import decode_reference, prefill_reference
+from headpolicy.codegen.reference import (
+    QUANT_TENSORS,
+    decode_quantized_reference,
+    decode_reference,
+    prefill_reference,
+)
 
 BACKENDS = ("auto", "triton", "reference")
 _backend: str | None = None  # None: follow HEADPOLICY_KERNEL_BACKEND
@@ -139,4 +145,60 @@ def decode_attention(
 def _decode_fake(q, q_rank, k_full, v_full, full_rank, group_k, group_v, group_rank, group_sink, group_window, scale):
     torch._check(q.shape[2] == 1, lambda: "decode_attention takes one query per row")
     torch._check(len(group_k) == len(group_sink) == len(group_window), lambda: "one sink/window per group")
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("headpolicy::decode_attention_quantized", mutates_args=())
+def decode_attention_quantized(
+    q: Tensor,
+    q_rank: Tensor,
+    k_full: Tensor,
+    v_full: Tensor,
+    full_rank: Tensor | None,
+    group_k: list[Tensor],
+    group_v: list[Tensor],
+    group_rank: list[Tensor],
+    group_sink: list[int],
+    group_window: list[int],
+    quant: list[Tensor],
+    quant_retrieval: list[bool],
+    quant_bits: list[int],
+    quant_sink: list[int],
+    quant_window: list[int],
+    kv_group: int,
+    scale: float,
+) -> Tensor:
+    """decode_attention over a split cache that also has quantised parts (policies/precision.py).
+
+    The first ten arguments and `scale` mean what they mean for decode_attention. Each quantised
+    part i contributes QUANT_TENSORS tensors to `quant`, at [10 * i, 10 * i + 10):
+      k codes, k scales, k zeros, v codes, v scales, v zeros   (precision.Quantized layout, uint8 / float16)
+      rank [B, Nq]                                              key ranks of the coded tokens (-1 = empty)
+      k_tail, v_tail [B, H, Nt, D] in q.dtype, tail rank [B, Nt] the full-precision residual (Nt = 0 for streaming)
+    and its rule: quant_retrieval[i] (keys per channel over kv_group tokens, else per token),
+    quant_bits[i] (8 or 4), quant_sink[i], quant_window[i] (streaming parts only).
+    KV-head order (that of policies/plan.py): [k_full | quantised retrieval parts | groups |
+    quantised streaming parts]. Returns [B, Hq, 1, D] in q.dtype.
+    """
+    n = len(quant_bits)
+    if len(quant) != QUANT_TENSORS * n or not (len(quant_retrieval) == len(quant_sink) == len(quant_window) == n):
+        raise ValueError(
+            f"decode_attention_quantized: {n} quantised parts need {QUANT_TENSORS * n} tensors and {n} rules, "
+            f"got {len(quant)} tensors, retrieval={len(quant_retrieval)}, sink={len(quant_sink)}, "
+            f"window={len(quant_window)}"
+        )
+    if list(quant_retrieval) != sorted(quant_retrieval, reverse=True):
+        raise ValueError("decode_attention_quantized: quantised retrieval parts must come before streaming ones")
+    args = (q, q_rank, k_full, v_full, full_rank, group_k, group_v, group_rank, group_sink, group_window,
+            quant, quant_retrieval, quant_bits, quant_sink, quant_window, kv_group, scale)  # fmt: skip
+    if use_kernels(q):
+        from headpolicy.codegen.kernels import decode_quantized_triton
+
+        return decode_quantized_triton(*args)
+    return decode_quantized_reference(*args)
+
+
+@decode_attention_quantized.register_fake
+def _decode_quantized_fake(q, *args):
+    torch._check(q.shape[2] == 1, lambda: "decode_attention_quantized takes one query per row")
     return torch.empty_like(q)

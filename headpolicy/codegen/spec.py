@@ -30,22 +30,26 @@ def next_pow2(n: int) -> int:
 
 @dataclass(frozen=True)
 class HeadRun:
-    """KV heads [start, stop) that follow one rule: retrieval, or streaming with (sink, window)."""
+    """KV heads [start, stop) that follow one rule: retrieval, or streaming with (sink, window);
+    bits: how their cache is stored (16 = the model's dtype, 8/4 = policies/precision.py codes)."""
 
     start: int
     stop: int
     retrieval: bool
     sink: int
     window: int
+    bits: int = 16
 
     @property
     def tag(self) -> str:
         n = self.stop - self.start
-        return f"r{n}" if self.retrieval else f"s{self.sink}w{self.window}x{n}"
+        tag = f"r{n}" if self.retrieval else f"s{self.sink}w{self.window}x{n}"
+        return tag + (f"q{self.bits}" if self.bits != 16 else "")
 
     def describe(self) -> str:
         rule = "retrieval (causal, every key)" if self.retrieval else f"streaming sink={self.sink} window={self.window}"
-        return f"KV heads [{self.start}, {self.stop}): {rule}"
+        store = f", int{self.bits} codes" if self.bits != 16 else ""
+        return f"KV heads [{self.start}, {self.stop}): {rule}{store}"
 
 
 def head_runs(retrieval, sink, window) -> tuple[HeadRun, ...]:
@@ -134,6 +138,9 @@ class DecodeSpec(_SpecParts):
     """Decode attention over the split cache: `num_retrieval` full heads, then streaming groups.
 
     groups: ((num_heads, sink, window), ...) in cache order.
+    quant: ((num_heads, retrieval, bits, sink, window), ...) the quantised parts (retrieval ones
+    first), read by decode_quant_split_kernel; kv_group: their values per scale (0: none).
+    Cache order with quantised parts: [full heads | quantised retrieval | groups | quantised streaming].
     """
 
     head_dim: int
@@ -146,17 +153,21 @@ class DecodeSpec(_SpecParts):
     num_stages: int = 2
     # the Triton interpreter has no bf16 matmul: it multiplies bf16 tiles in fp32 instead
     upcast_matmul: bool = False
+    quant: tuple[tuple[int, bool, int, int, int], ...] = ()
+    kv_group: int = 0
 
     kind = "decode"
 
     @property
     def runs(self) -> tuple[HeadRun, ...]:
+        """Every part in cache order (quantised ones with their bits)."""
+        rules = [(True, 0, 0, 16, self.num_retrieval)] if self.num_retrieval else []
+        quant = [(r, 0 if r else s, 0 if r else w, bits, n) for n, r, bits, s, w in self.quant]
+        rules += [q for q in quant if q[0]] + [(False, s, w, 16, n) for n, s, w in self.groups]
+        rules += [q for q in quant if not q[0]]
         runs, pos = [], 0
-        if self.num_retrieval:
-            runs.append(HeadRun(0, self.num_retrieval, True, 0, 0))
-            pos = self.num_retrieval
-        for n, sink, window in self.groups:
-            runs.append(HeadRun(pos, pos + n, False, sink, window))
+        for retrieval, sink, window, bits, n in rules:
+            runs.append(HeadRun(pos, pos + n, retrieval, sink, window, bits))
             pos += n
         return tuple(runs)
 
@@ -165,8 +176,9 @@ class DecodeSpec(_SpecParts):
         return max(16, next_pow2(self.group_size))
 
     def name(self, template_sha: str) -> str:
+        quant = f"_kg{self.kv_group}" if self.quant else ""
         name = (
-            f"decode_d{self.head_dim}_g{self.group_size}_{_table_tag(self.runs)}_{self.dtype}"
+            f"decode_d{self.head_dim}_g{self.group_size}_{_table_tag(self.runs)}_{self.dtype}{quant}"
             f"_bn{self.block_n}_w{self.num_warps}_st{self.num_stages}{self._mm_tag}_{template_sha}"
         )
         return name

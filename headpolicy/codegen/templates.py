@@ -181,6 +181,13 @@ $table_comment
 # Split-K: program (b, h, split) covers a run of key blocks and writes the normalised
 # partial output and its log2-sum-exp; decode_combine_kernel merges the splits.
 # All GROUP query heads of a KV head share one program, so each key block is loaded once.
+#
+# Quantised parts (decode_quant_split_kernel; policies/precision.py) read uint8 codes and
+# float16 scales/zeros and dequantise each key block in registers, then attend as above:
+#     x = code * scale + zero      (int4: channel d is nibble d % 2 of byte d // 2)
+# keys per channel (scale row = token // KV_GROUP, column = channel) for retrieval parts,
+# per token (row = token, column = channel // KV_GROUP) otherwise; values always per token.
+# A retrieval part's full-precision residual follows its coded tokens as further key blocks.
 
 import triton
 import triton.language as tl
@@ -190,9 +197,10 @@ BLOCK_D = tl.constexpr($block_d)
 GROUP = tl.constexpr($group_size)
 BLOCK_G = tl.constexpr($block_g)
 BLOCK_N = tl.constexpr($block_n)
+KV_GROUP = tl.constexpr($kv_group)  # values per float16 scale/zero of the quantised parts
 NUM_WARPS = $num_warps
 NUM_STAGES = $num_stages
-# (first KV head, last KV head + 1, is_retrieval, sink, window) per part, in cache order
+# (first KV head, last KV head + 1, is_retrieval, sink, window, bits) per part, in cache order
 PARTS = $parts
 
 
@@ -256,6 +264,104 @@ def decode_split_kernel(Q, QRANK, K, V, R, O_PART, LSE_PART,
     acc, m_i, l_i = _decode_blocks(
         acc, m_i, l_i, q, qr, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
         R + b * stride_rb, stride_kt, stride_vt, N, blk_lo, blk_hi, qk_scale, HAS_RANK, IS_RETRIEVAL, SINK, WINDOW)
+
+    has = l_i > 0.0
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    row = (b * num_q_heads + hq) * max_splits + pid_s
+    tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=q_mask)
+    tl.store(LSE_PART + row, lse, mask=g_ok)
+
+
+@triton.jit
+def _dequant_tile(c_base, s_base, z_base, stride_ct, stride_st, offs_n, tile_ok, BITS: tl.constexpr,
+                  PER_CHANNEL: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] tokens offs_n dequantised: code * scale + zero, float32."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if BITS == 4:
+        byte = tl.load(c_base + offs_n[:, None] * stride_ct + (offs_d // 2)[None, :], mask=tile_ok, other=0)
+        code = (byte.to(tl.int32) >> ((offs_d % 2) * 4)[None, :]) & 15
+    else:
+        code = tl.load(c_base + offs_n[:, None] * stride_ct + offs_d[None, :], mask=tile_ok, other=0).to(tl.int32)
+    if PER_CHANNEL:
+        where = (offs_n // KV_GROUP)[:, None] * stride_st + offs_d[None, :]
+    else:
+        where = offs_n[:, None] * stride_st + (offs_d // KV_GROUP)[None, :]
+    scale = tl.load(s_base + where, mask=tile_ok, other=0.0).to(tl.float32)
+    zero = tl.load(z_base + where, mask=tile_ok, other=0.0).to(tl.float32)
+    return code.to(tl.float32) * scale + zero
+
+
+@triton.jit
+def _decode_blocks_q(acc, m_i, l_i, q, qr, kc, ks, kz, vc, vs, vz, r_base, stride_kct, stride_kst, stride_vct,
+                     stride_vst, N, kb_lo, kb_hi, qk_scale, BITS: tl.constexpr, IS_RETRIEVAL: tl.constexpr,
+                     SINK: tl.constexpr, WINDOW: tl.constexpr):
+    """_decode_blocks over coded tokens: each key/value block is dequantised (to the model dtype) first."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for kb in range(kb_lo, kb_hi):
+        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_seg = offs_n < N
+        tile_ok = in_seg[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = _dequant_tile(kc, ks, kz, stride_kct, stride_kst, offs_n, tile_ok, BITS, IS_RETRIEVAL).to($tl_dtype)
+        v = _dequant_tile(vc, vs, vz, stride_vct, stride_vst, offs_n, tile_ok, BITS, False).to($tl_dtype)
+        k_rank = tl.load(r_base + offs_n, mask=in_seg, other=-1)
+        allowed = in_seg & (k_rank >= 0) & (k_rank <= qr) & (qr >= 0)
+        if not IS_RETRIEVAL:
+            allowed = allowed & ((k_rank < SINK) | (qr - k_rank < WINDOW))
+        qk = tl.dot(q$mm_in, tl.trans(k$mm_in)$dot_kwargs)
+        s = tl.where(allowed[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to($p_dtype), v$mm_in$dot_kwargs)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def decode_quant_split_kernel(Q, QRANK, KC, KS, KZ, VC, VS, VZ, R, KT, VT, RT, O_PART, LSE_PART,
+                              stride_qb, stride_qh,
+                              stride_kcb, stride_kch, stride_kct, stride_ksb, stride_ksh, stride_kst,
+                              stride_vcb, stride_vch, stride_vct, stride_vsb, stride_vsh, stride_vst,
+                              stride_rb, stride_tb, stride_th, stride_tt, stride_rtb,
+                              NQ, NT, heads, head_offset, num_q_heads, blocks_per_split, max_splits, qk_scale,
+                              BITS: tl.constexpr, IS_RETRIEVAL: tl.constexpr, SINK: tl.constexpr,
+                              WINDOW: tl.constexpr):
+    """Grid (B * heads, splits) over one quantised part: NQ coded tokens (KC/VC uint8 [B, heads, NQ, *],
+    KS/KZ/VS/VZ float16, ranks R [B, NQ]) then NT full-precision ones (KT/VT [B, heads, NT, D], ranks
+    RT [B, NT]; NT = 0 for streaming parts). Key blocks are numbered coded first, then tail; a
+    split covers blocks_per_split of them. Writes O_PART/LSE_PART like decode_split_kernel."""
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    hk = pid_bh % heads
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    hq = (head_offset + hk) * GROUP + offs_g
+    g_ok = offs_g < GROUP
+    q_mask = g_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + hq[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    qr = tl.load(QRANK + b)
+
+    coded_blocks = (NQ + BLOCK_N - 1) // BLOCK_N
+    n_blocks = coded_blocks + (NT + BLOCK_N - 1) // BLOCK_N
+    blk_lo = pid_s * blocks_per_split
+    blk_hi = tl.minimum(blk_lo + blocks_per_split, n_blocks)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    acc, m_i, l_i = _decode_blocks_q(
+        acc, m_i, l_i, q, qr, KC + b * stride_kcb + hk * stride_kch, KS + b * stride_ksb + hk * stride_ksh,
+        KZ + b * stride_ksb + hk * stride_ksh, VC + b * stride_vcb + hk * stride_vch,
+        VS + b * stride_vsb + hk * stride_vsh, VZ + b * stride_vsb + hk * stride_vsh, R + b * stride_rb,
+        stride_kct, stride_kst, stride_vct, stride_vst, NQ, blk_lo, tl.minimum(blk_hi, coded_blocks), qk_scale,
+        BITS, IS_RETRIEVAL, SINK, WINDOW)
+    acc, m_i, l_i = _decode_blocks(
+        acc, m_i, l_i, q, qr, KT + b * stride_tb + hk * stride_th, VT + b * stride_tb + hk * stride_th,
+        RT + b * stride_rtb, stride_tt, stride_tt, NT, tl.maximum(blk_lo, coded_blocks) - coded_blocks,
+        blk_hi - coded_blocks, qk_scale, True, IS_RETRIEVAL, SINK, WINDOW)
 
     has = l_i > 0.0
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))

@@ -78,9 +78,7 @@ def streaming_attention(
 
 
 def _chunked_prefill(q, k, v, sink, window, scale):
-    B, T = q.shape[0], k.shape[2]
-    rank = torch.arange(T, device=q.device).expand(B, T)
-    return streaming_heads(q, k, v, rank, rank, sink, window, scale)
+    return streaming_heads(q, k, v, None, None, sink, window, scale)  # ranks are slots: the band path
 
 
 @streaming_attention.register_fake

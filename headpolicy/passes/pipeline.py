@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from headpolicy.errors import ExportError
+from headpolicy.errors import ExportError, QuantizedExportError, UnsupportedPolicyError
 from headpolicy.models import describe_model, get_adapter
 from headpolicy.passes import bind_cache, locate_attention, permute_heads, split_attention  # noqa: F401 (register)
 from headpolicy.passes.bind_cache import CacheEntry
@@ -82,6 +82,8 @@ def compile_step(
     """Capture `model`'s `mode` step and rewrite it for `policy` (the model itself is not modified)."""
     info = describe_model(model)
     policy.check_model(info, check_fingerprint=check_fingerprint)
+    refuse_quantized(policy)
+    refuse_compensation(policy)
     cap = capture(model, mode, last_logits_only=last_logits_only)
     ctx = pass_context(cap, model, policy, skip_noop=skip_noop)
     with torch.no_grad():
@@ -93,6 +95,29 @@ def compile_step(
     return CompiledStep(
         ctx.gm, mode, list(ctx.facts.get("cache_spec", [])), dict(ctx.counts), info.num_layers, info.head_dim
     )
+
+
+def refuse_quantized(policy: HeadPolicy) -> None:
+    """Exported graphs keep every cache part in the model's dtype: their cache inputs and outputs
+    are plain k/v tensors, and quantising a token as it ages out of the residual would need the
+    group bookkeeping of runtime/quant_cache.py inside the graph. A quantised policy is refused
+    rather than exported at a precision it does not ask for."""
+    if policy.num_quantized:
+        raise QuantizedExportError(
+            f"policy stores {policy.num_quantized} of {policy.num_heads} KV heads quantised (kv_bits 8/4); "
+            "export (pt2, onnx) carries native-precision heads only: compile with --precision native "
+            "or set kv_bits: 16 to export it"
+        )
+
+
+def refuse_compensation(policy: HeadPolicy) -> None:
+    """Exported graphs (pt2, ONNX) have no compensation token: their streaming ops and cache
+    layout hold only the sink and the ring. Refused before anything is captured."""
+    if policy.num_compensated:
+        raise UnsupportedPolicyError(
+            f"the policy gives {policy.num_compensated} streaming heads a compensation token, which exported "
+            "graphs (pt2, ONNX) do not implement; export a policy without compensate, or run it with apply()"
+        )
 
 
 def pass_context(cap: Captured, model: nn.Module, policy: HeadPolicy, *, skip_noop: bool = True) -> PassContext:

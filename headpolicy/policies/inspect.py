@@ -14,6 +14,7 @@ import numpy as np
 
 from headpolicy.errors import PolicyMismatchError
 from headpolicy.io import atomic_write
+from headpolicy.policies.precision import BITS, NATIVE_BITS
 from headpolicy.policies.schema import HeadPolicy
 from headpolicy.policies.stats import spearman
 
@@ -43,13 +44,16 @@ def format_inspect(policy: HeadPolicy) -> str:
         f"retrieval   {policy.num_retrieval}/{policy.num_heads} KV heads ({100 * policy.retrieval_fraction:.1f}%); "
         f"streaming heads keep sink {policy.sink} + window {policy.window}"
         + (" (some heads override)" if _has_overrides(policy) else ""),
-        "KV cache vs full: " + "   ".join(f"{_ctx_label(c)} {100 * policy.kv_fraction(c):.1f}%" for c in CONTEXTS),
+        *_compensation_line(policy),
+        *_kv_lines(policy),
         "",
     ]
     overrides = _has_overrides(policy)
     header = f"{'layer':>5}  {'retr':>5}  {'retrieval heads':<20}"
-    if overrides:  # per-head windows: what each head keeps
-        header += "  per head: R = retrieval, else sink+window" + (" (score)" if has_scores else "")
+    if overrides:  # per-head windows, bits or compensation: what each head keeps
+        header += "  per head: R = retrieval, else sink+window"
+        header += " (+c: compensated)" if policy.num_compensated else ""
+        header += (", @b = KV bits if not 16" if policy.num_quantized else "") + (" (score)" if has_scores else "")
     elif has_scores:
         header += "  scores (* = retrieval)"
     lines.append(header.rstrip())
@@ -61,6 +65,9 @@ def format_inspect(policy: HeadPolicy) -> str:
             score = "" if h.score is None else f"{h.score:.3f}"
             if overrides:
                 rule = "R" if h.is_retrieval else "{}+{}".format(*policy.head_window(li, hi))
+                rule += "+c" if policy.head_compensates(li, hi) else ""
+                bits = policy.head_bits(li, hi)
+                rule += f"@{bits}" if bits != NATIVE_BITS else ""
                 cells.append(f"{rule}{f' ({score})' if has_scores else ''}".rjust(18 if has_scores else 10))
             elif has_scores:
                 cells.append(f"{score or '-'}{'*' if h.is_retrieval else ' '}".rjust(7))
@@ -69,8 +76,47 @@ def format_inspect(policy: HeadPolicy) -> str:
     return "\n".join(lines)
 
 
+def _compensation_line(policy: HeadPolicy) -> list[str]:
+    n = policy.num_compensated
+    if not n:
+        return []
+    return [f"compensate  {n} streaming heads keep a compensation token (one slot: the mean key/value they dropped)"]
+
+
 def _has_overrides(policy: HeadPolicy) -> bool:
-    return any(h.sink is not None or h.window is not None for row in policy.layers for h in row)
+    own_rule = any(
+        h.sink is not None or h.window is not None or h.compensate is not None for row in policy.layers for h in row
+    )
+    return own_rule or policy.num_quantized > 0
+
+
+def _compensation_line(policy: HeadPolicy) -> list[str]:
+    n = policy.num_compensated
+    if not n:
+        return []
+    return [f"compensate  {n} streaming heads keep a compensation token (one slot: the mean key/value they dropped)"]
+
+
+def _kv_lines(policy: HeadPolicy) -> list[str]:
+    """KV cache size lines: the fraction of the full cache (dtype-free without quantised heads);
+    with quantised heads, the bits per head and, per model dtype, the fraction and MiB per sequence."""
+    if not policy.num_quantized:
+        fractions = (f"{_ctx_label(c)} {100 * policy.kv_fraction(c):.1f}%" for c in CONTEXTS)
+        return ["KV cache vs full: " + "   ".join(fractions)]
+    table = policy.bits_table()
+    counts = [f"{b} bits: {n} head{'s' * (n != 1)}" for b in BITS if (n := sum(row.count(b) for row in table))]
+    lines = [
+        f"KV bits     {', '.join(counts)} (16 = the model's dtype; a float16 scale and zero per "
+        f"{policy.kv_group} values; retrieval heads keep their last {policy.kv_residual}+ tokens at full precision)"
+    ]
+    for name, size in (("float32", 4), ("bfloat16", 2)):
+        cells = [
+            f"{_ctx_label(c)} {100 * policy.kv_fraction(c, dtype_bytes=size):.1f}% "
+            f"{policy.kv_bytes(c, dtype_bytes=size) / 2**20:.2f} MiB"
+            for c in CONTEXTS
+        ]
+        lines.append(f"KV cache vs full {name + ':':<10} " + "   ".join(cells))
+    return lines
 
 
 def _ids(ids: list[int]) -> str:
@@ -155,28 +201,30 @@ def save_heatmap(policy: HeadPolicy, out: str | os.PathLike, *, title: str | Non
 class HeadChange:
     layer: int
     head: int
-    before: str  # "retrieval" or "streaming(sink,window)"
+    before: str  # "retrieval" or "streaming(sink,window[,compensated])", with "@bits" when not 16
     after: str
 
 
 @dataclass(frozen=True)
 class PolicyDiff:
     changed_kind: tuple[HeadChange, ...]
-    changed_window: tuple[HeadChange, ...]  # both streaming, other sink/window
+    changed_window: tuple[HeadChange, ...]  # same kind, other sink/window, KV bits or compensation
     spearman: float | None  # None: a policy has no scores
     scored_heads: int
     same_fingerprint: bool
 
 
 def _describe(policy: HeadPolicy, li: int, hi: int) -> str:
+    bits = policy.head_bits(li, hi)
+    at = f"@{bits}" if bits != NATIVE_BITS else ""
     if policy.layers[li][hi].is_retrieval:
-        return "retrieval"
+        return f"retrieval{at}"
     s, w = policy.head_window(li, hi)
-    return f"streaming({s},{w})"
+    return f"streaming({s},{w}{',compensated' if policy.head_compensates(li, hi) else ''}){at}"
 
 
 def diff_policies(a: HeadPolicy, b: HeadPolicy) -> PolicyDiff:
-    """Heads whose kind (or sink/window) differ, and the Spearman correlation of their scores."""
+    """Heads whose kind (or sink/window/bits/compensation) differ, and the Spearman correlation of their scores."""
     ma, mb = a.model, b.model
     if (ma.num_layers, ma.num_kv_heads) != (mb.num_layers, mb.num_kv_heads):
         raise PolicyMismatchError(
@@ -212,7 +260,7 @@ def format_diff(d: PolicyDiff, a: HeadPolicy, b: HeadPolicy, names: tuple[str, s
     for c in d.changed_kind:
         lines.append(f"  layer {c.layer:>3} head {c.head:>3}: {c.before} -> {c.after}")
     if d.changed_window:
-        lines.append(f"streaming heads with another sink/window: {len(d.changed_window)}")
+        lines.append(f"heads with another sink/window, KV bits or compensation: {len(d.changed_window)}")
         for c in d.changed_window:
             lines.append(f"  layer {c.layer:>3} head {c.head:>3}: {c.before} -> {c.after}")
     return "\n".join(lines)

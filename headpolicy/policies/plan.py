@@ -4,8 +4,18 @@ Running (the attention function, the cache, the kernels, the graph passes) only 
 small frozen objects; nothing is re-planned per step.
 
 After `apply`, each layer's KV heads sit in the order `perm`: retrieval heads first, then the
-streaming heads grouped by (sink, window). `kv_rows` / `query_rows` give the projection rows
-of that order, for the weights (models.Adapter) and for exported graphs (passes).
+streaming heads grouped by (sink, window, compensate). `kv_rows` / `query_rows` give the projection
+rows of that order, for the weights (models.Adapter) and for exported graphs (passes).
+
+KV precision (policies/precision.py) orders heads further, so each cache part is one
+contiguous head range at one precision:
+
+    [ retrieval 16 bits | retrieval 8 bits | retrieval 4 bits | streaming groups by (bits, sink, window, compensate) ]
+      num_native_retrieval  retrieval_groups (quantised)        groups (16-bit ones first)
+
+Retrieval heads of one layer may have different bits: each quantised bits value is its own
+`RetrievalGroup` (one stored tensor set each), as each (sink, window, bits, compensate) is its own
+`StreamGroup`. The 16-bit retrieval heads stay the one plain part they always were.
 """
 
 from __future__ import annotations
@@ -15,17 +25,48 @@ from functools import cached_property
 
 import torch
 
+from headpolicy.errors import QuantizedCompensationError
+from headpolicy.policies.precision import DEFAULT_GROUP, DEFAULT_RESIDUAL, NATIVE_BITS
+from headpolicy.policies.rule import causal_below
 from headpolicy.policies.schema import HeadPolicy
 
 
 @dataclass(frozen=True)
 class StreamGroup:
-    """Streaming KV heads [start, stop) (permuted order) that share one sink/window."""
+    """Streaming KV heads [start, stop) (permuted order) that share one sink/window, KV bits and
+    whether they keep a compensation token (policies/rule.py). A group is never both quantised and
+    compensated (QuantizedCompensationError, as in the policy's validation)."""
 
     start: int
     stop: int
     sink: int
     window: int
+    bits: int = NATIVE_BITS
+    compensate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compensate and self.quantized:
+            raise QuantizedCompensationError(
+                f"streaming heads [{self.start}, {self.stop}): a compensation token on quantised heads "
+                f"(kv_bits {self.bits}) is not supported; keep them at kv_bits 16 or drop compensate"
+            )
+
+    @property
+    def num_heads(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != NATIVE_BITS
+
+
+@dataclass(frozen=True)
+class RetrievalGroup:
+    """Retrieval KV heads [start, stop) (permuted order) whose cache is quantised to `bits` (8 or 4)."""
+
+    start: int
+    stop: int
+    bits: int
 
     @property
     def num_heads(self) -> int:
@@ -37,6 +78,8 @@ class LayerPlan:
     """One layer: KV head order (retrieval heads first) and the streaming groups after them.
 
     perm[i] is the original index of the KV head that sits at position i after `apply`.
+    num_retrieval counts every retrieval head; the quantised ones are `retrieval_groups`, after
+    the num_native_retrieval 16-bit ones. kv_group/kv_residual: the policy's quantisation settings.
     """
 
     layer: int
@@ -44,6 +87,19 @@ class LayerPlan:
     num_retrieval: int
     groups: tuple[StreamGroup, ...]
     group_size: int  # query heads per KV head
+    retrieval_groups: tuple[RetrievalGroup, ...] = ()
+    kv_group: int = DEFAULT_GROUP
+    kv_residual: int = DEFAULT_RESIDUAL
+
+    @property
+    def num_native_retrieval(self) -> int:
+        """Retrieval heads kept in the model's dtype: positions [0, num_native_retrieval)."""
+        return self.num_retrieval - sum(g.num_heads for g in self.retrieval_groups)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any head of the layer keeps a quantised cache."""
+        return bool(self.retrieval_groups) or any(g.quantized for g in self.groups)
 
     @property
     def num_kv_heads(self) -> int:
@@ -56,6 +112,18 @@ class LayerPlan:
     @property
     def all_retrieval(self) -> bool:
         return self.num_retrieval == self.num_kv_heads
+
+    @cached_property
+    def causal_below(self) -> int | None:
+        """Queries of rank < this see every earlier key in every head of the layer (rule.causal_below
+        of each streaming group), so causal attention over all heads is exact for them; None when
+        every head is retrieval (always)."""
+        return min((causal_below(g.sink, g.window) for g in self.groups), default=None)
+
+    @cached_property
+    def compensated(self) -> bool:
+        """Whether any streaming group keeps a compensation token (a path that lacks it must refuse)."""
+        return any(g.compensate for g in self.groups)
 
     @cached_property
     def group_sinks(self) -> tuple[int, ...]:
@@ -76,6 +144,11 @@ class LayerPlan:
             window += [g.window] * g.num_heads
         return tuple(retrieval), tuple(sink), tuple(window)
 
+    @cached_property
+    def head_compensate(self) -> tuple[bool, ...]:
+        """Per KV head (permuted order): whether it keeps a compensation token."""
+        return (False,) * self.num_retrieval + tuple(g.compensate for g in self.groups for _ in range(g.num_heads))
+
     def table_tensors(self, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`head_table` as tensors [Hkv]: bool, int64, int64."""
         r, s, w = self.head_table
@@ -87,23 +160,39 @@ class LayerPlan:
 
 
 def plan_layers(policy: HeadPolicy) -> list[LayerPlan]:
-    """Retrieval heads first (original order), then streaming heads grouped by (sink, window)."""
+    """Retrieval heads first (16 bits, then 8, then 4; original order within), then streaming heads
+    grouped by (bits, sink, window, compensate), 16-bit groups first. Without quantised heads this
+    is the order of retrieval heads, then streaming heads grouped by (sink, window, compensate)."""
     plans = []
     group_size = policy.model.group_size
     for li, row in enumerate(policy.layers):
-        retrieval = [h for h, spec in enumerate(row) if spec.is_retrieval]
-        streaming = sorted((policy.head_window(li, h) + (h,) for h, spec in enumerate(row) if not spec.is_retrieval))
+        bits = [policy.head_bits(li, h) for h in range(len(row))]
+        retrieval = sorted((-bits[h], h) for h, spec in enumerate(row) if spec.is_retrieval)
+        retrieval_groups: list[RetrievalGroup] = []
+        for pos, (neg_bits, _) in enumerate(retrieval):
+            if -neg_bits == NATIVE_BITS:
+                continue
+            if retrieval_groups and retrieval_groups[-1].bits == -neg_bits:
+                retrieval_groups[-1] = RetrievalGroup(retrieval_groups[-1].start, pos + 1, -neg_bits)
+            else:
+                retrieval_groups.append(RetrievalGroup(pos, pos + 1, -neg_bits))
+        streaming = sorted(
+            (-bits[h], *policy.head_window(li, h), policy.head_compensates(li, h), h)
+            for h, spec in enumerate(row)
+            if not spec.is_retrieval
+        )
         groups: list[StreamGroup] = []
         pos = len(retrieval)
-        for sink, window, _ in streaming:
-            if groups and (groups[-1].sink, groups[-1].window) == (sink, window):
-                last = groups[-1]
-                groups[-1] = StreamGroup(last.start, last.stop + 1, sink, window)
+        for neg_bits, sink, window, comp, _ in streaming:
+            key = (sink, window, -neg_bits, comp)
+            if groups and (groups[-1].sink, groups[-1].window, groups[-1].bits, groups[-1].compensate) == key:
+                groups[-1] = StreamGroup(groups[-1].start, groups[-1].stop + 1, *key)
             else:
-                groups.append(StreamGroup(pos, pos + 1, sink, window))
+                groups.append(StreamGroup(pos, pos + 1, *key))
             pos += 1
-        perm = tuple(retrieval + [h for _, _, h in streaming])
-        plans.append(LayerPlan(li, perm, len(retrieval), tuple(groups), group_size))
+        perm = tuple([h for _, h in retrieval] + [s[-1] for s in streaming])
+        plans.append(LayerPlan(li, perm, len(retrieval), tuple(groups), group_size, tuple(retrieval_groups),
+                               policy.kv_group, policy.kv_residual))  # fmt: skip
     return plans
 
 

@@ -2,18 +2,34 @@
 
 A policy file looks like this (abridged)::
 
-    schema: headpolicy/v1
+    schema: headpolicy/v2
     model: {name: SmolLM2-135M-Instruct, architecture: LlamaForCausalLM, num_layers: 30,
             num_attention_heads: 9, num_kv_heads: 3, head_dim: 64, fingerprint: sha256:...}
-    defaults: {sink: 64, window: 256}
+    defaults: {sink: 64, window: 256, kv_bits: 16, kv_group: 32, kv_residual: 32}
     layers:
     - layer: 0
       heads:
-      - {kind: retrieval, score: 0.91}
+      - {kind: retrieval, score: 0.91, kv_bits: 8}
       - {kind: streaming, score: 0.02}
-      - {kind: streaming, sink: 16, window: 512}
+      - {kind: streaming, sink: 16, window: 512, kv_bits: 4}
+      - {kind: streaming, sink: 16, window: 512, compensate: true}
     provenance: {tool: headpolicy, version: 0.1.0, method: retrieval, settings: {...}, seed: 0}
     results: {...}
+
+`kv_bits` is how many bits a head's cache keeps: 16 = the model's own dtype, 8 or 4 =
+quantised by the rule in policies/precision.py, with `kv_group` values per float16 scale and
+zero point and, for retrieval heads, the newest `kv_residual` tokens at full precision.
+
+`compensate` (optional, defaults and per streaming head; false when absent) gives a streaming
+head RazorAttention's compensation token: one extra slot holding the mean key and value of the
+tokens it dropped, attended with logit + log(count) (policies/rule.py). It is never allowed on
+a retrieval head, which drops nothing, nor (for now) on a quantised head: the runtime keeps
+the sums of full-precision evictions only, so `kv_bits` 8/4 together with `compensate` is
+refused by name.
+
+Versions: v2 added `kv_bits`, `kv_group` and `kv_residual`. A v1 file still loads (every head
+at native precision; `compensate`, an optional field, may appear in either version) and
+becomes a v2 policy; `save` always writes v2 (see MIGRATIONS).
 
 Loading is strict: anything unexpected raises a `PolicyError` that names the key
 (and layer/head) that is wrong and what was expected. Loading is also bounded, so a hostile
@@ -40,10 +56,13 @@ from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
-from headpolicy.errors import PolicyError, PolicyMismatchError
+from headpolicy.errors import PolicyError, PolicyMismatchError, QuantizedCompensationError
 from headpolicy.io import atomic_write
+from headpolicy.policies import precision
+from headpolicy.policies.precision import BITS, DEFAULT_GROUP, DEFAULT_RESIDUAL, NATIVE_BITS
 
-SCHEMA = "headpolicy/v1"
+SCHEMA = "headpolicy/v2"  # what this headpolicy writes
+SCHEMA_V1 = "headpolicy/v1"  # read through MIGRATIONS
 CHECKPOINT_FILE = "head_policy.yaml"  # a policy shipped inside a checkpoint directory (`headpolicy attach`)
 RETRIEVAL: Literal["retrieval"] = "retrieval"
 STREAMING: Literal["streaming"] = "streaming"
@@ -93,12 +112,14 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """One KV head. `sink`/`window` of None mean the policy's defaults."""
+    """One KV head. `sink`/`window`/`kv_bits`/`compensate` of None mean the policy's defaults."""
 
     kind: Kind
     sink: int | None = None
     window: int | None = None
     score: float | None = None
+    kv_bits: int | None = None
+    compensate: bool | None = None  # streaming heads only: keep a compensation token (rule.py)
 
     @property
     def is_retrieval(self) -> bool:
@@ -119,16 +140,22 @@ class Provenance:
 class HeadPolicy:
     """A per-KV-head retrieval/streaming decision for one model.
 
-    `layers[l][h]` is the HeadSpec of KV head h of layer l (original head order).
+    `layers[l][h]` is the HeadSpec of KV head h of layer l (original head order). sink, window
+    and kv_bits are the defaults of heads that name none; kv_group and kv_residual hold for
+    every quantised head (policies/precision.py).
     """
 
     model: ModelInfo
     layers: tuple[tuple[HeadSpec, ...], ...]
     sink: int = 64
     window: int = 256
+    kv_bits: int = NATIVE_BITS
+    kv_group: int = DEFAULT_GROUP
+    kv_residual: int = DEFAULT_RESIDUAL
     provenance: Provenance = field(default_factory=Provenance)
     results: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
+    compensate: bool = False  # the default of streaming heads that name none
 
     def __post_init__(self) -> None:
         _validate_policy(self)
@@ -145,59 +172,89 @@ class HeadPolicy:
         scores: Sequence[Sequence[float]] | None = None,
         provenance: Provenance | None = None,
         results: Mapping[str, Any] | None = None,
+        bits: Sequence[Sequence[int]] | None = None,
+        kv_group: int = DEFAULT_GROUP,
+        kv_residual: int = DEFAULT_RESIDUAL,
+        compensate: bool = False,
     ) -> HeadPolicy:
         """Build a policy from a [layers][kv_heads] boolean table (True = retrieval), every
-        streaming head with the same sink/window.
+        streaming head with the same sink/window (and compensation token if `compensate`);
+        `bits` as in from_rules.
 
         Layers with a native sliding window (model.native_windows) ignore their row: their
         heads stay streaming with sink 0 and that window, which is what the model does anyway.
         """
         rules = [[None if bool(keep) else (sink, window) for keep in row] for row in retrieval]
         return cls.from_rules(model, rules, defaults=(sink, window), scores=scores, provenance=provenance,
-                              results=results)  # fmt: skip
+                              results=results, bits=bits, kv_group=kv_group, kv_residual=kv_residual,
+                              compensate=compensate)  # fmt: skip
 
     @classmethod
     def from_rules(
         cls,
         model: ModelInfo,
-        rules: Sequence[Sequence[tuple[int, int] | None]],
+        rules: Sequence[Sequence[tuple[int, int] | tuple[int, int, bool] | None]],
         *,
         defaults: tuple[int, int] | None = None,
         scores: Sequence[Sequence[float]] | None = None,
         provenance: Provenance | None = None,
         results: Mapping[str, Any] | None = None,
+        bits: Sequence[Sequence[int]] | None = None,
+        kv_bits: int | None = None,
+        kv_group: int = DEFAULT_GROUP,
+        kv_residual: int = DEFAULT_RESIDUAL,
+        compensate: bool = False,
     ) -> HeadPolicy:
         """Build a policy from a [layers][kv_heads] table of rules: None = retrieval, (sink, window) =
         streaming with its own window. `defaults` (default: the most common streaming rule) is
         written once; heads with another rule carry their own. Native sliding layers as in from_kinds.
+
+        bits: a [layers][kv_heads] table of KV bits (16, 8 or 4; None: all 16), the precision axis
+        beside the rules; `kv_bits` (default: the most common entry) is written once, other heads
+        carry their own. kv_group/kv_residual: the quantisation settings (policies/precision.py).
+
+        compensate: whether streaming heads keep a compensation token (the policy's default); a
+        rule (sink, window, flag) sets it for one head. Native sliding layers never compensate.
         """
+        compensate = bool(compensate)
         chosen = [row for li, row in enumerate(rules) if li >= model.num_layers or model.native_window(li) is None]
-        streaming = [tuple(r) for row in chosen for r in row if r is not None]
+        streaming = [tuple(r)[:2] for row in chosen for r in row if r is not None]
         if defaults is None:
             counts = {r: streaming.count(r) for r in sorted(set(streaming))}
             defaults = max(counts, key=counts.get) if counts else (64, 256)
+        if kv_bits is None:
+            every = [b for row in bits or [] for b in row]
+            kv_bits = max(sorted(set(every), reverse=True), key=every.count) if every else NATIVE_BITS
         layers = []
         for li, row in enumerate(rules):
             native = model.native_window(li) if li < model.num_layers else None
             heads = []
             for hi, rule in enumerate(row):
                 score = None if scores is None else float(scores[li][hi])
+                head_bits = None if bits is None or bits[li][hi] == kv_bits else bits[li][hi]
                 if native is not None:
-                    heads.append(HeadSpec(STREAMING, sink=0, window=native, score=score))
+                    spec = HeadSpec(STREAMING, sink=0, window=native, score=score,
+                                    compensate=False if compensate else None)  # fmt: skip
                 elif rule is None:
-                    heads.append(HeadSpec(RETRIEVAL, score=score))
+                    spec = HeadSpec(RETRIEVAL, score=score)
                 else:
-                    own = tuple(rule) != tuple(defaults)
-                    heads.append(HeadSpec(STREAMING, sink=rule[0] if own else None, window=rule[1] if own else None,
-                                          score=score))  # fmt: skip
+                    own = tuple(rule)[:2] != tuple(defaults)
+                    flag = bool(rule[2]) if len(rule) > 2 else compensate
+                    spec = HeadSpec(STREAMING, sink=rule[0] if own else None, window=rule[1] if own else None,
+                                    score=score, compensate=None if flag == compensate else flag)  # fmt: skip
+                heads.append(dataclasses.replace(spec, kv_bits=head_bits))
             layers.append(tuple(heads))
         return cls(
             model=model,
             layers=tuple(layers),
             sink=defaults[0],
             window=defaults[1],
+            kv_bits=kv_bits,
+            kv_group=kv_group,
+            kv_residual=kv_residual,
             provenance=provenance or Provenance(),
             results=dict(results or {}),
+            compensate=compensate,
         )
 
     def replace(self, **changes: Any) -> HeadPolicy:
@@ -215,6 +272,31 @@ class HeadPolicy:
             self.sink if spec.sink is None else spec.sink,
             self.window if spec.window is None else spec.window,
         )
+
+    def head_bits(self, layer: int, head: int) -> int:
+        """KV bits of a head (16, 8 or 4), the default resolved."""
+        spec = self.layers[layer][head]
+        return self.kv_bits if spec.kv_bits is None else spec.kv_bits
+
+    def bits_table(self) -> list[list[int]]:
+        """[layers][kv_heads] KV bits, defaults resolved."""
+        return [[self.head_bits(li, hi) for hi in range(len(row))] for li, row in enumerate(self.layers)]
+
+    @property
+    def num_quantized(self) -> int:
+        """KV heads whose cache is quantised (kv_bits 8 or 4)."""
+        return sum(precision.is_quantized(b) for row in self.bits_table() for b in row)
+    def head_compensates(self, layer: int, head: int) -> bool:
+        """Whether a head keeps a compensation token (streaming heads only), the default resolved."""
+        spec = self.layers[layer][head]
+        if spec.is_retrieval:
+            return False
+        return self.compensate if spec.compensate is None else spec.compensate
+
+    @property
+    def num_compensated(self) -> int:
+        """Streaming heads with a compensation token (never in a hybrid model's own sliding layers)."""
+        return sum(self.head_compensates(li, hi) for li, row in enumerate(self.layers) for hi in range(len(row)))
 
     @property
     def num_heads(self) -> int:
@@ -234,7 +316,8 @@ class HeadPolicy:
         return self.num_retrieval / self.num_heads
 
     def kv_tokens(self, context: int, *, chosen_only: bool = False) -> int:
-        """Cached tokens summed over all KV heads at `context` tokens (per sequence, K or V).
+        """Cached tokens summed over all KV heads at `context` tokens (per sequence, K or V); a
+        compensation token counts as one (its slot is allocated from the first token on).
 
         chosen_only: only the heads the policy chooses (not a hybrid model's own sliding layers).
         """
@@ -248,21 +331,50 @@ class HeadPolicy:
                     total += context
                 else:
                     sink, window = self.head_window(li, hi)
-                    total += min(context, sink + window)
+                    total += min(context, sink + window) + self.head_compensates(li, hi)
         return total
 
-    def kv_bytes(self, context: int, *, batch: int = 1, dtype_bytes: int = 4) -> int:
-        """Bytes of the split KV cache (keys and values) at `context` tokens."""
-        return 2 * batch * self.model.head_dim * dtype_bytes * self.kv_tokens(context)
+    def head_kv_bytes(self, layer: int, head: int, context: int, *, dtype_bytes: int = 4) -> int:
+        """Exact bytes of one head's cache (keys and values, one sequence) at `context` tokens:
+        codes, scales, zero points and full-precision residual (precision.kv_head_bytes), plus
+        a compensation token's float32 sums (compensation_bytes; its count is a function of the
+        rank, not stored)."""
+        sink = window = None
+        if not self.layers[layer][head].is_retrieval:
+            sink, window = self.head_window(layer, head)
+        stored = precision.kv_head_bytes(
+            context, head_dim=self.model.head_dim, dtype_bytes=dtype_bytes, bits=self.head_bits(layer, head),
+            sink=sink, window=window, group=self.kv_group, residual=self.kv_residual,
+        )  # fmt: skip
+        if self.head_compensates(layer, head):
+            stored += compensation_bytes(self.model.head_dim, dtype_bytes)
+        return stored
 
-    def full_kv_bytes(self, context: int, *, batch: int = 1, dtype_bytes: int = 4) -> int:
-        return 2 * batch * self.model.head_dim * dtype_bytes * context * self.num_heads
+    def kv_bytes(self, context: int, *, batch: int = 1, dtype_bytes: int = 4, chosen_only: bool = False) -> int:
+        """Bytes of the split KV cache (keys and values, every stored tensor) at `context` tokens;
+        what SplitKVCache.kv_bytes() reports for a model whose elements take `dtype_bytes`.
 
-    def kv_fraction(self, context: int, *, chosen_only: bool = False) -> float:
-        """Split-cache size relative to the full cache at `context` tokens (chosen_only: over the
-        heads the policy chooses, what compile's --kv-budget counts)."""
+        chosen_only: only the heads the policy chooses (not a hybrid model's own sliding layers).
+        """
+        layers = self.model.policy_layers if chosen_only else range(self.model.num_layers)
+        per_row = sum(
+            self.head_kv_bytes(li, hi, context, dtype_bytes=dtype_bytes)
+            for li in layers
+            for hi in range(self.model.num_kv_heads)
+        )
+        return batch * per_row
+
+    def full_kv_bytes(self, context: int, *, batch: int = 1, dtype_bytes: int = 4, chosen_only: bool = False) -> int:
+        """Bytes of the unmodified model's cache (every head, every token, `dtype_bytes` an element)."""
         heads = self.num_policy_heads if chosen_only else self.num_heads
-        return self.kv_tokens(context, chosen_only=chosen_only) / (context * heads)
+        return 2 * batch * self.model.head_dim * dtype_bytes * context * heads
+
+    def kv_fraction(self, context: int, *, chosen_only: bool = False, dtype_bytes: int = 4) -> float:
+        """Split-cache bytes relative to the full cache at `context` tokens, both with elements of
+        `dtype_bytes` (chosen_only: over the heads the policy chooses, what compile's --kv-budget
+        counts). Without quantised heads this is the fraction of tokens kept, whatever the dtype."""
+        kept = self.kv_bytes(context, dtype_bytes=dtype_bytes, chosen_only=chosen_only)
+        return kept / self.full_kv_bytes(context, dtype_bytes=dtype_bytes, chosen_only=chosen_only)
 
     def check_model(self, model: ModelInfo, *, check_fingerprint: bool = True) -> None:
         """Raise PolicyMismatchError unless this policy was made for `model`."""
@@ -295,6 +407,10 @@ class HeadPolicy:
                     h["window"] = spec.window
                 if spec.score is not None:
                     h["score"] = round(float(spec.score), 6)
+                if spec.kv_bits is not None:
+                    h["kv_bits"] = spec.kv_bits
+                if spec.compensate is not None:
+                    h["compensate"] = spec.compensate
                 heads.append(_Flow(h))
             layers.append({"layer": li, "heads": heads})
         model = dataclasses.asdict(self.model)
@@ -302,10 +418,14 @@ class HeadPolicy:
             del model["native_windows"]
         else:
             model["native_windows"] = list(model["native_windows"])
+        defaults: dict[str, Any] = {"sink": self.sink, "window": self.window, "kv_bits": self.kv_bits,
+                                    "kv_group": self.kv_group, "kv_residual": self.kv_residual}  # fmt: skip
+        if self.compensate:  # written only when on: a policy without compensation reads as before
+            defaults["compensate"] = True
         return {
             "schema": self.schema,
             "model": _Flow(model),
-            "defaults": _Flow({"sink": self.sink, "window": self.window}),
+            "defaults": _Flow(defaults),
             "layers": layers,
             "provenance": dataclasses.asdict(self.provenance),
             "results": dict(self.results),
@@ -320,6 +440,14 @@ class HeadPolicy:
             f"# headpolicy policy for {self.model.name}: {self.num_retrieval}/{self.num_heads} KV heads "
             f"keep the full cache, the rest keep sink {self.sink} + window {self.window}.\n"
         )
+        if self.num_quantized:
+            counts = [f"{n} at {b} bits" for b in BITS if (n := sum(r.count(b) for r in self.bits_table()))]
+            header += (
+                f"# KV precision: {', '.join(counts)} (16 = the model's dtype; groups of {self.kv_group}, "
+                f"residual {self.kv_residual}).\n"
+            )
+        if self.num_compensated:
+            header += f"# {self.num_compensated} streaming heads keep a compensation token (mean of what they drop).\n"
         native = [li for li in range(self.model.num_layers) if self.model.native_window(li) is not None]
         if native:
             header += (
@@ -352,6 +480,13 @@ class HeadPolicy:
             return cls.from_yaml(text)
         except PolicyError as e:
             raise type(e)(f"{path}: {e}") from None
+
+
+def compensation_bytes(head_dim: int, dtype_bytes: int) -> int:
+    """Bytes of one head's compensation token per sequence: the sums of its dropped keys and
+    values, accumulated in float32 (or the cache dtype if wider) so a long run of small keys
+    is not rounded away."""
+    return 2 * head_dim * max(dtype_bytes, 4)
 
 
 # ---- YAML formatting ------------------------------------------------------------------------
@@ -527,7 +662,9 @@ def _read_policy_text(path: Path) -> str:
 # ---- validation -----------------------------------------------------------------------------
 _TOP_KEYS = {"schema", "model", "defaults", "layers", "provenance", "results"}
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelInfo)}
-_HEAD_KEYS = {"kind", "sink", "window", "score"}
+_HEAD_KEYS = {"kind", "sink", "window", "score", "kv_bits", "compensate"}
+_DEFAULT_KEYS = {"sink", "window", "kv_bits", "kv_group", "kv_residual", "compensate"}
+_V2_KEYS = {"kv_bits", "kv_group", "kv_residual"}  # what a v1 file may not hold
 _PROV_KEYS = {f.name for f in dataclasses.fields(Provenance)}
 
 
@@ -577,6 +714,21 @@ def need_tokens(x: Any, where: str, *, minimum: int) -> int:
     return x
 
 
+def need_bits(x: Any, where: str) -> int:
+    """`x` as KV bits (one of precision.BITS); else PolicyError naming `where`."""
+    if not _is_int(x) or x not in BITS:
+        raise PolicyError(
+            f"{where}: expected KV bits {', '.join(map(str, BITS))} (16 = the model's own dtype), got {x!r:.80}"
+        )
+    return x
+
+
+def _need_bool(x: Any, where: str) -> bool:
+    if not isinstance(x, bool):
+        raise PolicyError(f"{where}: expected true or false, got {x!r:.80}")
+    return x
+
+
 def _need_str(x: Any, where: str) -> str:
     if not isinstance(x, str) or not x:
         raise PolicyError(f"{where}: expected a non-empty string, got {x!r}")
@@ -619,7 +771,9 @@ def _parse_head(x: Any, where: str) -> HeadSpec:
         if finite_number(score) is None:
             raise PolicyError(f"{where}.score: expected a finite number, got {score!r:.80}")
         score = finite_number(score)
-    return HeadSpec(kind=kind, sink=sink, window=window, score=score)
+    bits = None if x.get("kv_bits") is None else need_bits(x["kv_bits"], f"{where}.kv_bits")
+    compensate = None if x.get("compensate") is None else _need_bool(x["compensate"], f"{where}.compensate")
+    return HeadSpec(kind=kind, sink=sink, window=window, score=score, kv_bits=bits, compensate=compensate)
 
 
 def _parse_native_windows(x: Any, num_layers: int) -> tuple[int | None, ...] | None:
@@ -632,14 +786,50 @@ def _parse_native_windows(x: Any, num_layers: int) -> tuple[int | None, ...] | N
     )
 
 
+# ---- versions ---------------------------------------------------------------------------------
+def _v1_to_v2(data: Mapping) -> dict:
+    """v1 -> v2: no field changed meaning; v2 added kv_bits/kv_group/kv_residual, so every head
+    of a v1 file keeps its cache in the model's own dtype (the v2 default, kv_bits 16)."""
+    d = data.get("defaults")
+    if isinstance(d, Mapping) and _V2_KEYS & set(d):
+        key = sorted(_V2_KEYS & set(d))[0]
+        raise PolicyError(f"defaults: '{key}' needs schema {SCHEMA!r}, the file says {SCHEMA_V1!r}")
+    rows = data.get("layers")
+    for li, row in enumerate(rows if isinstance(rows, list) else []):
+        heads = row.get("heads") if isinstance(row, Mapping) else None
+        for hi, h in enumerate(heads if isinstance(heads, list) else []):
+            if isinstance(h, Mapping) and "kv_bits" in h:
+                raise PolicyError(
+                    f"layer {li} head {hi}: 'kv_bits' needs schema {SCHEMA!r}, the file says {SCHEMA_V1!r}"
+                )
+    return {**data, "schema": SCHEMA}
+
+
+# schema version -> the step that turns it into the next one; applied until SCHEMA is reached
+MIGRATIONS = {SCHEMA_V1: _v1_to_v2}
+
+
+def migrate(data: Mapping) -> Mapping:
+    """Policy data of any readable version as current (SCHEMA) data; PolicyError for another schema."""
+    seen = []
+    while data.get("schema") != SCHEMA:
+        version = data.get("schema")
+        step = MIGRATIONS.get(version) if isinstance(version, str) else None
+        if step is None or version in seen:
+            readable = ", ".join(repr(v) for v in (SCHEMA, *MIGRATIONS))
+            raise PolicyError(f"schema: unsupported schema {version!r:.80}; this headpolicy reads {readable}")
+        seen.append(version)
+        data = step(data)
+    return data
+
+
 def _parse_policy(data: Any) -> HeadPolicy:
     data = _need_mapping(data, "policy")
     _no_unknown(data, _TOP_KEYS, "policy")
     for key in ("schema", "model", "layers"):
         if key not in data:
             raise PolicyError(f"policy: missing required key '{key}'")
-    if data["schema"] != SCHEMA:
-        raise PolicyError(f"schema: unsupported schema {data['schema']!r}; this headpolicy reads {SCHEMA!r}")
+    data = migrate(data)
 
     m = _need_mapping(data["model"], "model")
     _no_unknown(m, _MODEL_KEYS, "model")
@@ -658,9 +848,13 @@ def _parse_policy(data: Any) -> HeadPolicy:
     )
 
     d = _need_mapping(data.get("defaults") or {}, "defaults")
-    _no_unknown(d, {"sink", "window"}, "defaults")
+    _no_unknown(d, _DEFAULT_KEYS, "defaults")
     sink = need_tokens(d.get("sink", 64), "defaults.sink", minimum=0)
     window = need_tokens(d.get("window", 256), "defaults.window", minimum=1)
+    kv_bits = need_bits(d.get("kv_bits", NATIVE_BITS), "defaults.kv_bits")
+    kv_group = need_tokens(d.get("kv_group", DEFAULT_GROUP), "defaults.kv_group", minimum=1)
+    kv_residual = need_tokens(d.get("kv_residual", DEFAULT_RESIDUAL), "defaults.kv_residual", minimum=0)
+    compensate = _need_bool(d.get("compensate", False), "defaults.compensate")
 
     rows = data["layers"]
     if not isinstance(rows, list):
@@ -701,9 +895,12 @@ def _parse_policy(data: Any) -> HeadPolicy:
         layers=tuple(layers),
         sink=sink,
         window=window,
+        kv_bits=kv_bits,
+        kv_group=kv_group,
+        kv_residual=kv_residual,
         provenance=provenance,
         results=dict(results),
-        schema=data["schema"],
+        compensate=compensate,
     )
 
 
@@ -720,8 +917,16 @@ def _validate_policy(p: HeadPolicy) -> None:
         for li, w in enumerate(m.native_windows):
             if w is not None:
                 need_tokens(w, f"model.native_windows[{li}]", minimum=1)
+    if p.schema != SCHEMA:
+        raise PolicyError(
+            f"schema: a policy object is always {SCHEMA!r} (older files are migrated on load), got {p.schema!r}"
+        )
     need_tokens(p.sink, "defaults.sink", minimum=0)
     need_tokens(p.window, "defaults.window", minimum=1)
+    _need_head_bits(p.kv_bits, "defaults.kv_bits", m.head_dim)
+    need_tokens(p.kv_group, "defaults.kv_group", minimum=1)
+    need_tokens(p.kv_residual, "defaults.kv_residual", minimum=0)
+    _need_bool(p.compensate, "defaults.compensate")
     if len(p.layers) != m.num_layers:
         raise PolicyError(f"layers: expected {m.num_layers} layers (model.num_layers), got {len(p.layers)}")
     for li, row in enumerate(p.layers):
@@ -737,13 +942,40 @@ def _validate_policy(p: HeadPolicy) -> None:
                     f"layer {li} head {hi}: a retrieval head keeps every token; sink/window apply "
                     "only to streaming heads"
                 )
+            if spec.compensate is not None:
+                _need_bool(spec.compensate, f"layer {li} head {hi}.compensate")
+                if spec.is_retrieval:
+                    raise PolicyError(
+                        f"layer {li} head {hi}: a retrieval head keeps every token, so it has nothing to "
+                        "compensate; compensate applies only to streaming heads"
+                    )
             native = m.native_window(li)
             if native is not None and (spec.is_retrieval or p.head_window(li, hi) != (0, native)):
                 raise PolicyError(
                     f"layer {li} head {hi}: layer {li} is the model's own sliding-window layer "
                     f"(window {native}); its heads must be streaming with sink 0 and window {native}"
                 )
+            if native is not None and p.head_compensates(li, hi):
+                raise PolicyError(
+                    f"layer {li} head {hi}: layer {li} is the model's own sliding-window layer; its heads "
+                    "run as the model does and take no compensation token (set compensate: false)"
+                )
             if spec.sink is not None:
                 need_tokens(spec.sink, f"layer {li} head {hi}.sink", minimum=0)
             if spec.window is not None:
                 need_tokens(spec.window, f"layer {li} head {hi}.window", minimum=1)
+            if spec.kv_bits is not None:
+                _need_head_bits(spec.kv_bits, f"layer {li} head {hi}.kv_bits", m.head_dim)
+            if p.head_compensates(li, hi) and precision.is_quantized(p.head_bits(li, hi)):
+                raise QuantizedCompensationError(
+                    f"layer {li} head {hi}: a compensation token on a quantised head (kv_bits "
+                    f"{p.head_bits(li, hi)}) is not supported; keep the head at kv_bits 16 or set compensate: false"
+                )
+
+
+def _need_head_bits(bits: Any, where: str, head_dim: int) -> None:
+    need_bits(bits, where)
+    if bits == 4 and head_dim % 2:
+        raise PolicyError(
+            f"{where}: 4-bit codes pack two channels a byte, so they need an even head_dim; the model's is {head_dim}"
+        )

@@ -15,7 +15,13 @@ Named stages, each a small function with explicit inputs and outputs:
                       the other scorers rank heads for one fixed sink/window
     select            a byte budget (`--kv-budget`): the exact knapsack over the estimates
                       (policies/select.allocate); `--target-drop`: the smallest budget on a grid
-                      whose *measured* objective is within tolerance; `--budget`: a head count
+                      whose *measured* objective is within tolerance; `--budget`: a head count.
+                      `--precision auto` adds KV bits to every head's options (retrieval or
+                      streaming, each at 16, 8 or 4 bits), costed in exact bytes (policies/
+                      precision.py) and estimated like the windows (scorers/causal.py).
+                      `compensate` gives every streaming head a compensation token, whose slot
+                      the costs count (compensated streaming heads stay at 16 bits: the runtime
+                      refuses a quantised compensated head)
     record            the policy with its scores, settings and everything measured
 
 Scores order the search; measurement decides: every policy compile returns was run teacher-
@@ -36,12 +42,13 @@ import numpy as np
 
 from headpolicy.errors import BudgetError
 from headpolicy.models import describe_model
-from headpolicy.policies.schema import MAX_TOKENS, HeadPolicy, ModelInfo, Provenance
+from headpolicy.policies.precision import DEFAULT_GROUP, DEFAULT_RESIDUAL, NATIVE_BITS, kv_head_bytes
+from headpolicy.policies.schema import MAX_TOKENS, HeadPolicy, ModelInfo, Provenance, compensation_bytes
 from headpolicy.policies.select import allocate, budget_heads, select_budget, smallest_passing
 from headpolicy.profiler import objective as O
 from headpolicy.profiler import tasks as T
 from headpolicy.profiler.scorers import get_scorer, scorer_names
-from headpolicy.profiler.scorers.causal import SELECTION, estimate
+from headpolicy.profiler.scorers.causal import ESTIMATES, SELECTION, estimate, estimate_with_precision
 from headpolicy.profiler.scorers.causal import losses as selection_losses
 from headpolicy.runtime.generate import applied_copy
 from headpolicy.version import __version__
@@ -50,6 +57,8 @@ log = logging.getLogger(__name__)
 
 KV_GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.75, 1.0)
 WINDOWS = (64, 128, 256, 512, 1024, 2048)  # the per-head ladder (with the sink)
+PRECISIONS = ("native", "auto")
+QUANT_BITS = (8, 4)  # what --precision auto may choose besides the model's own dtype
 
 
 @dataclass
@@ -79,6 +88,10 @@ class CompileSettings:
     min_per_layer: int = 0  # --budget only
     reference_context: int = 4096
     seed: int = 0
+    compensate: bool = False  # streaming heads keep a compensation token (one slot each, in the budget too)
+    precision: str = "native"  # "auto": KV bits per head too (--kv-budget / --target-drop with causal)
+    kv_group: int = DEFAULT_GROUP  # quantisation settings of --precision auto (policies/precision.py)
+    kv_residual: int = DEFAULT_RESIDUAL
 
     @property
     def mode(self) -> str:
@@ -114,9 +127,19 @@ class CompileSettings:
             raise BudgetError("task and text lengths must be >= 64 tokens")
         if not 0 <= self.text_from < self.text_length - 1:
             raise BudgetError(f"--text-from must lie inside the text ({self.text_length} tokens)")
+        if self.precision not in PRECISIONS:
+            raise BudgetError(f"unknown --precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
+        if self.auto_precision and (self.method != "causal" or self.budget is not None
+                                    or self.estimate == "dropped_mass"):  # fmt: skip
+            raise BudgetError("--precision auto needs --method causal with --kv-budget or --target-drop: "
+                              "quantisation is weighed against windows in objective units")  # fmt: skip
         bad = [k for k in self.kinds if k not in T.NEEDLE_KINDS]
         if bad or not self.kinds:
             raise BudgetError(f"unknown task kind {bad[0] if bad else ''!r} (known: {', '.join(T.NEEDLE_KINDS)})")
+
+    @property
+    def auto_precision(self) -> bool:
+        return self.precision == "auto"
 
     def check_budget(self, heads: int, layers: int) -> None:
         """Fail before profiling, not after, when a head budget cannot give every layer its minimum."""
@@ -157,6 +180,9 @@ class Scored:
     losses: np.ndarray  # [layers, kv_heads, options]; ranking scorers: their score, same for every option
     maps: dict[str, np.ndarray]  # what the scorer(s) produced, [layers, kv_heads]
     per_head: bool  # losses are estimates per option, in objective units
+    # --precision auto: [layers, kv_heads, len(QUANT_BITS), 2] estimated loss of quantising the head
+    # to each bits value, in a retrieval head's layout [..., 0] and a streaming head's [..., 1]
+    quant: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -165,7 +191,8 @@ class Candidate:
     budget: float  # what was asked (kv fraction, or head fraction for --budget)
     kv_fraction: float  # over the chosen heads, at the reference context
     loss: O.Loss | None = None
-    choice: np.ndarray | None = None  # byte-budget modes: option per chosen head, 0 = retrieval
+    choice: np.ndarray | None = None  # byte-budget modes: column per chosen head (_knapsack), 0 = retrieval
+    bits: list[list[int]] | None = None  # [layers][kv_heads] KV bits; None: every head native
 
 
 # ---- stage 1: calibration data -------------------------------------------------------------------------
@@ -201,12 +228,21 @@ def score(model, data: CalibrationData, ref: O.Reference, s: CompileSettings, *,
     if s.method == "causal" and s.budget is None:
         options = s.options(per_head=True)
         n = sum(ref.answered) + len(data.calib.texts)
+        # quantisation costs come in the first four estimates; the composite ones use abs_first_order's
+        qwhich = ESTIMATES.index(s.estimate if s.estimate in ESTIMATES[:4] else "abs_first_order")
+        quant = None
+        run = dict(ref=ref, chunks=s.estimate_blocks, samples=2 if s.estimate == "fisher" else 0)
         with _bar(n, "score causal", progress) as bar:
-            table = estimate(model, data.calib, options, ref=ref, chunks=s.estimate_blocks, progress=bar,
-                             samples=2 if s.estimate == "fisher" else 0)  # fmt: skip
+            run["progress"] = bar
+            if s.auto_precision:
+                table, qest = estimate_with_precision(model, data.calib, options, QUANT_BITS, kv_group=s.kv_group,
+                                                      kv_residual=s.kv_residual, **run)  # fmt: skip
+                quant = qest[qwhich]
+            else:
+                table = estimate(model, data.calib, options, **run)
         est = selection_losses(table, s.estimate)
         column = options.index((s.sink, s.window)) if (s.sink, s.window) in options else len(options) // 2
-        return Scored(options, est, {"causal": est[:, :, column]}, per_head=True)
+        return Scored(options, est, {"causal": est[:, :, column]}, per_head=True, quant=quant)
     maps = get_scorer(s.method).score_maps(
         model, data.scoring, sink=s.sink, window=s.window, bar=lambda n, desc: _bar(n, desc, progress)
     )
@@ -214,45 +250,95 @@ def score(model, data: CalibrationData, ref: O.Reference, s: CompileSettings, *,
 
 
 # ---- stage 3: select -------------------------------------------------------------------------------------------
-def option_costs(options: Sequence[tuple[int, int]], context: int) -> np.ndarray:
-    """Cached tokens of [retrieval, *options] at `context` tokens."""
-    return np.array([context] + [min(context, sink + window) for sink, window in options], dtype=np.int64)
+def option_costs(options: Sequence[tuple[int, int]], context: int, compensate: bool = False) -> np.ndarray:
+    """Cached tokens of [retrieval, *options] at `context` tokens (+ 1: a compensation token's slot,
+    as HeadPolicy.kv_tokens counts it)."""
+    extra = int(bool(compensate))
+    return np.array([context] + [min(context, sink + window) + extra for sink, window in options], dtype=np.int64)
 
 
-def _knapsack(scored: Scored, info: ModelInfo, s: CompileSettings) -> tuple[np.ndarray, np.ndarray]:
-    """[chosen heads, 1 + options] loss and cost tables (column 0 = retrieval) for `allocate`."""
-    chosen = info.policy_layers
-    losses = scored.losses[chosen].reshape(len(chosen) * info.num_kv_heads, -1)
+Column = tuple[tuple[int, int] | None, int]  # (rule: None = retrieval, else (sink, window); KV bits)
+
+
+def _knapsack(
+    scored: Scored, info: ModelInfo, s: CompileSettings, dtype_bytes: int = 4
+) -> tuple[list[Column], np.ndarray, np.ndarray]:
+    """Every chosen head's options as columns with their [heads, columns] losses and costs, for
+    `allocate`; column 0 is always retrieval at the model's own precision (the full cost).
+
+    native: [retrieval, *streaming options], costs in cached tokens at the reference context
+    (+ 1 for a compensation token's slot, as HeadPolicy.kv_tokens counts it).
+    auto: each of those at 16, 8 and 4 bits (compensated streaming heads at 16 only), costs in
+    exact bytes in the model's dtype (precision.kv_head_bytes, + schema.compensation_bytes for a
+    compensation token), losses the streaming estimate plus the quantisation estimate of the
+    head's layout (retrieval or streaming): additive, each measured with the other part exact.
+    """
+    chosen, H, ctx = info.policy_layers, info.num_kv_heads, s.reference_context
+    losses = scored.losses[chosen].reshape(len(chosen) * H, -1)
     if not scored.per_head:  # a ranking score: only its order matters; keep the best heads
         losses = losses - losses.min()
-    table = np.concatenate([np.zeros((losses.shape[0], 1)), np.maximum(losses, 0.0)], axis=1)
-    costs = np.tile(option_costs(scored.options, s.reference_context), (table.shape[0], 1))
-    return table, costs
+    stream = np.maximum(losses, 0.0)
+    if scored.quant is None:
+        columns: list[Column] = [(None, NATIVE_BITS)] + [(o, NATIVE_BITS) for o in scored.options]
+        table = np.concatenate([np.zeros((losses.shape[0], 1)), stream], axis=1)
+        costs = np.tile(option_costs(scored.options, ctx, s.compensate), (table.shape[0], 1))
+        return columns, table, costs
+    quant = np.maximum(scored.quant[chosen].reshape(len(chosen) * H, len(QUANT_BITS), 2), 0.0)
+    columns = [(rule, b) for rule in (None, *scored.options) for b in (NATIVE_BITS, *QUANT_BITS)
+               if rule is None or b == NATIVE_BITS or not s.compensate]  # fmt: skip
+    table = np.zeros((losses.shape[0], len(columns)))
+    cost = np.zeros(len(columns), dtype=np.int64)
+    for c, (rule, b) in enumerate(columns):
+        layout = 0 if rule is None else 1
+        table[:, c] = (0.0 if rule is None else stream[:, scored.options.index(rule)]) + (
+            0.0 if b == NATIVE_BITS else quant[:, QUANT_BITS.index(b), layout])
+        sink, window = (None, None) if rule is None else rule
+        cost[c] = kv_head_bytes(ctx, head_dim=info.head_dim, dtype_bytes=dtype_bytes, bits=b, sink=sink,
+                                window=window, group=s.kv_group, residual=s.kv_residual)  # fmt: skip
+        if rule is not None and s.compensate:
+            cost[c] += compensation_bytes(info.head_dim, dtype_bytes)
+    return columns, table, np.tile(cost, (table.shape[0], 1))
 
 
-def _byte_budget(info: ModelInfo, s: CompileSettings, fraction: float) -> int:
-    return int(math.floor(fraction * len(info.policy_layers) * info.num_kv_heads * s.reference_context + 1e-6))
+option_table = _knapsack  # the public name (bench, tests)
 
 
-def _candidate(scored: Scored, info: ModelInfo, s: CompileSettings, choice: np.ndarray, fraction: float) -> Candidate:
+def _byte_budget(costs: np.ndarray, fraction: float) -> int:
+    """`fraction` of the full cache of the chosen heads, in the costs' units (column 0: a full head)."""
+    return int(math.floor(fraction * int(costs[:, 0].sum()) + 1e-6))
+
+
+def _candidate(
+    scored: Scored, info: ModelInfo, s: CompileSettings, choice: np.ndarray, fraction: float, dtype_bytes: int = 4
+) -> Candidate:
     chosen, H = info.policy_layers, info.num_kv_heads
+    columns, _, costs = _knapsack(scored, info, s, dtype_bytes)
     rules: list[list] = [[(s.sink, s.window)] * H for _ in range(info.num_layers)]
+    bits: list[list[int]] = [[NATIVE_BITS] * H for _ in range(info.num_layers)]
     for i, li in enumerate(chosen):
-        rules[li] = [None if c == 0 else scored.options[c - 1] for c in choice[i * H : (i + 1) * H]]
-    costs = option_costs(scored.options, s.reference_context)
-    kv = float(costs[choice].sum()) / (len(chosen) * H * s.reference_context)
-    return Candidate(rules, fraction, kv, choice=choice)
+        rules[li] = [columns[c][0] for c in choice[i * H : (i + 1) * H]]
+        bits[li] = [columns[c][1] for c in choice[i * H : (i + 1) * H]]
+    kv = float(costs[np.arange(len(choice)), choice].sum()) / float(costs[:, 0].sum())
+    return Candidate(rules, fraction, kv, choice=choice, bits=bits if scored.quant is not None else None)
 
 
-def at_kv_budget(scored: Scored, info: ModelInfo, s: CompileSettings, fraction: float) -> Candidate:
-    """The least estimated loss within `fraction` of the full KV cache of the chosen heads."""
-    table, costs = _knapsack(scored, info, s)
-    choice = allocate(table, costs, _byte_budget(info, s, fraction))
-    return _candidate(scored, info, s, choice, fraction)
+def at_kv_budget(scored: Scored, info: ModelInfo, s: CompileSettings, fraction: float, dtype_bytes: int = 4
+                 ) -> Candidate:  # fmt: skip
+    """The least estimated loss within `fraction` of the full KV cache of the chosen heads (in
+    tokens natively; in bytes of the model's dtype, `dtype_bytes` an element, with --precision auto)."""
+    _, table, costs = _knapsack(scored, info, s, dtype_bytes)
+    choice = allocate(table, costs, _byte_budget(costs, fraction))
+    return _candidate(scored, info, s, choice, fraction, dtype_bytes)
 
 
 def repair(
-    cand: Candidate, scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measurer, deadline: float
+    cand: Candidate,
+    scored: Scored,
+    info: ModelInfo,
+    s: CompileSettings,
+    measure: Measurer,
+    deadline: float,
+    dtype_bytes: int = 4,
 ) -> tuple[Candidate, list[dict]]:
     """Swaps under the same byte budget, each measured, kept when the measured objective falls.
 
@@ -262,8 +348,8 @@ def repair(
     from the heads the estimates find cheapest to shrink. A swap is measured and kept if the
     objective falls. Stops after `repair_patience` swaps in a row that do not help, when no
     move is left, or when another measurement would end past `deadline` (time.perf_counter())."""
-    table, costs = _knapsack(scored, info, s)
-    budget = _byte_budget(info, s, cand.budget)
+    columns, table, costs = _knapsack(scored, info, s, dtype_bytes)
+    budget = _byte_budget(costs, cand.budget)
     best, trace, seen, misses = cand, [], {tuple(cand.choice)}, 0
     rows = np.arange(len(cand.choice))
     while misses < s.repair_patience and time.perf_counter() + measure.seconds < deadline:
@@ -286,10 +372,10 @@ def repair(
             break
         u, choice = move
         seen.add(tuple(choice))
-        trial = _measured(_candidate(scored, info, s, choice, cand.budget), measure)
+        trial = _measured(_candidate(scored, info, s, choice, cand.budget, dtype_bytes), measure)
         kept = trial.loss.value < best.loss.value
         layer, head = info.policy_layers[u // info.num_kv_heads], u % info.num_kv_heads
-        option = lambda c: "full" if c == 0 else f"window {scored.options[c - 1][1]}"  # noqa: E731
+        option = lambda c: _describe(columns[c])  # noqa: E731
         trace.append({"layer": layer, "kv_head": head, "from": option(at[u]), "to": option(choice[u]),
                       "changed_heads": int((choice != at).sum()), "value": round(trial.loss.value, 6),
                       "kept": kept})  # fmt: skip
@@ -297,6 +383,11 @@ def repair(
                  option(choice[u]), (choice != at).sum(), trial.loss.value, "kept" if kept else "undone")  # fmt: skip
         best, misses = (trial, 0) if kept else (best, misses + 1)
     return best, trace
+
+
+def _describe(column: Column) -> str:
+    rule, bits = column
+    return ("full" if rule is None else f"window {rule[1]}") + ("" if bits == NATIVE_BITS else f" at {bits} bits")
 
 
 def at_head_budget(scored: Scored, info: ModelInfo, s: CompileSettings) -> Candidate:
@@ -308,13 +399,14 @@ def at_head_budget(scored: Scored, info: ModelInfo, s: CompileSettings) -> Candi
     for i, li in enumerate(chosen):
         rules[li] = [None if keep else (s.sink, s.window) for keep in sub[i]]
     ctx = s.reference_context
-    cost = option_costs([(s.sink, s.window)], ctx)
+    cost = option_costs([(s.sink, s.window)], ctx, s.compensate)
     kv = float((sub * cost[0] + ~sub * cost[1]).sum()) / (sub.size * ctx)
     return Candidate(rules, s.budget, kv)
 
 
 class Measurer:
-    """Measured objective of candidates: each one applied to a copy of the model and run on `calib`."""
+    """Measured objective of candidates: each one applied to a copy of the model and run on `calib`
+    (make_policy: Candidate -> HeadPolicy)."""
 
     def __init__(self, model, info: ModelInfo, calib: O.Calibration, ref: O.Reference, make_policy, progress: bool):
         self.model, self.info, self.calib, self.ref = model, info, calib, ref
@@ -323,9 +415,10 @@ class Measurer:
         self.seconds = 0.0  # how long the last measurement took
 
     def __call__(self, cand: Candidate) -> O.Loss:
-        if all(r is None for li in self.info.policy_layers for r in cand.rules[li]):
+        native = cand.bits is None or all(b == NATIVE_BITS for row in cand.bits for b in row)
+        if native and all(r is None for li in self.info.policy_layers for r in cand.rules[li]):
             return O.Loss(0.0, 0.0, 0.0, 1.0, 0.0, sum(self.ref.answered))  # every head full: the model itself
-        model = applied_copy(self.model, self.make_policy(cand.rules))
+        model = applied_copy(self.model, self.make_policy(cand))
         n = len(self.calib.tasks) + len(self.calib.texts)
         t = time.perf_counter()
         with _bar(n, f"measure KV {100 * cand.kv_fraction:.0f}%", self.progress) as bar:
@@ -336,21 +429,27 @@ class Measurer:
 
 
 def select(
-    scored: Scored, info: ModelInfo, s: CompileSettings, measure: Measurer, until: float = math.inf
+    scored: Scored,
+    info: ModelInfo,
+    s: CompileSettings,
+    measure: Measurer,
+    dtype_bytes: int = 4,
+    until: float = math.inf,
 ) -> tuple[Candidate, list[dict], list[dict]]:
     """The candidate compile returns, measured; the budgets tried (target mode); the repair swaps
-    (within s.repair_seconds, and ending by `until`, a time.perf_counter())."""
+    (within s.repair_seconds, and ending by `until`, a time.perf_counter()). dtype_bytes: the
+    model's element size (what quantised heads' byte costs are relative to)."""
     if s.mode == "budget":
         cand = at_head_budget(scored, info, s)
         return _measured(cand, measure), [], []
     deadline = lambda: min(until, time.perf_counter() + s.repair_seconds)  # noqa: E731
     if s.mode == "kv_budget":
-        cand = _measured(at_kv_budget(scored, info, s, s.kv_budget), measure)
-        repaired, swaps = repair(cand, scored, info, s, measure, deadline())
+        cand = _measured(at_kv_budget(scored, info, s, s.kv_budget, dtype_bytes), measure)
+        repaired, swaps = repair(cand, scored, info, s, measure, deadline(), dtype_bytes)
         return repaired, [], swaps
 
     def check(fraction: float) -> tuple[bool, Candidate]:
-        cand = _measured(at_kv_budget(scored, info, s, fraction), measure)
+        cand = _measured(at_kv_budget(scored, info, s, fraction, dtype_bytes), measure)
         return cand.loss.within(s.target_drop), cand
 
     grid = [b for b in s.kv_grid if b <= s.max_kv_budget + 1e-9]
@@ -364,7 +463,7 @@ def select(
     failed = [c for b, ok, c in found.trace if not ok and (found.budget is None or b < found.budget)]
     if failed:
         near = max(failed, key=lambda c: c.budget)
-        repaired, swaps = repair(near, scored, info, s, measure, deadline())
+        repaired, swaps = repair(near, scored, info, s, measure, deadline(), dtype_bytes)
         if repaired.loss.within(s.target_drop):
             trace.append({"kv_budget": near.budget, "kv_fraction": round(repaired.kv_fraction, 6), "ok": True,
                           "repaired": True, **repaired.loss.as_dict()})  # fmt: skip
@@ -377,7 +476,7 @@ def select(
         )
     if failed:  # the repair above had its chance; the passing policy is returned as measured
         return found.result, trace, swaps
-    repaired, swaps = repair(found.result, scored, info, s, measure, deadline())
+    repaired, swaps = repair(found.result, scored, info, s, measure, deadline(), dtype_bytes)
     return repaired, trace, swaps
 
 
@@ -397,18 +496,21 @@ def record(
     swaps: list[dict],
     heldout: O.Loss | None,
     seconds: dict[str, float],
+    dtype_bytes: int = 4,
 ) -> HeadPolicy:
     """The policy: the chosen rules, the scores, the settings and what was measured."""
-    draft = _policy(info, chosen.rules, scored)
+    draft = _candidate_policy(info, chosen, scored, s)
     ctx = s.reference_context
     results = {
         "reference_context": ctx,
         "mode": s.mode,
         "retrieval_heads": draft.num_retrieval,
-        "kv_fraction": round(draft.kv_fraction(ctx), 6),
+        "kv_fraction": round(draft.kv_fraction(ctx, dtype_bytes=dtype_bytes), 6),
         "kv_fraction_chosen_heads": round(chosen.kv_fraction, 6),
-        "kv_bytes": draft.kv_bytes(ctx),
-        "full_kv_bytes": draft.full_kv_bytes(ctx),
+        "kv_bytes": draft.kv_bytes(ctx, dtype_bytes=dtype_bytes),
+        "full_kv_bytes": draft.full_kv_bytes(ctx, dtype_bytes=dtype_bytes),
+        "dtype_bytes": dtype_bytes,
+        "precision": s.precision,
         "calibration": {"loss": chosen.loss.as_dict(), "tasks": len(data.calib.tasks), "answered": sum(ref.answered),
                         "kinds": list(s.kinds), "lengths": list(s.lengths), "prose": T.CALIBRATION_PROSE[0],
                         "text_tokens": s.text_length * len(data.calib.texts), "text_from": s.text_from},
@@ -430,10 +532,26 @@ def record(
     return draft.replace(results=results, provenance=provenance)
 
 
-def _policy(info: ModelInfo, rules, scored: Scored) -> HeadPolicy:
+def _policy(
+    info: ModelInfo,
+    rules,
+    scored: Scored,
+    compensate: bool = False,
+    *,
+    bits: list[list[int]] | None = None,
+    kv_group: int = DEFAULT_GROUP,
+    kv_residual: int = DEFAULT_RESIDUAL,
+) -> HeadPolicy:
     # per-head estimates: a head's score is the most streaming can cost it (its smallest window)
     scores = scored.losses.max(axis=2) if scored.per_head else scored.losses[:, :, 0]
-    return HeadPolicy.from_rules(info, rules, scores=scores)
+    return HeadPolicy.from_rules(info, rules, scores=scores, compensate=compensate, bits=bits, kv_group=kv_group,
+                                 kv_residual=kv_residual)  # fmt: skip
+
+
+def _candidate_policy(info: ModelInfo, cand: Candidate, scored: Scored, s: CompileSettings) -> HeadPolicy:
+    """The policy of a candidate under the settings (compensation, quantisation settings)."""
+    return _policy(info, cand.rules, scored, s.compensate, bits=cand.bits, kv_group=s.kv_group,
+                   kv_residual=s.kv_residual)  # fmt: skip
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------------------
@@ -445,6 +563,7 @@ def compile_policy(
     s.check()
     codec = T.as_codec(tokenizer)
     info = describe_model(model, name)
+    dtype_bytes = next(model.parameters()).element_size()
     s.check_budget(len(info.policy_layers) * info.num_kv_heads, len(info.policy_layers))
     secs: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -460,16 +579,16 @@ def compile_policy(
                     len(data.calib.tasks))  # fmt: skip
     with _timed(secs, "score"):
         scored = score(model, data, ref, s, progress=progress)
-    measure = Measurer(model, info, data.calib, ref, lambda rules: _policy(info, rules, scored), progress)
+    measure = Measurer(model, info, data.calib, ref, lambda cand: _candidate_policy(info, cand, scored, s), progress)
     with _timed(secs, "select"):
-        chosen, trace, swaps = select(scored, info, s, measure, until=t_all + s.time_budget)
+        chosen, trace, swaps = select(scored, info, s, measure, dtype_bytes, until=t_all + s.time_budget)
     heldout = None
     if data.heldout is not None:
         with _timed(secs, "heldout"):
             href = O.reference(model, data.heldout)
             heldout = Measurer(model, info, data.heldout, href, measure.make_policy, progress)(chosen)
     secs["total"] = time.perf_counter() - t_all
-    policy = record(info, s, data, ref, scored, chosen, trace, swaps, heldout, secs)
+    policy = record(info, s, data, ref, scored, chosen, trace, swaps, heldout, secs, dtype_bytes)
     log.info("compiled: %d/%d retrieval heads, KV %.1f%% at %d, %s", policy.num_retrieval, policy.num_heads,
              100 * policy.results["kv_fraction"], s.reference_context, chosen.loss.describe())  # fmt: skip
     est = scored.losses if scored.per_head else None

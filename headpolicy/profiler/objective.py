@@ -17,6 +17,12 @@ long natural text. The full model runs it once (`reference`); a candidate policy
 `Loss.within(tolerance)` is the pass/fail rule of `--target-drop`: perplexity within
 tolerance %, answer likelihood within tolerance %, every answer kept. Only tasks the full
 model answers count for the answer terms: a policy cannot keep an answer the model never had.
+
+A policy with quantised heads (kv_bits 8/4) only shows its loss through a cache: a forward
+without one attends its own tokens at full precision. Such a model is run as a prefill of the
+context, then the measured positions in chunks of QUANT_CHUNK tokens over the split cache, so
+each chunk reads everything before it as stored (quantised) and only its own tokens exactly,
+close to decoding with a residual of that many tokens.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ import torch
 from torch import nn
 
 from headpolicy.profiler.tasks import Task
+from headpolicy.runtime.cache import SplitKVCache, cache_argument
+from headpolicy.runtime.state import applied
+
+QUANT_CHUNK = 128  # measured tokens per forward over a quantised cache
 
 
 @dataclass(frozen=True)
@@ -90,11 +100,26 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _last_logits(model: nn.Module, ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits [keep, V] of the last `keep` positions of ids [1, T]: one forward, or, for a policy
+    with quantised heads, a prefill of the rest and then chunks over the cache (module docstring)."""
+    state = applied(model)
+    if state is None or not state.policy.num_quantized:
+        return model(ids, use_cache=False, logits_to_keep=keep).logits[0]
+    cache, arg = SplitKVCache.for_model(model), cache_argument(model.forward)
+    first = ids.shape[1] - keep
+    if first:
+        model(ids[:, :first], use_cache=True, logits_to_keep=1, **{arg: cache})
+    chunks = [model(ids[:, a : a + QUANT_CHUNK], use_cache=True, **{arg: cache}).logits[0]
+              for a in range(first, ids.shape[1], QUANT_CHUNK)]  # fmt: skip
+    return torch.cat(chunks, dim=0)
+
+
 def _answer_logp(model: nn.Module, task: Task) -> torch.Tensor:
     """log-softmax [n_answer, V] at the positions that predict the task's answer tokens."""
     ids = task.tensor(with_answer=True).to(_device(model))
     n = len(task.answer_ids)
-    logits = model(ids, use_cache=False, logits_to_keep=n + 1).logits[0, :n].float()
+    logits = _last_logits(model, ids, n + 1)[:n].float()
     return torch.log_softmax(logits, dim=-1)
 
 
@@ -102,7 +127,7 @@ def text_nll(model: nn.Module, text: Sequence[int], text_from: int) -> torch.Ten
     """NLL [n] of each token from position text_from + 1 on, given everything before it."""
     ids = torch.tensor([list(text)], device=_device(model))
     keep = ids.shape[1] - text_from  # logits at positions text_from .. T - 1 predict text_from + 1 .. T
-    logits = model(ids, use_cache=False, logits_to_keep=keep).logits[0, :-1].float()
+    logits = _last_logits(model, ids, keep)[:-1].float()
     return torch.nn.functional.cross_entropy(logits, ids[0, text_from + 1 :], reduction="none")
 
 

@@ -3,8 +3,7 @@
 After `apply`, each layer's KV heads are ordered [retrieval heads | streaming group 0 | ...]
 (policies/plan.py). Retrieval heads run ordinary causal attention over every cached token.
 Streaming heads run *local* attention under the sink/window rule (policies/rule.py): each
-query sees the sink tokens plus its last `window` tokens, computed chunk by chunk so a
-prefill costs O(S * (sink + window)) instead of O(S^2). Positions are ranks among the real
+query sees the sink tokens plus its last `window` tokens. Positions are ranks among the real
 tokens of a row (rule.token_ranks); padding must be on the left.
 
 Entry points, one per phase:
@@ -13,9 +12,41 @@ Entry points, one per phase:
 `headpolicy_attention` is the function transformers calls (registered below): it routes a
 layer's call to them, and commits the streaming tokens to the cache (runtime/cache.py) at
 the right moment. `_kernel` is the one place that hands work to the generated Triton kernels.
+
+Prefill paths on CPU (each is exact; tests/runtime/test_attention.py holds them to
+rule.reference_attention), chosen per layer and call:
+    1. a fresh sequence no longer than every group's sink + window (plan.causal_below): the rule
+       is causal for every head, so the whole layer is one causal SDPA call;
+    2. a fresh sequence without padding: retrieval heads one causal SDPA call; each streaming
+       group causal SDPA for the queries below sink + window, then `band_attention`: all later
+       queries in blocks of `query_block(window)`, every block one batch item of a single SDPA
+       call over [sink | its band of window - 1 + block keys], with one mask shared by every
+       block (built once per shape, `band_table`);
+    3. a fresh left-padded batch: each row's real tokens alone through 1./2. (no mask at all);
+    4. new tokens on top of a cache (chunked prefill), or ranks given explicitly: the same
+       blocks, with masks from ranks (`local_blocks`).
+Streaming groups with a compensation token (policies/rule.py: one extra key per query, the mean
+of what it dropped, logit + log|D_i|) always take path 4's rank masks: `compensation_tokens`
+builds each query's token from prefix sums over the dropped tokens (plus the cache's sums of
+what it evicted), and `local_blocks` attends it as one extra key per query in the same SDPA
+call (an additive mask carries log|D_i|), so the softmax over keys and token is exact. Decode
+appends the group's token to its buffer. Path 1 stays exact: there nothing is dropped yet.
+Measured on SmolLM2-135M shapes (1 thread, sink 64 + window 256, 6 query heads): path 2 takes
+13/23/44/88 ms at 1K/2K/4K/8K tokens where causal SDPA over the same heads takes 16/48/174/663
+and the earlier loop of 256-query chunks 14/27/55/114; compiled FlexAttention with a block mask
+took 30/63 ms at 2K/4K after a 21 s first compile, so it is not used on CPU.
+
+Quantised heads (kv_bits 8/4, policies/precision.py; stored by runtime/quant_cache.py): a
+query attends the tokens of its own call at full precision and everything cached before it
+as stored, dequantised block by block on the fly (section "quantised heads" at the end). A
+decode step stores its token first, so it attends that token as stored too. A layer may mix
+quantised and compensated heads, but a group is never both (plan.StreamGroup refuses it), so
+the compensated paths only ever read full-precision buffers.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +55,34 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import headpolicy.codegen.ops  # noqa: F401  (registers torch.ops.headpolicy.prefill/decode_attention)
 from headpolicy.codegen.ops import use_kernels
-from headpolicy.policies.plan import LayerPlan
-from headpolicy.policies.rule import reference_attention, token_ranks, visible
+from headpolicy.errors import UnsupportedPolicyError
+from headpolicy.policies.plan import LayerPlan, StreamGroup
+from headpolicy.policies.rule import (
+    causal_below,
+    compensation_logit_bias,
+    dropped_count,
+    reference_attention,
+    token_ranks,
+    visible,
+)
+from headpolicy.runtime.buffers import StreamBuffer
 from headpolicy.runtime.cache import SplitKVLayer, SplitKVStep
+from headpolicy.runtime.quant_cache import QuantRetrievalPart, QuantStreamBuffer
 from headpolicy.runtime.state import layer_plan
 
 ATTN_NAME = "headpolicy"
 REFERENCE_ATTN_NAME = "headpolicy_reference"
-CHUNK = 256  # streaming queries per block: keys per block stay ~ sink + window + CHUNK
+BLOCK_MIN, BLOCK_MAX = 32, 256
 
 Segment = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # k [B, H, N, D], v, rank [B, N] (-1 = empty)
+Extra = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # compensation tokens k, v [B, H, S, D], log|D_i| [B, S]
+
+
+def query_block(window: int) -> int:
+    """Streaming queries per block. A block reads sink + window - 1 + block keys for `block`
+    queries that each need sink + window of them: small blocks waste less, large ones copy fewer
+    key bands. window / 4 was fastest on CPU (64 for window 256: 13-20% faster than 128-256)."""
+    return max(BLOCK_MIN, min(BLOCK_MAX, window // 4))
 
 
 # ---- building blocks -----------------------------------------------------------------------------
@@ -50,21 +99,43 @@ def check_key_mask(attention_mask: torch.Tensor | None, batch: int, length: int)
     return None if bool(mask.all()) else mask
 
 
+def left_padding(k_rank: torch.Tensor) -> list[int] | None:
+    """Padding slots per row when every row's padding is on the left (k_rank [B, T]), else None."""
+    T = k_rank.shape[1]
+    pad = (k_rank < 0).sum(-1, keepdim=True)  # [B, 1]
+    slots = torch.arange(T, device=k_rank.device)
+    expected = torch.where(slots >= pad, slots - pad, torch.full_like(k_rank, -1))
+    return pad[:, 0].tolist() if torch.equal(k_rank, expected) else None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention, no padding, queries in the last S of the T slots.
+
+    q: [B, Hq, S, D]; k, v: [B, H, T, D] with Hq % H == 0. Returns [B, Hq, S, D].
+    """
+    S, T = q.shape[2], k.shape[2]
+    if S == 1 or S == T:  # SDPA's is_causal aligns queries to the first keys: right only when S == T
+        return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, scale=scale, enable_gqa=True)
+    slots = torch.arange(T, device=q.device)
+    mask = visible(slots[T - S :, None], slots[None, :])  # [S, T]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
 def retrieval_heads(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_rank: torch.Tensor | None, q_rank: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_rank: torch.Tensor | None,
+    q_rank: torch.Tensor | None,
+    scale: float,
 ) -> torch.Tensor:
     """Causal attention over all T keys for queries in the last S slots.
 
     q: [B, Hq, S, D]; k, v: [B, H, T, D] with Hq % H == 0; k_rank [B, T] is None when no row
     is padded (then q_rank [B, S] is not read). Returns [B, Hq, S, D].
     """
-    S, T = q.shape[2], k.shape[2]
     if k_rank is None:
-        if S == 1 or S == T:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, scale=scale, enable_gqa=True)
-        slots = torch.arange(T, device=q.device)
-        mask = visible(slots[T - S :, None], slots[None, :])  # [S, T]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        return causal_attention(q, k, v, scale)
     mask = visible(q_rank[:, None, :, None], k_rank[:, None, None, :])  # [B, 1, S, T]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.nan_to_num(0.0)  # padding queries see no key
@@ -85,57 +156,243 @@ def gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], D))
 
 
-def _chunked_local(
-    q: torch.Tensor, q_rank: torch.Tensor, fixed: list[Segment], local: Segment, sink: int, window: int, scale: float
-) -> torch.Tensor:
-    """Sink + window attention, CHUNK queries at a time.
+# ---- local attention in blocks: every block of queries is one batch item of one SDPA call --------
+def _query_blocks(q: torch.Tensor, block: int) -> torch.Tensor:
+    """q: [B, Hq, S, D] -> [B * nb, Hq, block, D], the last block padded with zero queries."""
+    B, Hq, S, D = q.shape
+    nb = -(-S // block)
+    rows = F.pad(q.transpose(1, 2), (0, 0, 0, 0, 0, nb * block - S))  # [B, nb * block, Hq, D]
+    return rows.reshape(B * nb, block, Hq, D).transpose(1, 2)
 
-    fixed: segments every block sees whole (the sink tokens, the cached buffer); local: the new
-    tokens in slot order, whose last S are the queries' own (ranks < sink are -1 there: those
-    tokens are in a fixed segment). Returns [B, Hq, S, D].
+
+def _unblock(out: torch.Tensor, batch: int, S: int) -> torch.Tensor:
+    """[B * nb, Hq, block, D] -> [B, Hq, S, D] (the padding queries dropped)."""
+    _, Hq, block, D = out.shape
+    nb = out.shape[0] // batch
+    return out.view(batch, nb, Hq, block, D).transpose(1, 2).reshape(batch, Hq, nb * block, D)[:, :, :S]
+
+
+@functools.lru_cache(maxsize=64)
+def band_table(T: int, first: int, sink: int, window: int, block: int, device: torch.device):
+    """Keys of each block of `band_attention` and the mask every block shares.
+
+    Queries first .. T-1 (all >= sink + window) in blocks of `block`; the block starting at
+    query a reads the sink [0, sink) then the band a - window + 1 .. a + block - 1 (clamped to
+    T - 1: only padding queries of the last block reach past it). Returns (slots [nb * L]
+    int64, mask [block, L] bool) with L = sink + window - 1 + block. Built once per shape.
     """
-    S = q.shape[2]
-    lk, lv, lr = local
-    offset = lk.shape[2] - S
-    fk = torch.cat([f[0] for f in fixed], dim=2)
-    fv = torch.cat([f[1] for f in fixed], dim=2)
-    fr = torch.cat([f[2] for f in fixed], dim=1)
-    outs = []
-    for a in range(0, S, CHUNK):
-        b = min(S, a + CHUNK)
-        lo, hi = max(0, offset + a - window + 1), offset + b
-        k = torch.cat([fk, lk[:, :, lo:hi]], dim=2)
-        v = torch.cat([fv, lv[:, :, lo:hi]], dim=2)
-        kr = torch.cat([fr, lr[:, lo:hi]], dim=1)[:, None, :]  # [B, 1, N]
-        mask = visible(q_rank[:, a:b, None], kr, sink, window)  # [B, s, N]
-        outs.append(
-            F.scaled_dot_product_attention(q[:, :, a:b], k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=True)
-        )
-    return torch.cat(outs, dim=2).nan_to_num(0.0)
+    nb = -(-(T - first) // block)
+    starts = first + block * torch.arange(nb, device=device)
+    band = (starts[:, None] - window + 1) + torch.arange(window - 1 + block, device=device)  # [nb, W - 1 + C]
+    sinks = torch.arange(sink, device=device).expand(nb, sink)
+    slots = torch.cat([sinks, band.clamp(max=T - 1)], dim=1).reshape(-1)
+    # The rule on the first block's ranks: it only depends on how far apart a query and a key are,
+    # and the sink never overlaps a band (a - window + 1 > sink), so every block shares this mask.
+    q_rank = first + torch.arange(block, device=device)
+    k_rank = torch.cat([torch.arange(sink, device=device), band[0]])
+    return slots, visible(q_rank[:, None], k_rank[None, :], sink, window)
 
 
-def streaming_heads(
+def band_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, scale: float
+) -> torch.Tensor:
+    """Sink + window attention for queries of rank >= sink + window, no padding, no cache.
+
+    q: [B, Hq, n, D], the last n of the T slots of k, v [B, H, T, D]. Returns [B, Hq, n, D].
+    """
+    B, Hq, n, D = q.shape
+    H, T = k.shape[1], k.shape[2]
+    block = query_block(window)
+    slots, mask = band_table(T, T - n, sink, window, block, k.device)
+    L = mask.shape[1]
+
+    def blocks(x):  # [B, H, T, D] -> [B * nb, H, L, D]: gathered in slot-major order, so one copy
+        return x.transpose(1, 2).index_select(1, slots).view(-1, L, H, D).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(
+        _query_blocks(q, block), blocks(k), blocks(v), attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return _unblock(out, B, n)
+
+
+def streaming_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, scale: float):
+    """One streaming group without padding or cache: queries are the last S of the T slots.
+
+    q: [B, Hq, S, D]; k, v: [B, H, T, D]. Queries of rank < sink + window see every earlier key
+    (causal attention); the rest go through `band_attention`. Returns [B, Hq, S, D].
+    """
+    S, T = q.shape[2], k.shape[2]
+    n_causal = min(S, max(0, causal_below(sink, window) - (T - S)))
+    if n_causal == S:
+        return causal_attention(q, k, v, scale)
+    tail = band_attention(q[:, :, n_causal:], k, v, sink, window, scale)
+    if n_causal == 0:
+        return tail
+    stop = T - S + n_causal
+    head = causal_attention(q[:, :, :n_causal], k[:, :, :stop], v[:, :, :stop], scale)
+    return torch.cat([head, tail], dim=2)
+
+
+def local_blocks(
     q: torch.Tensor,
+    q_rank: torch.Tensor,
+    fixed: Segment,
+    local: Segment,
+    sink: int,
+    window: int,
+    scale: float,
+    extra: Extra | None = None,
+) -> torch.Tensor:
+    """Sink + window attention from ranks, in blocks of `query_block(window)` queries.
+
+    fixed: keys every block sees whole (the sink tokens, a cached buffer) [B, H, F, D] with ranks
+    [B, F]; local: the new tokens [B, H, L, D] in slot order, whose last S are the queries' own,
+    with ranks [B, L] (-1 where the token is in `fixed`). q: [B, Hq, S, D], q_rank [B, S].
+    extra: each query's compensation token (`compensation_tokens`), appended to its block's keys
+    and visible to that query alone, with logit + log|D_i|.
+    Returns [B, Hq, S, D]; rows with no visible key (padding queries) are zeros.
+    """
+    B, Hq, S, D = q.shape
+    fk, fv, fr = fixed
+    lk, lv, lr = local
+    H, L, F_ = lk.shape[1], lk.shape[2], fk.shape[2]
+    block = query_block(window)
+    nb = -(-S // block)
+    # the block of queries at local slot a reads the band a - window + 1 .. a + block - 1
+    starts = (L - S) + block * torch.arange(nb, device=q.device)
+    band = (starts[:, None] - window + 1) + torch.arange(window - 1 + block, device=q.device)  # [nb, Wb]
+    inside = (band >= 0) & (band < L)
+    band = band.clamp(0, L - 1)
+    Wb = band.shape[1]
+
+    def blocks(f, x):  # fixed [B, H, F, D] + local [B, H, L, D] -> [B * nb, H, F + Wb, D]
+        xb = x.transpose(1, 2).index_select(1, band.reshape(-1)).view(B, nb, Wb, H, D)
+        fb = f.transpose(1, 2)[:, None].expand(B, nb, F_, H, D)
+        return torch.cat([fb, xb], dim=2).view(B * nb, F_ + Wb, H, D).transpose(1, 2)
+
+    band_rank = torch.where(inside, lr[:, band], torch.full_like(lr[:, band], -1))  # [B, nb, Wb]
+    k_rank = torch.cat([fr[:, None].expand(B, nb, F_), band_rank], dim=2)  # [B, nb, F + Wb]
+    qr = F.pad(q_rank, (0, nb * block - S), value=-1).view(B, nb, block)
+    mask = visible(qr[..., :, None], k_rank[..., None, :], sink, window)  # [B, nb, block, F + Wb]
+    keys, values = blocks(fk, lk), blocks(fv, lv)
+    if extra is not None:  # block keys + one token per query: [B * nb, H, F + Wb + block, D]
+        ek, ev, bias = extra
+        keys = torch.cat([keys, _query_blocks(ek.to(keys.dtype), block)], dim=2)
+        values = torch.cat([values, _query_blocks(ev.to(values.dtype), block)], dim=2)
+        none = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+        own = F.pad(bias, (0, nb * block - S), value=float("-inf")).view(B, nb, block).to(q.dtype)
+        eye = torch.eye(block, dtype=torch.bool, device=q.device)
+        mask = torch.cat([torch.where(mask, 0.0, none), torch.where(eye, own[..., None], none)], dim=-1)
+    out = F.scaled_dot_product_attention(
+        _query_blocks(q, block), keys, values, attn_mask=mask.view(B * nb, 1, block, -1), scale=scale,
+        enable_gqa=True,
+    )  # fmt: skip
+    return _unblock(out, B, S).nan_to_num(0.0)
+
+
+def compensation_tokens(
     k: torch.Tensor,
     v: torch.Tensor,
     k_rank: torch.Tensor,
     q_rank: torch.Tensor,
     sink: int,
     window: int,
+    past: Segment | None = None,
+    sums: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Extra:
+    """Each query's compensation token (policies/rule.py) for one streaming group.
+
+    k, v: the new tokens [B, H, L, D] with ranks k_rank [B, L] (-1 = padding); q_rank [B, S].
+    past: the group's buffer before them (k, v, rank) and sums: its sums of evicted keys/values
+    [B, H, D] (ranks sink .. base - 1, base = max(sink, last buffered rank - window + 1)), or None.
+    The tokens of rank >= base (buffered and new) are laid out by rank and summed by a prefix sum;
+    query rank i takes the prefix up to i - window plus the sums. Returns (k_c, v_c [B, H, S, D]
+    float32, log|D_i| [B, S], -inf where nothing was dropped).
+    """
+    B, H, _, D = k.shape
+    acc = torch.promote_types(k.dtype, torch.float32)
+    prev_last = past[2].max(dim=1).values if past is not None and past[2].shape[1] else k_rank.new_full((B,), -1)
+    base = (prev_last - window + 1).clamp(min=sink)[:, None]  # [B, 1]
+    width = int((k_rank.max(dim=1).values[:, None] - base).max()) + 1
+    count = dropped_count(q_rank, sink, window)  # [B, S]
+    sum_k = k.new_zeros(B, H, q_rank.shape[1], D, dtype=acc)
+    sum_v = torch.zeros_like(sum_k)
+    if width > 0:
+        parts = [(k, v, k_rank)] if past is None else [past, (k, v, k_rank)]
+        dense_k = k.new_zeros(B, H, width + 1, D, dtype=acc)  # slot `width` takes what is not summed
+        dense_v = torch.zeros_like(dense_k)
+        for pk, pv, pr in parts:
+            at = torch.where(pr >= base, pr - base, width).clamp(max=width)[:, None, :, None].expand(B, H, -1, D)
+            dense_k.scatter_add_(2, at, pk.to(acc))
+            dense_v.scatter_add_(2, at, pv.to(acc))
+        upto = (q_rank - window - base).clamp(0, width - 1)[:, None, :, None].expand(B, H, -1, D)
+        sum_k = dense_k[:, :, :width].cumsum(2).gather(2, upto)
+        sum_v = dense_v[:, :, :width].cumsum(2).gather(2, upto)
+    if sums is not None:
+        sum_k, sum_v = sum_k + sums[0][:, :, None], sum_v + sums[1][:, :, None]
+    n = count.clamp(min=1).to(acc)[:, None, :, None]
+    return sum_k / n, sum_v / n, compensation_logit_bias(count)
+
+
+def streaming_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_rank: torch.Tensor | None,
+    q_rank: torch.Tensor | None,
+    sink: int,
+    window: int,
     scale: float,
     past: Segment | None = None,
+    extra: Extra | None = None,
 ) -> torch.Tensor:
     """Sink + window attention of one streaming group over new tokens, plus what it cached before.
 
     q: [B, Hq, S, D], the last S of the L new tokens k, v [B, H, L, D] with ranks k_rank [B, L]
-    (-1 = padding); q_rank [B, S]. past: the group's cache buffer before these tokens
-    (runtime/cache.StreamBuffer), or None. Returns [B, Hq, S, D].
+    (-1 = padding); q_rank [B, S]. k_rank None means no padding and no past: ranks are slot
+    indices (`streaming_band`). past: the group's cache buffer before these tokens
+    (runtime/cache.StreamBuffer), or None. extra: the queries' compensation tokens
+    (`compensation_tokens`; needs ranks). Returns [B, Hq, S, D].
     """
+    if k_rank is None:
+        if extra is not None:
+            raise ValueError("streaming_heads with compensation tokens needs the tokens' ranks")
+        if past is not None:
+            raise ValueError("streaming_heads with a cached past needs the new tokens' ranks")
+        return streaming_band(q, k, v, sink, window, scale)
     idx, sink_rank = first_sink_tokens(k_rank, sink, min(k.shape[2], sink))
-    sinks = (gather_slots(k, idx), gather_slots(v, idx), sink_rank)
-    local_rank = torch.where(k_rank >= sink, k_rank, torch.full_like(k_rank, -1))
-    fixed = [sinks] if past is None else [past, sinks]
-    return _chunked_local(q, q_rank, fixed, (k, v, local_rank), sink, window, scale)
+    fixed = (gather_slots(k, idx), gather_slots(v, idx), sink_rank)
+    if past is not None:
+        (pk, pv, pr), (sk, sv, sr) = past, fixed
+        fixed = (torch.cat([pk, sk], dim=2), torch.cat([pv, sv], dim=2), torch.cat([pr, sr], dim=1))
+    local_rank = torch.where(k_rank >= sink, k_rank, torch.full_like(k_rank, -1))  # sink tokens are in `fixed`
+    return local_blocks(q, q_rank, fixed, (k, v, local_rank), sink, window, scale, extra)
+
+
+def compensated_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_rank: torch.Tensor | None,
+    q_rank: torch.Tensor | None,
+    group: StreamGroup,
+    scale: float,
+    stream: StreamBuffer | None = None,
+) -> torch.Tensor:
+    """`streaming_heads` of a group with a compensation token: always from ranks (path 4).
+
+    As streaming_heads (k_rank None: no padding, ranks are slots); stream: the group's cache
+    buffer before these tokens, with its sums of evicted tokens, or None.
+    """
+    B, S, L = q.shape[0], q.shape[2], k.shape[2]
+    if k_rank is None:
+        k_rank = torch.arange(L, device=q.device).expand(B, L)
+        q_rank = k_rank[:, L - S :]
+    past = sums = None
+    if stream is not None:
+        past, sums = (stream.k, stream.v, stream.rank), (stream.comp_k, stream.comp_v)
+    extra = compensation_tokens(k, v, k_rank, q_rank, group.sink, group.window, past, sums)
+    return streaming_heads(q, k, v, k_rank, q_rank, group.sink, group.window, scale, past=past, extra=extra)
 
 
 def model_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None):
@@ -150,6 +407,42 @@ def model_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 
 # ---- the two phases -----------------------------------------------------------------------------------
+def fresh_prefill(plan: LayerPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One layer, no padding, no cache: queries are the last S of the T slots of k, v [B, Hkv, T, D].
+
+    q: [B, Hq, S, D]. Returns [B, Hq, S, D].
+    """
+    T = k.shape[2]
+    if plan.causal_below is None or T <= plan.causal_below:  # every head causal: one call for the layer
+        return causal_attention(q, k, v, scale)
+    G, R = plan.group_size, plan.num_retrieval
+    outs = [causal_attention(q[:, : R * G], k[:, :R], v[:, :R], scale)] if R else []
+    for g in plan.groups:
+        qg, kg, vg = q[:, g.start * G : g.stop * G], k[:, g.start : g.stop], v[:, g.start : g.stop]
+        if g.compensate:
+            outs.append(compensated_heads(qg, kg, vg, None, None, g, scale))
+        else:
+            outs.append(streaming_band(qg, kg, vg, g.sink, g.window, scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def padded_prefill(
+    plan: LayerPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pads: list[int], scale: float
+) -> torch.Tensor:
+    """`fresh_prefill` of each row's real tokens alone (left padding: pads[b] slots), so no mask is built.
+
+    q: [B, Hq, S, D], the last S of the T slots of k, v. Padding queries get zeros.
+    """
+    S, T = q.shape[2], k.shape[2]
+    out = q.new_zeros(q.shape)
+    for b, pad in enumerate(pads):
+        first = max(0, pad - (T - S))  # the row's first real query
+        if first < S:
+            rows = slice(b, b + 1)
+            out[rows, :, first:] = fresh_prefill(plan, q[rows, :, first:], k[rows, :, pad:], v[rows, :, pad:], scale)
+    return out
+
+
 def prefill(
     plan: LayerPlan,
     q: torch.Tensor,
@@ -160,67 +453,151 @@ def prefill(
     k_rank: torch.Tensor | None,
     new_k: torch.Tensor,
     new_v: torch.Tensor,
-    new_rank: torch.Tensor,
-    q_rank: torch.Tensor,
+    new_rank: torch.Tensor | None,
+    q_rank: torch.Tensor | None,
     past: list[Segment] | None = None,
+    qparts: list[QuantRetrievalPart] | None = None,
+    streams: list[StreamBuffer] | None = None,
 ) -> torch.Tensor:
     """One layer's attention for S >= 1 queries, the last S of the L new tokens.
 
-    q: [B, Hq, S, D]. keys/values [B, R, T, D]: what the retrieval heads see (every token so far),
+    q: [B, Hq, S, D]. keys/values [B, R, T, D]: what the 16-bit retrieval heads see (every token so far),
     k_rank [B, T] or None when no row is padded. new_k/new_v [B, Hkv, L, D]: the new tokens of
-    all KV heads, with ranks new_rank [B, L]; q_rank [B, S]. past: each streaming group's cache
-    buffer before this call, or None when nothing was cached (then new_k holds every token).
-    Returns [B, Hq, S, D].
+    all KV heads, with ranks new_rank [B, L]; q_rank [B, S] (both may be None when k_rank is and
+    nothing was cached). past: each streaming group's cache buffer before this call, or None when
+    nothing was cached (then new_k holds every token; dequantised for quantised groups:
+    `stream_segment`). qparts: the quantised retrieval groups' storage (this call's tokens still
+    at full precision in it), None when nothing was cached. A fresh sequence attends its own
+    tokens at full precision, quantised heads included. streams: the cache's buffers themselves
+    (what compensated groups read their sums from), with past. Returns [B, Hq, S, D].
     """
-    if past is None and use_kernels(q):  # a fresh sequence: the prefill kernel sees every token at once
-        return _kernel("prefill", plan, q, scale, k=new_k, v=new_v, k_rank=k_rank)
-    G, R = plan.group_size, plan.num_retrieval
+    if past is None:
+        if use_kernels(q):  # a fresh sequence: the prefill kernel sees every token at once
+            return _kernel("prefill", plan, q, scale, k=new_k, v=new_v, k_rank=k_rank)
+        if k_rank is None:
+            return fresh_prefill(plan, q, new_k, new_v, scale)
+        pads = left_padding(k_rank)
+        if pads is not None:
+            return padded_prefill(plan, q, new_k, new_v, pads, scale)
+    G, R = plan.group_size, plan.num_native_retrieval
+    if new_rank is None:  # a chunk on top of an unpadded cache: ranks are slots
+        T, L, S = keys.shape[2], new_k.shape[2], q.shape[2]
+        new_rank = torch.arange(T - L, T, device=q.device).expand(q.shape[0], L)
+        q_rank = new_rank[:, L - S :]
     outs = []
     if R:
         outs.append(retrieval_heads(q[:, : R * G], keys, values, k_rank, q_rank, scale))
+    for i, rg in enumerate(plan.retrieval_groups):
+        qg = q[:, rg.start * G : rg.stop * G]
+        if qparts is None:  # every token is new: full precision
+            kg, vg = new_k[:, rg.start : rg.stop], new_v[:, rg.start : rg.stop]
+            outs.append(retrieval_heads(qg, kg, vg, k_rank, q_rank, scale))
+        else:
+            outs.append(quantized_retrieval_heads(qg, qparts[i], k_rank, q_rank, scale))
     for i, g in enumerate(plan.groups):
         kg, vg = new_k[:, g.start : g.stop], new_v[:, g.start : g.stop]
         qg = q[:, g.start * G : g.stop * G]
+        if g.compensate:
+            stream = None if past is None else streams[i]
+            outs.append(compensated_heads(qg, kg, vg, new_rank, q_rank, g, scale, stream))
+            continue
         seg = None if past is None else past[i]
         outs.append(streaming_heads(qg, kg, vg, new_rank, q_rank, g.sink, g.window, scale, past=seg))
     return torch.cat(outs, dim=1)
 
 
+def decode_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
+    """One query per row and head over N cached keys: q [B, Hq, 1, D]; k, v [B, H, N, D]; mask
+    [B, 1, 1, N] or None (every key visible). Returns [B, Hq, 1, D], zeros for a query that sees no key.
+
+    On one thread each KV head's Hq / H query heads go in as one sequence of queries of that
+    head (as transformers' pack_gqa does): no GQA expansion, 5-25% faster at 4K-8K keys. SDPA
+    on CPU parallelises over (row, head, query block), so with more threads the heads stay apart.
+    """
+    if q.is_cuda or torch.get_num_threads() > 1:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        B, Hq, _, D = q.shape
+        H = k.shape[1]
+        out = F.scaled_dot_product_attention(q.reshape(B, H, Hq // H, D), k, v, attn_mask=mask, scale=scale)
+        out = out.view(B, Hq, 1, D)
+    return out if mask is None else out.nan_to_num(0.0)
+
+
 def decode(
-    plan: LayerPlan, q: torch.Tensor, layer: SplitKVLayer, q_rank: torch.Tensor, k_rank: torch.Tensor | None, scale
+    plan: LayerPlan,
+    q: torch.Tensor,
+    layer: SplitKVLayer,
+    q_rank: torch.Tensor | None,
+    k_rank: torch.Tensor | None,
+    scale: float,
+    retrieval_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new token per row over the split cache, that token already committed.
 
     q: [B, Hq, 1, D], q_rank [B, 1]; k_rank [B, T] of the retrieval part, None when no row is
-    padded: then every buffered key is one the query may attend, so no mask is built.
+    padded: then every buffered key is one the query may attend, so no mask is built (and
+    q_rank may be None). retrieval_mask: rule.visible(q_rank, k_rank) as [B, 1, 1, T] if the
+    caller has it (built once per forward), else built here.
     """
     if use_kernels(q):
+        if q_rank is None:
+            q_rank = torch.full((q.shape[0], 1), layer.seen - 1, device=q.device)
         return _kernel("decode", plan, q, scale, layer=layer, q_rank=q_rank, k_rank=k_rank)
-    G, R = plan.group_size, plan.num_retrieval
+    G, R = plan.group_size, plan.num_native_retrieval
     outs = []
     if R:
-        outs.append(retrieval_heads(q[:, : R * G], layer.keys, layer.values, k_rank, q_rank, scale))
+        mask = retrieval_mask
+        if mask is None and k_rank is not None:
+            mask = visible(q_rank[:, None, :, None], k_rank[:, None, None, :])
+        outs.append(decode_heads(q[:, : R * G], layer.keys, layer.values, mask, scale))
+    for part in layer.qparts:
+        g = part.group
+        outs.append(quantized_retrieval_heads(q[:, g.start * G : g.stop * G], part, k_rank, q_rank, scale))
     for s in layer.streams:
         g = s.group
+        k, v, rank = stream_segment(s, q.dtype)
+        mask = None if k_rank is None else visible(q_rank[:, None, :, None], rank[:, None, None, :], g.sink, g.window)
         qg = q[:, g.start * G : g.stop * G]
-        if k_rank is None:
-            outs.append(F.scaled_dot_product_attention(qg, s.k, s.v, scale=scale, enable_gqa=True))
-            continue
-        mask = visible(q_rank[:, None, :, None], s.rank[:, None, None, :], g.sink, g.window)
-        out = F.scaled_dot_product_attention(qg, s.k, s.v, attn_mask=mask, scale=scale, enable_gqa=True)
-        outs.append(out.nan_to_num(0.0))
-    return torch.cat(outs, dim=1)
+        if g.compensate and (q_rank is not None or dropped_count(layer.seen - 1, g.sink, g.window)):
+            outs.append(_decode_compensated(qg, s, mask, q_rank, layer.seen - 1, scale))  # never quantised
+        else:
+            outs.append(decode_heads(qg, k, v, mask, scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _decode_compensated(q, s: StreamBuffer, mask, q_rank, last: int, scale: float) -> torch.Tensor:
+    """One compensated group's decode: its buffer plus the token from the sums of what it evicted
+    (committed already, so they cover D_i exactly), appended as one more key with logit + log|D_i|.
+    q: [B, Hq, 1, D]; mask: [B, 1, 1, N] bool or None; q_rank [B, 1] or None (every row at `last`)."""
+    B, N = s.rank.shape[0], s.size
+    count = dropped_count(q_rank if q_rank is not None else torch.full((B, 1), last, device=q.device),
+                          s.group.sink, s.group.window)  # fmt: skip
+    n = count.clamp(min=1).to(s.comp_k.dtype)[:, :, None]  # [B, 1, 1]
+    k = torch.cat([s.k, (s.comp_k / n)[:, :, None].to(s.k.dtype)], dim=2)  # [B, Hg, N + 1, D]
+    v = torch.cat([s.v, (s.comp_v / n)[:, :, None].to(s.v.dtype)], dim=2)
+    none = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+    keys = torch.zeros(B, 1, 1, N, dtype=q.dtype, device=q.device) if mask is None else torch.where(mask, 0.0, none)
+    bias = compensation_logit_bias(count).to(q.dtype)[:, None, :, None]  # [B, 1, 1, 1]
+    return decode_heads(q, k, v, torch.cat([keys, bias], dim=-1), scale)
 
 
 def _kernel(phase: str, plan: LayerPlan, q: torch.Tensor, scale: float, **parts) -> torch.Tensor:
     """The generated kernels (torch.ops.headpolicy.*, codegen/ops.py), with the plan's prebuilt tables."""
+    if plan.compensated:
+        raise UnsupportedPolicyError(
+            f"layer {plan.layer}: the generated Triton kernels do not implement the compensation token; "
+            "run with HEADPOLICY_KERNEL_BACKEND=reference (the PyTorch path) or a policy without compensate"
+        )
     if phase == "prefill":
         k_rank = parts["k_rank"]
         pad = None if k_rank is None else (k_rank < 0).sum(-1)  # left padding: slots before rank 0
         retrieval, sink, window = plan.head_table
         return torch.ops.headpolicy.prefill_attention(q, parts["k"], parts["v"], pad, retrieval, sink, window, scale)
-    return torch.ops.headpolicy.decode_attention(*decode_op_args(plan, q, parts["layer"], parts["q_rank"],
-                                                                 parts["k_rank"], scale))  # fmt: skip
+    args = (plan, q, parts["layer"], parts["q_rank"], parts["k_rank"], scale)
+    if plan.quantized:
+        return torch.ops.headpolicy.decode_attention_quantized(*decode_quantized_op_args(*args))
+    return torch.ops.headpolicy.decode_attention(*decode_op_args(*args))
 
 
 def decode_op_args(plan: LayerPlan, q, layer: SplitKVLayer, q_rank, k_rank, scale) -> tuple:
@@ -229,6 +606,112 @@ def decode_op_args(plan: LayerPlan, q, layer: SplitKVLayer, q_rank, k_rank, scal
     return (
         q, q_rank[:, 0], layer.keys, layer.values, k_rank,
         [x.k for x in s], [x.v for x in s], [x.rank for x in s], plan.group_sinks, plan.group_windows, scale,
+    )  # fmt: skip
+
+
+# ---- quantised heads: dequantise block by block ---------------------------------------------------------
+QBLOCK = 1024  # quantised tokens dequantised at once (rounded down to whole key groups)
+
+
+def stream_segment(s: StreamBuffer | QuantStreamBuffer, dtype: torch.dtype) -> Segment:
+    """A streaming group's buffer as (k, v, rank); a quantised one dequantised in one block (it
+    holds at most sink + window tokens)."""
+    if isinstance(s, QuantStreamBuffer):
+        return s.k.dequantize(dtype), s.v.dequantize(dtype), s.rank
+    return s.k, s.v, s.rank
+
+
+def quantized_retrieval_blocks(part: QuantRetrievalPart, dtype: torch.dtype):
+    """(first slot, k, v) blocks of a quantised retrieval group in slot order: its quantised prefix
+    dequantised QBLOCK tokens at a time, then its full-precision tail. k, v: [B, H, n, D]."""
+    n_q = part.quantized_tokens
+    step = max(part.kv_group, QBLOCK // part.kv_group * part.kv_group)
+    for a in range(0, n_q, step):
+        b = min(n_q, a + step)
+        yield a, part.k.tokens_slice(a, b).dequantize(dtype), part.v.tokens_slice(a, b).dequantize(dtype)
+    if part.k_tail.shape[2]:
+        yield n_q, part.k_tail, part.v_tail
+
+
+def quantized_retrieval_heads(
+    q: torch.Tensor, part: QuantRetrievalPart, k_rank: torch.Tensor | None, q_rank: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Causal attention of one quantised retrieval group over all its T stored tokens, dequantised
+    block by block with an online softmax (never the whole cache at once).
+
+    q: [B, Hq, S, D] (the group's query heads, the last S slots); k_rank [B, T] or None when no
+    row is padded (then slot t has rank t, and q_rank [B, S] may be None). Returns [B, Hq, S, D].
+    """
+    B, S = q.shape[0], q.shape[2]
+    if q_rank is None:
+        q_rank = torch.arange(part.tokens - S, part.tokens, device=q.device).expand(B, S)
+    qr = q_rank[:, None, :, None]  # [B, 1, S, 1]
+
+    def blocks():
+        for a, k, v in quantized_retrieval_blocks(part, q.dtype):
+            n = k.shape[2]
+            kr = torch.arange(a, a + n, device=q.device).expand(B, n) if k_rank is None else k_rank[:, a : a + n]
+            yield k, v, visible(qr, kr[:, None, None, :])
+
+    return online_softmax_attention(q, blocks(), scale)
+
+
+def online_softmax_attention(q: torch.Tensor, blocks, scale: float) -> torch.Tensor:
+    """Softmax attention over key blocks seen one at a time (running max and sum, float32).
+
+    q: [B, Hq, S, D]; blocks: (k, v [B, H, n, D], allowed [B, 1, S, n] bool) with Hq % H == 0.
+    Query rows that see no key are zeros. Returns [B, Hq, S, D] in q.dtype.
+    """
+    B, Hq, S, D = q.shape
+    m = total = acc = None
+    for k, v, allowed in blocks:
+        H = k.shape[1]
+        qf = q.float().view(B, H, Hq // H, S, D)
+        s = torch.einsum("bhgsd,bhnd->bhgsn", qf, k.float()) * scale
+        s = s.masked_fill(~allowed[:, :, None], float("-inf"))
+        m_new = s.amax(-1) if m is None else torch.maximum(m, s.amax(-1))
+        m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # no key yet: nothing to shift
+        p = torch.exp(s - m_use[..., None])
+        pv = torch.einsum("bhgsn,bhnd->bhgsd", p, v.float())
+        if m is None:
+            total, acc = p.sum(-1), pv
+        else:
+            alpha = torch.exp(m - m_use)
+            total, acc = total * alpha + p.sum(-1), acc * alpha[..., None] + pv
+        m = m_new
+    if m is None:
+        return torch.zeros_like(q)
+    out = acc / torch.where(total == 0, torch.ones_like(total), total)[..., None]
+    return out.reshape(B, Hq, S, D).to(q.dtype)
+
+
+def decode_quantized_op_args(plan: LayerPlan, q, layer: SplitKVLayer, q_rank, k_rank, scale) -> tuple:
+    """Arguments of torch.ops.headpolicy.decode_attention_quantized for one layer's step (q_rank [B, 1]):
+    the plain parts as for decode_attention, then each quantised part (policies/plan.py order)."""
+    quant = [s for s in layer.streams if isinstance(s, QuantStreamBuffer)]
+    plain = [s for s in layer.streams if not isinstance(s, QuantStreamBuffer)]
+    B, T = q.shape[0], layer.seen
+    ranks = torch.arange(T, device=q.device).expand(B, T) if k_rank is None else k_rank
+    tensors, retrieval, bits, sinks, windows = [], [], [], [], []
+    for part in layer.qparts:
+        n_q = part.quantized_tokens
+        tensors += [*part.k.tensors(), *part.v.tensors(), ranks[:, :n_q], part.k_tail, part.v_tail, ranks[:, n_q:]]
+        retrieval.append(True)
+        bits.append(part.group.bits)
+        sinks.append(0)
+        windows.append(1)
+    for s in quant:
+        tail = q.new_zeros(B, s.group.num_heads, 0, q.shape[-1])  # a streaming part keeps no residual
+        tensors += [*s.k.tensors(), *s.v.tensors(), s.rank, tail, tail, s.rank[:, :0]]
+        retrieval.append(False)
+        bits.append(s.group.bits)
+        sinks.append(s.group.sink)
+        windows.append(s.group.window)
+    return (
+        q, q_rank[:, 0], layer.keys, layer.values, k_rank,
+        [x.k for x in plain], [x.v for x in plain], [x.rank for x in plain],
+        [x.group.sink for x in plain], [x.group.window for x in plain],
+        tensors, retrieval, bits, sinks, windows, plan.kv_group, scale,
     )  # fmt: skip
 
 
@@ -247,12 +730,24 @@ def headpolicy_attention(module, query, key, value, attention_mask, scaling=None
         out = _attend_step(plan, query, key, attention_mask, scale)
     else:
         T = key.shape[2]
-        key_mask = check_key_mask(attention_mask, B, T)
-        ranks = token_ranks(key_mask, B, T, device=query.device)
-        R = plan.num_retrieval
-        out = prefill(plan, query, scale, keys=key[:, :R], values=value[:, :R], k_rank=None if key_mask is None
-                      else ranks, new_k=key, new_v=value, new_rank=ranks, q_rank=ranks[:, T - S :])  # fmt: skip
+        k_rank, q_rank, _ = _ranks(attention_mask, B, T, S)
+        R = plan.num_native_retrieval
+        out = prefill(plan, query, scale, keys=key[:, :R], values=value[:, :R], k_rank=k_rank, new_k=key,
+                      new_v=value, new_rank=k_rank, q_rank=q_rank)  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
+
+
+def _ranks(attention_mask, B: int, T: int, S: int):
+    """(k_rank [B, T], q_rank [B, S], seen) of a step whose S queries are the last of T slots, where
+    seen [B, 1, 1, T] is what one decode query sees of the retrieval part (None for S > 1: a
+    prefill masks per block); (None, None, None) when no row is padded."""
+    key_mask = check_key_mask(attention_mask, B, T)
+    if key_mask is None:
+        return None, None, None
+    k_rank = token_ranks(key_mask, B, T, device=key_mask.device)
+    q_rank = k_rank[:, T - S :]
+    seen = visible(q_rank[:, None, :, None], k_rank[:, None, None, :]) if S == 1 else None
+    return k_rank, q_rank, seen
 
 
 def _attend_step(plan: LayerPlan, q: torch.Tensor, step: SplitKVStep, attention_mask, scale: float) -> torch.Tensor:
@@ -260,21 +755,17 @@ def _attend_step(plan: LayerPlan, q: torch.Tensor, step: SplitKVStep, attention_
     layer = step.layer
     B, _, S, _ = q.shape
     T = layer.seen
-    key_mask = check_key_mask(attention_mask, B, T)
-    if key_mask is None:  # no padding anywhere: every row has the same ranks
-        k_rank = None
-        q_rank = torch.arange(T - S, T, device=q.device).expand(B, S)
-    else:
-        k_rank = token_ranks(key_mask, B, T, device=q.device)
-        q_rank = k_rank[:, T - S :]
-    commit_rank = None if key_mask is None else q_rank
+    k_rank = q_rank = seen = None
+    if attention_mask is not None:  # ranks and the decode mask: worked out once per forward, not per layer
+        k_rank, q_rank, seen = layer.memo.get(attention_mask, lambda m: _ranks(m, B, T, S))
     if S == 1:  # decode: the token is committed first (a ring slot it overwrites is out of its window)
-        layer.commit(step, commit_rank)
-        return decode(plan, q, layer, q_rank, k_rank, scale)
-    past = None if T == S else [(s.k, s.v, s.rank) for s in layer.streams]
+        layer.commit(step, q_rank)
+        return decode(plan, q, layer, q_rank, k_rank, scale, retrieval_mask=seen)
+    past = None if T == S else [stream_segment(s, q.dtype) for s in layer.streams]
     out = prefill(plan, q, scale, keys=layer.keys, values=layer.values, k_rank=k_rank, new_k=step.new_k,
-                  new_v=step.new_v, new_rank=q_rank, q_rank=q_rank, past=past)  # fmt: skip
-    layer.commit(step, commit_rank)
+                  new_v=step.new_v, new_rank=q_rank, q_rank=q_rank, past=past,
+                  qparts=None if T == S else layer.qparts, streams=layer.streams)  # fmt: skip
+    layer.commit(step, q_rank)
     return out
 
 
@@ -283,9 +774,12 @@ def headpolicy_reference_attention(module, query, key, value, attention_mask, sc
     if isinstance(key, SplitKVStep):
         raise ValueError("the reference attention needs full K/V: use a DynamicCache, not a SplitKVCache")
     B, T = key.shape[0], key.shape[2]
-    retrieval, sink, window = layer_plan(module).table_tensors(query.device)
+    plan = layer_plan(module)
+    retrieval, sink, window = plan.table_tensors(query.device)
+    compensate = torch.tensor(plan.head_compensate, dtype=torch.bool, device=query.device)
     out = reference_attention(query, key, value, retrieval=retrieval, sink=sink, window=window,
-                              key_valid=check_key_mask(attention_mask, B, T), scale=scaling)  # fmt: skip
+                              key_valid=check_key_mask(attention_mask, B, T), scale=scaling,
+                              compensate=compensate)  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -42,7 +42,8 @@ def new_cache(model: nn.Module) -> Cache:
 
 
 def cache_bytes(cache: Cache | None) -> int:
-    """Bytes of key/value tensors a cache holds (SplitKVCache: exactly what it allocated)."""
+    """Bytes of key/value tensors a cache holds (SplitKVCache: what it allocated, spare capacity
+    included; `generate` reserves exactly what its tokens need, so spare only after an early EOS)."""
     if cache is None:
         return 0
     if isinstance(cache, SplitKVCache):
@@ -102,6 +103,8 @@ def generate(
     # Positions count real tokens only (as transformers' generate does); padding slots get 1, never attended.
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
     cache = new_cache(model) if cache is None else cache
+    if isinstance(cache, SplitKVCache):  # allocate once for every slot this call caches (the last token is not fed)
+        cache.reserve(cache.get_seq_length() + S + max_new_tokens - 1)
     eos = torch.tensor(_eos_ids(model, eos_token_id), device=device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     ids, pos, new = input_ids, positions, []

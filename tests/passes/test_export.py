@@ -96,3 +96,19 @@ def test_export_through_the_model_adapter(arch):
         for t in range(6, 20):
             want.append(applied(ids[:, t : t + 1], cache=cache, use_cache=True).logits[0, -1])
     torch.testing.assert_close(torch.stack(logits), torch.stack(want), atol=1e-4, rtol=1e-4)
+
+
+def test_compensated_policies_are_refused_by_name(tmp_path, monkeypatch, llama, capsys):
+    import headpolicy.models
+    from headpolicy.errors import UnsupportedPolicyError
+
+    policy = policy_for(llama, MIXED, compensate=True)
+    for fmt in ("pt2", "onnx"):
+        with pytest.raises(UnsupportedPolicyError, match="2 streaming heads a compensation token"):
+            export_artifact(llama, policy, fmt, tmp_path / f"out.{fmt}")
+        assert not (tmp_path / f"out.{fmt}").exists()
+    monkeypatch.setattr(headpolicy.models, "load_source", lambda source: (llama, None))
+    path = policy.save(tmp_path / "p.yaml")
+    code = cli.main(["export", "tiny", "--policy", str(path), "--format", "onnx", "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "UnsupportedPolicyError" in err and len(err.strip().splitlines()) == 1

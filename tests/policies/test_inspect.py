@@ -127,3 +127,31 @@ def test_cli_inspect_and_diff(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("schema: headpolicy/v1\nmodel: 3\nlayers: []\n")
     assert main(["inspect", str(tmp_path / "bad.yaml")]) == 2
     assert "PolicyError" in capsys.readouterr().err
+
+
+def test_format_inspect_shows_bits_per_head_and_the_bytes_they_imply():
+    bits = [[8, 16, 4], [16, 16, 16], [4, 4, 4], [8, 8, 8]]
+    p = policy(bits=bits, kv_group=16, kv_residual=8)
+    text = format_inspect(p)
+    assert "KV bits     16 bits: 4 heads, 8 bits: 4 heads, 4 bits: 4 heads" in text
+    for name, size in (("float32", 4), ("bfloat16", 2)):
+        line = next(x for x in text.splitlines() if x.startswith(f"KV cache vs full {name}:"))
+        frac, mib = 100 * p.kv_fraction(4096, dtype_bytes=size), p.kv_bytes(4096, dtype_bytes=size) / 2**20
+        assert f"4K {frac:.1f}% {mib:.2f} MiB" in line
+    rows = [line.split() for line in text.splitlines() if line.strip().split(" ")[0].isdigit()]
+    assert rows[0][3:] == ["R@8", "(0.900)", "4+60", "(0.100)", "4+60@4", "(0.300)"]
+    d = diff_policies(policy(), p)
+    assert any(c.after == "retrieval@8" for c in d.changed_window)
+    assert "heads with another sink/window, KV bits or compensation: 8" in format_diff(d, policy(), p)
+
+
+def test_inspect_and_diff_show_compensation():
+    rules = [[None if keep else (4, 60) for keep in row] for row in TABLE]
+    rules[0][1] = (4, 60, False)
+    p = HeadPolicy.from_rules(INFO, rules, scores=SCORES, compensate=True)
+    text = format_inspect(p)
+    assert "compensate  6 streaming heads keep a compensation token" in text
+    assert "4+60+c" in text and "4+60 (0.100)" in text
+    d = diff_policies(policy(), p)
+    assert len(d.changed_window) == 6 and not d.changed_kind
+    assert "streaming(4,60,compensated)" in format_diff(d, policy(), p)

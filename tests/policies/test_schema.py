@@ -243,7 +243,7 @@ def test_node_and_alias_counts_are_capped_while_composing(monkeypatch):
         (lambda t: t.replace("{kind: retrieval, score: 0.9}", "{kind: streaming, kind: retrieval, score: 0.9}"),
          r"line 9: duplicate key 'kind' \(first at line 9\)"),
         (lambda t: t + "schema: headpolicy/v1\n", r"duplicate key 'schema' \(first at line 2\)"),
-        (lambda t: t.replace("defaults: {sink: 4, window: 32}", "defaults: {sink: 4, window: 32}\ndefaults: {}"),
+        (lambda t: t.replace("defaults: {sink: 4, window: 32", "defaults: {}\ndefaults: {sink: 4, window: 32"),
          r"duplicate key 'defaults'"),
         (lambda t: t.replace("  accuracy:", "  accuracy: 1\n  accuracy:"), r"duplicate key 'accuracy'"),
         (lambda t: t.replace("{kind: retrieval, score: 0.9}", "{kind: retrieval, score: 0.9, score: 9}"),
@@ -313,3 +313,274 @@ def test_fuzz_mutated_policy(data):
     else:
         d = data.draw(_values)
     _load_or_policy_error(yaml.safe_dump(d, allow_unicode=True))
+
+
+# ---- KV precision (issue 14): kv_bits, schema v2 and the v1 migration --------------------------------
+V1_TEXT = """\
+schema: headpolicy/v1
+model: {name: toy, architecture: LlamaForCausalLM, num_layers: 3, num_attention_heads: 6, num_kv_heads: 2,
+  head_dim: 16, fingerprint: 'sha256:abc'}
+defaults: {sink: 4, window: 32}
+layers:
+- layer: 0
+  heads:
+  - {kind: retrieval, score: 0.9}
+  - {kind: streaming, score: 0.1}
+- layer: 1
+  heads:
+  - {kind: streaming}
+  - {kind: streaming, sink: 0, window: 7}
+- layer: 2
+  heads:
+  - {kind: streaming}
+  - {kind: retrieval}
+"""
+
+
+def bits_policy() -> HeadPolicy:
+    return make_policy().replace(kv_bits=8, kv_group=16, kv_residual=8).replace(
+        layers=(
+            (HeadSpec("retrieval", score=0.9, kv_bits=4), HeadSpec("streaming", score=0.1, kv_bits=16)),
+            (HeadSpec("streaming"), HeadSpec("streaming", sink=0, window=7, kv_bits=4)),
+            (HeadSpec("streaming"), HeadSpec("retrieval", kv_bits=16)),
+        )
+    )
+
+
+def test_a_v1_file_loads_as_native_precision_and_saves_as_v2(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text(V1_TEXT)
+    p = HeadPolicy.load(old)
+    assert p.schema == schema.SCHEMA == "headpolicy/v2"
+    assert p.bits_table() == [[16, 16]] * 3 and p.num_quantized == 0
+    assert p.kv_bytes(100) == 2 * 16 * 4 * p.kv_tokens(100)  # what v1 meant: every token in the model's dtype
+    new = p.save(tmp_path / "new.yaml")
+    text = new.read_text()
+    assert "schema: headpolicy/v2" in text and "kv_bits: 16" in text
+    assert HeadPolicy.load(new) == p
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("{kind: streaming, score: 0.1}", "{kind: streaming, score: 0.1, kv_bits: 8}"),
+         "layer 0 head 1: 'kv_bits' needs schema 'headpolicy/v2', the file says 'headpolicy/v1'"),
+        (lambda t: t.replace("window: 32}", "window: 32, kv_group: 8}"),
+         "defaults: 'kv_group' needs schema 'headpolicy/v2'"),
+    ],
+)  # fmt: skip
+def test_a_v1_file_cannot_use_v2_keys(edit, message):
+    with pytest.raises(PolicyError, match=message):
+        HeadPolicy.from_yaml(edit(V1_TEXT))
+
+
+def test_kv_bits_round_trip_and_defaults_resolve():
+    p = bits_policy()
+    assert HeadPolicy.from_yaml(p.to_yaml()) == p
+    assert p.bits_table() == [[4, 16], [8, 4], [8, 16]]
+    assert p.num_quantized == 4
+    assert "# KV precision: 2 at 16 bits, 2 at 8 bits, 2 at 4 bits" in p.to_yaml()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("defaults", "kv_bits"), 3, "defaults.kv_bits: expected KV bits 16, 8, 4 (16 = the model's own dtype), got 3"),
+        (("defaults", "kv_bits"), True, "defaults.kv_bits: expected KV bits 16, 8, 4"),
+        (("layers", 1, "heads", 0, "kv_bits"), "8", "layer 1 head 0.kv_bits: expected KV bits 16, 8, 4"),
+        (("layers", 2, "heads", 1, "kv_bits"), 2, "layer 2 head 1.kv_bits: expected KV bits 16, 8, 4 "),
+        (("defaults", "kv_group"), 0, "defaults.kv_group: expected an integer from 1 to MAX_TOKENS"),
+        (("defaults", "kv_residual"), -1, "defaults.kv_residual: expected an integer from 0 to MAX_TOKENS"),
+        (("defaults", "kv_scale"), 1, "defaults: unknown key 'kv_scale'"),
+    ],
+)
+def test_bad_kv_bits_raise_named_errors(path, value, message):
+    with pytest.raises(PolicyError) as e:
+        HeadPolicy.from_yaml(mutate(path, value))
+    assert message in str(e.value)
+
+
+def test_int4_needs_an_even_head_dim_and_policies_in_code_are_checked_too():
+    odd = ModelInfo("odd", "LlamaForCausalLM", 1, 2, 2, 15, "sha256:abc")
+    with pytest.raises(PolicyError, match="layer 0 head 1.kv_bits: 4-bit codes pack two channels a byte"):
+        HeadPolicy.from_rules(odd, [[None, (1, 2)]], bits=[[8, 4]])
+    HeadPolicy.from_rules(odd, [[None, (1, 2)]], bits=[[8, 8]])
+    with pytest.raises(PolicyError, match="defaults.kv_bits"):
+        make_policy().replace(kv_bits=12)
+    with pytest.raises(PolicyError, match="a policy object is always 'headpolicy/v2'"):
+        make_policy().replace(schema="headpolicy/v1")
+
+
+def test_kv_bytes_count_codes_scales_and_residual():
+    from headpolicy.policies.precision import kv_head_bytes
+
+    p = bits_policy()
+    for T in (1, 10, 36, 100, 1000):
+        per_head = []
+        for li in range(3):
+            for hi in range(2):
+                rule = {} if p.layers[li][hi].is_retrieval else dict(sink=p.head_window(li, hi)[0],
+                                                                      window=p.head_window(li, hi)[1])  # fmt: skip
+                per_head.append(kv_head_bytes(T, head_dim=16, dtype_bytes=2, bits=p.head_bits(li, hi), group=16,
+                                              residual=8, **rule))  # fmt: skip
+        assert p.kv_bytes(T, batch=3, dtype_bytes=2) == 3 * sum(per_head)
+        assert p.kv_fraction(T, dtype_bytes=2) == pytest.approx(sum(per_head) / p.full_kv_bytes(T, dtype_bytes=2))
+    native = make_policy()
+    assert native.kv_fraction(100, dtype_bytes=2) == native.kv_fraction(100) == pytest.approx((200 + 144) / 600)
+    assert p.kv_fraction(4096, dtype_bytes=4) < p.kv_fraction(4096, dtype_bytes=2) < native.kv_fraction(4096)
+
+
+def test_from_rules_carries_bits():
+    rules = [[None, (4, 32)], [(4, 32), (0, 7)], [(4, 32), None]]
+    bits = [[4, 16], [8, 4], [8, 16]]
+    p = HeadPolicy.from_rules(INFO, rules, bits=bits, kv_group=16, kv_residual=8)
+    assert p.bits_table() == bits
+    assert p.kv_bits == 16  # the most common entry is written once (ties: the larger)
+    assert [h.kv_bits for h in p.layers[1]] == [8, 4] and p.layers[0][1].kv_bits is None
+    assert HeadPolicy.from_rules(INFO, rules, bits=bits, kv_bits=8).layers[1][0].kv_bits is None
+    assert HeadPolicy.from_kinds(INFO, [[True, False]] * 3, bits=[[8, 8]] * 3).kv_bits == 8
+
+
+# ---- the compensation token (RazorAttention) ------------------------------------------------------
+def comp_policy(**kw) -> HeadPolicy:
+    """Layer 0: retrieval + compensated default; layer 1: own window, not compensated + default;
+    layer 2: default + retrieval."""
+    rules = [[None, (4, 32)], [(0, 7, False), (4, 32)], [(4, 32), None]]
+    return HeadPolicy.from_rules(INFO, rules, defaults=(4, 32), compensate=True, **kw)
+
+
+def test_compensation_round_trips_and_resolves_per_head(tmp_path):
+    p = comp_policy()
+    assert p.compensate and p.num_compensated == 3
+    assert [[p.head_compensates(li, hi) for hi in range(2)] for li in range(3)] == [
+        [False, True], [False, True], [True, False]
+    ]  # fmt: skip
+    assert p.layers[1][0].compensate is False and p.layers[0][1].compensate is None
+    assert HeadPolicy.from_yaml(p.to_yaml()) == p
+    assert HeadPolicy.load(p.save(tmp_path / "p.yaml")) == p
+    text = p.to_yaml()
+    assert "compensate: true" in text and "3 streaming heads keep a compensation token" in text
+
+
+def test_policies_without_compensation_read_and_write_as_before():
+    p = make_policy()
+    assert not p.compensate and p.num_compensated == 0
+    assert "compensate" not in p.to_yaml()
+    d = _plain(p.to_dict())
+    assert set(d["defaults"]) == {"sink", "window", "kv_bits", "kv_group", "kv_residual"}  # v2 defaults
+    assert HeadPolicy.from_dict(d) == p  # an older file (no `compensate` anywhere) loads with it off
+
+
+def test_compensation_counts_one_slot_and_its_float32_sums():
+    p, plain = comp_policy(), comp_policy().replace(compensate=False)
+    # plain: layer 1 head 0 still says compensate: false explicitly, so only the defaults differ
+    assert plain.num_compensated == 0
+    assert p.kv_tokens(100) == plain.kv_tokens(100) + 3
+    assert p.kv_tokens(3) == 6 * 3 + 3  # the slot is allocated from the first token on
+    D = INFO.head_dim
+    for dtype_bytes in (2, 4, 8):
+        extra = 3 * 2 * D * max(dtype_bytes, 4)
+        assert p.kv_bytes(100, batch=2, dtype_bytes=dtype_bytes) == (
+            plain.kv_bytes(100, batch=2, dtype_bytes=dtype_bytes) + 2 * extra
+        )
+    assert p.kv_fraction(100) == pytest.approx((plain.kv_tokens(100) + 3) / 600)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["layers"][0]["heads"][0].update(compensate=True),
+         "layer 0 head 0: a retrieval head keeps every token, so it has nothing to compensate"),
+        (lambda d: d["layers"][0]["heads"][0].update(compensate=False), "layer 0 head 0: a retrieval head"),
+        (lambda d: d["layers"][1]["heads"][0].update(compensate="yes"),
+         "layer 1 head 0.compensate: expected true or false, got 'yes'"),
+        (lambda d: d["layers"][1]["heads"][0].update(compensate=1), "layer 1 head 0.compensate: expected true"),
+        (lambda d: d["defaults"].update(compensate=None), "defaults.compensate: expected true or false, got None"),
+        (lambda d: d["defaults"].update(compensate="on"), "defaults.compensate: expected true or false"),
+    ],
+)  # fmt: skip
+def test_bad_compensation_raises_named_errors(edit, message):
+    d = _plain(make_policy().to_dict())
+    edit(d)
+    with pytest.raises(PolicyError) as e:
+        HeadPolicy.from_yaml(yaml.safe_dump(d))
+    assert message in str(e.value)
+
+
+def test_compensation_in_code_is_validated_too():
+    p = make_policy()
+    layers = list(p.layers)
+    layers[0] = (HeadSpec("retrieval", compensate=True), layers[0][1])
+    with pytest.raises(PolicyError, match="layer 0 head 0: a retrieval head keeps every token"):
+        p.replace(layers=tuple(layers))
+    with pytest.raises(PolicyError, match="defaults.compensate: expected true or false"):
+        p.replace(compensate=1)
+
+
+def test_native_sliding_layers_never_compensate():
+    hybrid = ModelInfo(**{**INFO.__dict__, "native_windows": (None, 16, None)})
+    p = HeadPolicy.from_kinds(hybrid, [[True, False]] * 3, sink=4, window=32, compensate=True)
+    assert [p.head_compensates(1, h) for h in range(2)] == [False, False]
+    assert p.num_compensated == 2 and HeadPolicy.from_yaml(p.to_yaml()) == p
+    layers = list(p.layers)
+    layers[1] = (HeadSpec("streaming", sink=0, window=16), layers[1][1])  # inherits compensate: true
+    with pytest.raises(PolicyError, match="layer 1 head 0: layer 1 is the model's own sliding-window layer"):
+        p.replace(layers=tuple(layers))
+
+
+def test_plan_groups_streaming_heads_by_compensation():
+    from headpolicy.policies.plan import plan_layers
+
+    info = ModelInfo("toy", "LlamaForCausalLM", 1, 8, 4, 16, "sha256:abc")
+    rules = [[(4, 32, True), None, (4, 32, False), (4, 32, True)]]
+    (plan,) = plan_layers(HeadPolicy.from_rules(info, rules))
+    assert plan.perm == (1, 2, 0, 3)
+    assert [(g.start, g.stop, g.compensate) for g in plan.groups] == [(1, 2, False), (2, 4, True)]
+    assert plan.compensated and plan.head_compensate == (False, False, True, True)
+    (plain,) = plan_layers(HeadPolicy.from_rules(info, [[(4, 32), None, (4, 32), (4, 32)]]))
+    assert not plain.compensated and len(plain.groups) == 1
+
+
+# ---- KV precision and the compensation token together ---------------------------------------------
+def test_a_v1_file_with_compensation_loads_as_v2():
+    text = V1_TEXT.replace("window: 32}", "window: 32, compensate: true}").replace(
+        "{kind: streaming, sink: 0, window: 7}", "{kind: streaming, sink: 0, window: 7, compensate: false}"
+    )
+    p = HeadPolicy.from_yaml(text)
+    assert p.schema == "headpolicy/v2" and p.compensate and p.num_quantized == 0
+    assert [[p.head_compensates(li, hi) for hi in range(2)] for li in range(3)] == [
+        [False, True], [True, False], [True, False]
+    ]  # fmt: skip
+    assert HeadPolicy.from_yaml(p.to_yaml()) == p
+
+
+def test_quantised_retrieval_heads_and_compensated_streaming_heads_mix():
+    rules = [[None, (4, 32)], [(0, 7, False), (4, 32)], [(4, 32), None]]
+    bits = [[8, 16], [4, 16], [16, 4]]
+    p = HeadPolicy.from_rules(INFO, rules, bits=bits, kv_group=16, kv_residual=8, compensate=True)
+    assert p.num_quantized == 3 and p.num_compensated == 3
+    assert HeadPolicy.from_yaml(p.to_yaml()) == p
+    plain = p.replace(compensate=False)
+    extra = 3 * (2 * INFO.head_dim * 4)  # three compensated heads' float32 sums
+    for dtype_bytes in (2, 4):
+        assert p.kv_bytes(100, dtype_bytes=dtype_bytes) == plain.kv_bytes(100, dtype_bytes=dtype_bytes) + extra
+        assert p.kv_bytes(100, dtype_bytes=dtype_bytes) == sum(
+            p.head_kv_bytes(li, hi, 100, dtype_bytes=dtype_bytes) for li in range(3) for hi in range(2)
+        )
+
+
+def test_a_quantised_compensated_head_is_refused_by_name():
+    from headpolicy.errors import QuantizedCompensationError
+    from headpolicy.policies.plan import StreamGroup
+
+    rules = [[None, (4, 32)], [(4, 32), (4, 32)], [(4, 32), None]]
+    with pytest.raises(QuantizedCompensationError, match="layer 1 head 1: a compensation token on a quantised head"):
+        HeadPolicy.from_rules(INFO, rules, bits=[[16, 16], [16, 8], [16, 16]], compensate=True)
+    d = _plain(comp_policy().to_dict())
+    d["layers"][0]["heads"][1]["kv_bits"] = 4
+    with pytest.raises(PolicyError, match="layer 0 head 1: a compensation token on a quantised head .kv_bits 4."):
+        HeadPolicy.from_yaml(yaml.safe_dump(d))
+    d["layers"][0]["heads"][1]["compensate"] = False  # the same head uncompensated is fine
+    assert HeadPolicy.from_yaml(yaml.safe_dump(d)).head_bits(0, 1) == 4
+    with pytest.raises(QuantizedCompensationError, match="kv_bits 8"):
+        StreamGroup(0, 2, 4, 8, bits=8, compensate=True)

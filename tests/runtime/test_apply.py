@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from headpolicy import AlreadyAppliedError, HeadSpec, PolicyMismatchError, SplitKVCache, apply, describe_model
 from headpolicy.runtime.attention import REFERENCE_ATTN_NAME
+from headpolicy.runtime.cache import GROW_MIN, GROW_SHARE
 from tests.conftest import policy_for, tiny_llama
 
 
@@ -93,13 +94,15 @@ def test_left_padded_batch_equals_each_sequence_alone():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cache_bytes_equal_formula_and_allocation(dtype):
+@pytest.mark.parametrize("reserve", [0, 24])
+def test_cache_bytes_used_equal_formula_and_allocated_equal_storage(dtype, reserve):
+    """kv_bytes_used() is the formula; kv_bytes() is every byte the buffers allocated, no more, no less."""
     sink, window = 4, 8
     base = tiny_llama(layers=2, seed=4, dtype=dtype)
     policy = policy_for(base, [[True, False], [False, False]], sink=sink, window=window)
     model = apply(base, policy)
     head_dim, esize = describe_model(model).head_dim, torch.tensor([], dtype=dtype).element_size()
-    cache = SplitKVCache.for_model(model)
+    cache = SplitKVCache.for_model(model).reserve(reserve)  # 0: grow as tokens come
     ids = torch.randint(3, 97, (1, 5))
     T = 0
     with torch.no_grad():
@@ -107,12 +110,19 @@ def test_cache_bytes_equal_formula_and_allocation(dtype):
             model(ids, cache=cache, use_cache=True)
             T += ids.shape[1]
             tokens = 1 * T + 3 * min(T, sink + window)  # 1 retrieval head, 3 streaming heads
-            assert cache.kv_bytes() == 2 * head_dim * esize * tokens == policy.kv_bytes(T, dtype_bytes=esize)
-            held = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-            held += [t for layer in cache.layers for s in layer.streams for t in (s.k, s.v)]
-            # every tensor owns exactly its storage: no hidden over-allocation
+            assert cache.kv_bytes_used() == 2 * head_dim * esize * tokens == policy.kv_bytes(T, dtype_bytes=esize)
+            buffers = [layer.retrieval for layer in cache.layers] + [s.kv for lay in cache.layers for s in lay.streams]
+            held = [t for buf in buffers for t in buf.allocated]
+            # every buffer owns exactly its storage, and kv_bytes() counts all of it
             assert all(t.untyped_storage().nbytes() == t.nbytes for t in held)
+            assert cache.kv_bytes() == sum(t.nbytes for t in held) >= cache.kv_bytes_used()
+            for layer in cache.layers:  # the views attention reads share the buffers' storage
+                assert layer.keys.untyped_storage().data_ptr() == layer.retrieval.allocated[0].data_ptr()
+                assert layer.retrieval.capacity <= max(reserve, T + max(GROW_MIN, T // GROW_SHARE))
+                assert all(s.kv.capacity <= sink + window for s in layer.streams)
             ids = torch.randint(3, 97, (1, 1))
+    if reserve:  # reserved for exactly the 24 tokens that came: nothing spare
+        assert T == reserve and cache.kv_bytes() == cache.kv_bytes_used()
 
 
 def test_apply_twice_raises():

@@ -58,7 +58,8 @@ def test_same_tokens_as_transformers_generate(padded):
     theirs = applied.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
                               eos_token_id=None, min_new_tokens=12)  # fmt: skip
     assert torch.equal(ours.tokens, theirs[:, ids.shape[1] :])
-    assert ours.cache.kv_bytes() > 0
+    # reserved for prompt + 11 fed tokens up front: nothing spare, nothing grown
+    assert ours.cache.kv_bytes() == ours.cache.kv_bytes_used() == policy.kv_bytes(21 + 11, batch=2)
 
 
 def test_a_row_stops_at_eos_and_is_padded_after_it():

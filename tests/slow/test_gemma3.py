@@ -37,4 +37,4 @@ def test_gemma3_policy_covers_global_layers_and_reproduces_the_model():
     assert torch.equal(got, expected)
     T = got.shape[1] - 1  # every token but the last was fed through the cache (EOS may stop early)
     # 3 global layers keep everything, 15 sliding layers keep their last 512 tokens
-    assert cache.kv_bytes() == 2 * info.head_dim * 4 * (3 * T + 15 * min(T, 512)) == policy.kv_bytes(T)
+    assert cache.kv_bytes_used() == 2 * info.head_dim * 4 * (3 * T + 15 * min(T, 512)) == policy.kv_bytes(T)

@@ -31,6 +31,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from headpolicy.models import describe_model
+from headpolicy.policies.precision import DEFAULT_GROUP, DEFAULT_RESIDUAL, quantize, quantized_tokens
 from headpolicy.profiler.objective import Calibration, Reference
 from headpolicy.profiler.probes import kv_group
 from headpolicy.profiler.tasks import NEEDLE_KINDS, Task
@@ -163,10 +164,41 @@ def estimate(
     0 where a layer is the model's own sliding layer. `ref` restricts the answer terms to the
     tasks the full model answers. `chunks`: per layer and sequence, sum about this many blocks of
     query rows (drawn by gradient norm, unbiased) instead of all: the cost falls in proportion."""
+    return _estimate(model, calib, options, (), DEFAULT_GROUP, DEFAULT_RESIDUAL, ref, samples, chunks, answer_loss,
+                     seed, progress)[0]  # fmt: skip
+
+
+def estimate_with_precision(
+    model,
+    calib: Calibration,
+    options: Sequence[tuple[int, int]],
+    bits: Sequence[int],
+    *,
+    kv_group: int = DEFAULT_GROUP,
+    kv_residual: int = DEFAULT_RESIDUAL,
+    ref: Reference | None = None,
+    samples: int = 0,
+    chunks: int | None = None,
+    answer_loss: str = "log_odds",
+    seed: int = 0,
+    progress=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`estimate`, and from the same forward and backward passes what quantising each head alone
+    costs: the first four ESTIMATES [len(ESTIMATES), layers, kv_heads, len(bits), 2] for each of `bits` (8, 4) in a
+    retrieval head's layout ([..., 0]) and a streaming head's ([..., 1]); see `_quant_effects`.
+    The fisher estimate uses the same sampled labels as the options'; `chunks` samples the
+    options' query blocks only (quantisation is measured over every query)."""
+    return _estimate(model, calib, options, tuple(bits), kv_group, kv_residual, ref, samples, chunks, answer_loss,
+                     seed, progress)  # fmt: skip
+
+
+def _estimate(model, calib, options, bits, kv_group_size, kv_residual, ref, samples, chunks, answer_loss, seed,
+              progress):  # fmt: skip
     layers, heads, kv_heads = kv_group(model)
     group = heads // kv_heads
     native = describe_model(model).native_windows
     est = torch.zeros(len(ESTIMATES), layers, kv_heads, len(options), dtype=torch.float64)
+    qest = torch.zeros(len(ESTIMATES), layers, kv_heads, len(bits), 2, dtype=torch.float64)
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with _recording(model, native) as rec:
@@ -199,10 +231,15 @@ def estimate(
                     est[7, li] += effects[1]
                 if samples:  # the squared per-sequence sums; each target position's KL counts with its weight
                     est[3, li] += weight * 0.5 * effects[4:].pow(2).mean(0)
+                if bits:  # [3 + samples, Hkv, len(bits), 2], reduced as the options' effects are
+                    qeffects = _quant_effects(lay, bits, group, kv_group_size, kv_residual, grads[li]).cpu()
+                    qest[:3, li] += qeffects[:3]
+                    if samples:
+                        qest[3, li] += weight * 0.5 * qeffects[3:].pow(2).mean(0)
             rec.layers.clear()
             if progress is not None:
                 progress.update(1)
-    return est.numpy()
+    return est.numpy(), qest.numpy()
 
 
 CHUNK = 256  # query rows per block in _layer_effects
@@ -347,6 +384,52 @@ def _layer_effects(
                     out[1, :, j] += scale * effect.abs().sum(dim=(0, 2, 3))
                 else:
                     out[3 + n, :, j] += scale * effect.sum(dim=(0, 2, 3))
+    return out
+
+
+@torch.no_grad()
+def _quant_effects(
+    lay: _Layer, bits: Sequence[int], group: int, kv_group_size: int, residual: int, grads: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """[3 + len(grads) - 1, kv_heads, len(bits), 2], laid out as `_layer_effects`: for grads[0]
+    (the true tokens' gradient) the sum over positions and query heads of g . (out_quantised -
+    out_full), its per-position absolute value and the dropped mass (0: quantisation drops no
+    key); for every further (sampled-label) gradient its signed sum, which `_estimate` squares
+    into the fisher estimate. out_quantised is the full attention output with the head's K/V
+    replaced by what the quantised cache would give back (policies/precision.py):
+
+        layout 0 (a retrieval head)  keys per channel in groups of kv_group tokens, values per
+                                     token, the last tokens (the residual) exact
+        layout 1 (a streaming head)  keys and values per token
+
+    The cache as it stands after the whole sequence stands in for every query (a query early in
+    the sequence really saw a few more exact tokens), and a streaming head's quantisation is
+    measured over full attention: selection adds it to the streaming estimate of the head's
+    window. Each head's output depends on its own K/V only, so quantising all heads at once
+    gives every head's single-head effect.
+    """
+    B, Hq, S, D = lay.q.shape
+    Hkv = lay.k.shape[1]
+    out = torch.zeros(2 + len(grads), Hkv, len(bits), 2, dtype=torch.float64, device=lay.q.device)
+    n_q = quantized_tokens(S, kv_group_size, residual)
+
+    def restored(x, b, per_channel, upto):
+        head = quantize(x[:, :, :upto], b, kv_group_size, per_channel=per_channel).dequantize(x.dtype)
+        return torch.cat([head, x[:, :, upto:]], dim=2)
+
+    for i, b in enumerate(bits):
+        layouts = ((restored(lay.k, b, True, n_q), restored(lay.v, b, False, n_q)),
+                   (restored(lay.k, b, False, S), restored(lay.v, b, False, S)))  # fmt: skip
+        for j, (k, v) in enumerate(layouts):
+            o = F.scaled_dot_product_attention(lay.q, k, v, is_causal=True, scale=lay.scale, enable_gqa=True)
+            d_out = o - lay.out
+            for n, g in enumerate(grads):  # g: [B, Hq, S, D]
+                effect = (g * d_out).sum(-1).double().view(B, Hkv, group, S)  # per query head and position
+                if n == 0:
+                    out[0, :, i, j] = effect.sum(dim=(0, 2, 3))
+                    out[1, :, i, j] = effect.abs().sum(dim=(0, 2, 3))
+                else:
+                    out[2 + n, :, i, j] = effect.sum(dim=(0, 2, 3))
     return out
 
 
