@@ -23,13 +23,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Compile the bundled model's policy, then compare it with the baselines. A fixed budget, not
-# the closed loop: at the default 2-point tolerance the loop keeps every head of SmolLM2-135M
-# (bench/results/compile_smollm2-135m_closed_loop.json); 29% of its KV heads is the largest
-# budget whose KV cache at 4K tokens stays <= 35% of the full cache. `BUDGET=` runs the loop.
-BUDGET  ?= 0.29
+# Compile the bundled model's policy at a byte budget (the KV cache at 4K tokens <= 35% of the
+# full cache), then evaluate it against the full model on held-out items. A fixed budget, not
+# compile's default --target-drop search: on SmolLM2-135M no budget up to 50% keeps every
+# calibration answer within 2% (README, "Compile and evaluate"). `KV_BUDGET=` runs the search.
+KV_BUDGET ?= 0.35
 demo: $(STAMP)
-	$(BIN)/python -m headpolicy compile $(MODEL) -o $(POLICY) $(if $(BUDGET),--budget $(BUDGET)) \
+	$(BIN)/python -m headpolicy compile $(MODEL) -o $(POLICY) $(if $(KV_BUDGET),--kv-budget $(KV_BUDGET)) \
 	    --json bench/results/compile_$(MODEL).json
 	$(BIN)/python -m headpolicy eval $(MODEL) --policy $(POLICY) -o bench/results/eval_$(MODEL).json
 
