@@ -231,9 +231,8 @@ def score(model, data: CalibrationData, ref: O.Reference, s: CompileSettings, *,
         # quantisation costs come in the first four estimates; the composite ones use abs_first_order's
         qwhich = ESTIMATES.index(s.estimate if s.estimate in ESTIMATES[:4] else "abs_first_order")
         quant = None
-        run = dict(ref=ref, chunks=s.estimate_blocks, samples=2 if s.estimate == "fisher" else 0)
         with _bar(n, "score causal", progress) as bar:
-            run["progress"] = bar
+            run = dict(ref=ref, chunks=s.estimate_blocks, samples=2 if s.estimate == "fisher" else 0, progress=bar)
             if s.auto_precision:
                 table, qest = estimate_with_precision(model, data.calib, options, QUANT_BITS, kv_group=s.kv_group,
                                                       kv_residual=s.kv_residual, **run)  # fmt: skip

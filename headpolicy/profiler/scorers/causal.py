@@ -141,7 +141,7 @@ def estimate(
     progress=None,
 ) -> np.ndarray:
     """Per KV head and (sink, window) option, what streaming that head alone costs, as the
-    ESTIMATES [4, layers, kv_heads, len(options)]:
+    ESTIMATES [len(ESTIMATES), layers, kv_heads, len(options)]:
 
     first_order      the first-order objective increase (nats per token), from the true tokens'
                      NLL on text and, on answers, `answer_loss` ("log_odds", default: see
@@ -184,8 +184,9 @@ def estimate_with_precision(
     progress=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`estimate`, and from the same forward and backward passes what quantising each head alone
-    costs: the first four ESTIMATES [len(ESTIMATES), layers, kv_heads, len(bits), 2] for each of `bits` (8, 4) in a
-    retrieval head's layout ([..., 0]) and a streaming head's ([..., 1]); see `_quant_effects`.
+    costs: [len(ESTIMATES), layers, kv_heads, len(bits), 2], the first four ESTIMATES filled, for
+    each of `bits` (8, 4) in a retrieval head's layout ([..., 0]) and a streaming head's
+    ([..., 1]); see `_quant_effects`.
     The fisher estimate uses the same sampled labels as the options'; `chunks` samples the
     options' query blocks only (quantisation is measured over every query)."""
     return _estimate(model, calib, options, tuple(bits), kv_group, kv_residual, ref, samples, chunks, answer_loss,
@@ -293,7 +294,9 @@ class _PrefixSums:
         return torch.where(x >= 0, full + part, torch.zeros_like(full))
 
 
-def _blocks(start: int, S: int, grads, chunks: int | None, gen, certain_from: int | None = None) -> list[tuple[int, float]]:
+def _blocks(
+    start: int, S: int, grads, chunks: int | None, gen, certain_from: int | None = None
+) -> list[tuple[int, float]]:
     """(first query row, weight) of the blocks of CHUNK rows _layer_effects sums: every block, or
     about `chunks` of them drawn with probability growing with the block's gradient norm and
     weighted by 1 / probability (Horvitz-Thompson: the sums stay unbiased, and the blocks that
