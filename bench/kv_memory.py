@@ -5,9 +5,11 @@ the new tokens, so prompt + new tokens fill it). Three models run in one process
 unmodified model (transformers' own SDPA attention and DynamicCache, untouched), a hand policy
 (KV head 0 of every layer retrieval, the others sink 64 + window 256) and the bundled compiled
 policy (headpolicy/policies/bundled/smollm2-135m-instruct.yaml). For each thread count and
-context the three alternate (`--repeats` times, the order rotating) so all see the same
-machine load; a speed-up is the median over repeats of policy over full in the same repeat,
-the other numbers are medians.
+context the three alternate, the order rotating, so all see the same machine load: at least
+`--repeats` times, and more (up to `--max-repeats`) until the full model has run
+`--min-seconds`, so short contexts get the repeats their ~7% run-to-run noise on this machine
+needs. A speed-up is the median over repeats of policy over full in the same repeat (its
+min-max range is stored beside it); the other numbers are medians.
 
 Per run: prefill seconds (the prompt in one forward), decode tokens/s (`--new-tokens` greedy
 steps after it, the first included), KV bytes allocated and used. Caches are made as
@@ -17,7 +19,7 @@ status is 1 only if they differ. Peak RSS is measured apart, once per model and 
 fresh child process on one thread: the run's peak above the RSS of the loaded, warmed-up
 model (the prefill's activations dominate it), and the absolute peak.
 
-    python bench/kv_memory.py               # 1K-8K, --threads 1,2, 2 repeats, RSS probes (~45-60 min idle)
+    python bench/kv_memory.py               # 1K-8K, --threads 1,2, 3-11 repeats, RSS probes (~60 min idle)
     python bench/kv_memory.py --quick       # smoke run: 512/1K, 8 tokens, 1 repeat, RSS at 512 (~2 min)
     python bench/kv_memory.py --contexts 4096 --threads 1 --repeats 3 --no-rss
 
@@ -180,20 +182,31 @@ def measure_context(models: dict, policies: dict, context: int, ids, args, esize
     repeat; medians and ratios."""
     names = list(models)
     runs = {n: [] for n in names}
-    for rep in range(args.repeats):
+    rep = 0
+
+    def more() -> bool:
+        enough = measured_s(runs["full"], args.new_tokens) >= args.min_seconds
+        return rep < args.repeats or (rep < args.max_repeats and not enough)
+
+    while more():
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
             runs[name].append(run(models[name], ids, args.new_tokens, args.grow))
+        rep += 1
     T = ids.shape[1] + args.new_tokens
     full = median_runs(runs["full"])
-    row = {"context": context, "prompt_tokens": ids.shape[1], "tokens_cached": T, "full": full, "runs": runs}
+    row = {"context": context, "prompt_tokens": ids.shape[1], "tokens_cached": T, "repeats": rep, "full": full,
+           "runs": runs}  # fmt: skip
     full_formula = next(iter(policies.values())).full_kv_bytes(T, dtype_bytes=esize)
     for name, policy in policies.items():
         med = median_runs(runs[name])
         # ratios per repeat (the two runs next to each other in time), then their median
         pairs = list(zip(runs["full"], runs[name], strict=True))
-        med["prefill_speedup"] = statistics.median(f["prefill_s"] / p["prefill_s"] for f, p in pairs)
-        med["decode_speedup"] = statistics.median(p["decode_tok_s"] / f["decode_tok_s"] for f, p in pairs)
+        prefill = [f["prefill_s"] / p["prefill_s"] for f, p in pairs]
+        decode = [p["decode_tok_s"] / f["decode_tok_s"] for f, p in pairs]
+        med["prefill_speedup"], med["decode_speedup"] = statistics.median(prefill), statistics.median(decode)
+        med["prefill_speedup_range"] = [min(prefill), max(prefill)]  # the spread the median is taken over
+        med["decode_speedup_range"] = [min(decode), max(decode)]
         med["kv_ratio_full_over_policy"] = full["kv_bytes_allocated"] / med["kv_bytes_allocated"]
         med["kv_bytes_formula"] = policy.kv_bytes(T, dtype_bytes=esize)
         med["formula_matches"] = (
@@ -202,6 +215,11 @@ def measure_context(models: dict, policies: dict, context: int, ids, args, esize
         med["targets"] = targets(context, med)
         row[name] = med
     return row
+
+
+def measured_s(runs: list[dict], new_tokens: int) -> float:
+    """Seconds of prefill and decode the runs measured."""
+    return sum(r["prefill_s"] + new_tokens / r["decode_tok_s"] for r in runs)
 
 
 def targets(context: int, med: dict) -> dict:
@@ -229,7 +247,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="repeats per context, at least")
+    ap.add_argument("--min-seconds", type=float, default=60.0,
+                    help="more repeats (up to --max-repeats) until the full model measured this long")  # fmt: skip
+    ap.add_argument("--max-repeats", type=int, default=11)
     ap.add_argument("--threads", type=thread_list, default=None,
                     help="torch intra-op thread counts, each reported apart (default 1,2; --quick: 1)")  # fmt: skip
     ap.add_argument("--no-bundled", action="store_true", help="only the hand policy")
@@ -241,7 +262,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/kv_memory_cpu.json)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.contexts, args.new_tokens, args.repeats = [512, 1024], 8, 1
+        args.contexts, args.new_tokens, args.repeats, args.min_seconds = [512, 1024], 8, 1, 0.0
     threads_list = args.threads or ([1] if args.quick else [1, 2])
     out_path = args.out or RESULTS / ("kv_memory_cpu_quick.json" if args.quick else "kv_memory_cpu.json")
 
@@ -281,7 +302,7 @@ def main(argv=None) -> int:
         "model": describe_model(full).name,
         "policies": {name: describe_policy(p) for name, p in policies.items()},
         "new_tokens": args.new_tokens,
-        "repeats": args.repeats,
+        "repeats": {"at_least": args.repeats, "min_seconds": args.min_seconds, "at_most": args.max_repeats},
         "reserved": not args.grow,
         "targets": {"prefill_speedup": PREFILL_TARGET, "decode_speedup": DECODE_TARGET},
         "device": "cpu",
