@@ -19,6 +19,8 @@ Methods:
                      ranking scorers at sink 64 + window 256 (the heads they rank highest keep everything)
     METHOD+comp      the same, every streaming head with RazorAttention's compensation token (its
                      slot counted in the budget: equal bytes)
+    METHOD+auto      causal methods with compile's --precision auto: each head's KV bits (16/8/4)
+                     chosen with its window, budgets in bytes of the model's dtype
 
     python bench/selection.py                         # every method x 15/25/35/50%, ~2 h on 2 idle cores
     python bench/selection.py --methods causal+windows,attention_mass --budgets 0.25,0.35 --tag quick
@@ -72,21 +74,35 @@ def numbers(text: str, kind=float) -> tuple:
     return tuple(kind(x) for x in text.replace(",", " ").split())
 
 
+VARIANTS = ("+comp", "+auto")  # suffixes a method name may end with, in this order
+
+
+def split_method(method: str) -> tuple[str, set[str]]:
+    """(base method, its variant suffixes): "causal+windows+auto" -> ("causal+windows", {"+auto"})."""
+    variants = set()
+    for suffix in reversed(VARIANTS):
+        if method.endswith(suffix):
+            method, variants = method.removesuffix(suffix), variants | {suffix}
+    return method, variants
+
+
 def settings(method: str) -> C.CompileSettings:
-    """compile's settings for a method name; `+comp`: the same with compensation tokens (their slot
-    counted in the budget, so compensated rows compare at equal bytes)."""
-    base, comp = method.removesuffix("+comp"), method.endswith("+comp")
+    """compile's settings for a method name. `+comp`: the same with compensation tokens (their slot
+    counted in the budget, so compensated rows compare at equal bytes); `+auto`: compile's
+    --precision auto (8 or 4 KV bits per head chosen with the windows, bytes counted exactly)."""
+    base, variants = split_method(method)
+    extra = {"compensate": "+comp" in variants, "precision": "auto" if "+auto" in variants else "native"}
     if base == "causal+windows":
-        return C.CompileSettings(method="causal", compensate=comp)
+        return C.CompileSettings(method="causal", **extra)
     if base == "causal":
-        return C.CompileSettings(method="causal", windows=(256,), compensate=comp)
-    return C.CompileSettings(method=base, compensate=comp)
+        return C.CompileSettings(method="causal", windows=(256,), **extra)
+    return C.CompileSettings(method=base, **extra)
 
 
 def profile(method: str, model, data: C.CalibrationData, ref: O.Reference, cache: dict):
-    """The method's scores (computed once per base method: compensation does not change them)."""
+    """The method's scores (computed once per base method and precision: compensation does not change them)."""
     s = settings(method)
-    key = method.removesuffix("+comp")
+    key = method.removesuffix("+auto").removesuffix("+comp") + ("+auto" if s.auto_precision else "")
     if key not in cache:
         t = time.perf_counter()
         cache[key] = C.score(model, data, ref, s), time.perf_counter() - t
@@ -104,7 +120,7 @@ def main() -> int:
         return 0
     torch.manual_seed(0)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m.removesuffix("+comp") not in METHODS]
+    unknown = [m for m in methods if split_method(m)[0] not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method {unknown[0]!r}; known: {', '.join(METHODS)}")
     budgets = numbers(args.budgets)
@@ -113,6 +129,7 @@ def main() -> int:
     model, tok = load_source(args.model)
     codec = T.as_codec(tok)
     info = describe_model(model, args.model)
+    esize = next(model.parameters()).element_size()  # what KV fractions are of (the full cache in the model's dtype)
     data = C.make_calibration(codec, C.CompileSettings(heldout=False))
     ref = O.reference(model, data.calib)
     shared = time.perf_counter() - t0
@@ -149,13 +166,13 @@ def main() -> int:
             continue
         scored, s, seconds = profile(method, model, data, ref, scores)
         row["profile_seconds"] = round(seconds, 1)
-        make = lambda cand, sc=scored, st=s: C._policy(info, cand.rules, sc, st.compensate)  # noqa: E731
+        make = lambda cand, sc=scored, st=s: C._candidate_policy(info, cand, sc, st)  # noqa: E731
         measure = C.Measurer(model, info, data.calib, ref, make, False)
         for b in budgets:
             if f"{b:g}" in row["cells"]:
                 continue
             t = time.perf_counter()
-            cand = C.at_kv_budget(scored, info, s, b)
+            cand = C.at_kv_budget(scored, info, s, b, esize)
             loss = measure(cand)
             policy = make(cand)
             m = applied_copy(model, policy)
@@ -164,7 +181,8 @@ def main() -> int:
                 nll = [float(O.text_nll(m, x, suite.text_from).double().mean()) for x in texts]
             del m
             row["cells"][f"{b:g}"] = {
-                "kv_fraction": round(policy.kv_fraction(4096), 6),
+                "kv_fraction": round(policy.kv_fraction(4096, dtype_bytes=esize), 6),
+                "heads_by_bits": heads_by_bits(policy),
                 "retrieval_heads": policy.num_retrieval,
                 "windows": sorted({policy.head_window(li, h)[1] for li, r in enumerate(policy.layers)
                                    for h, spec in enumerate(r) if not spec.is_retrieval}),  # fmt: skip
@@ -181,6 +199,16 @@ def main() -> int:
     print(format_table(result))
     print(f"Pareto curves: {draw(result, out_path.with_suffix('.png'))}")
     return 0
+
+
+def heads_by_bits(policy) -> dict[str, int]:
+    """How many KV heads are retrieval / streaming at each KV bits value, e.g. {"retrieval@8": 40}."""
+    out: dict[str, int] = {}
+    for li, row in enumerate(policy.layers):
+        for h, spec in enumerate(row):
+            key = f"{'retrieval' if spec.is_retrieval else 'streaming'}@{policy.head_bits(li, h)}"
+            out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def format_table(result: dict) -> str:
