@@ -55,6 +55,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                         f"(default {d.time_budget:g})")  # fmt: skip
     p.add_argument("--estimate", default=d.estimate, choices=SELECTION,
                    help=f"causal: which estimate orders the per-head options (default {d.estimate})")
+    p.add_argument("--passes", type=int, choices=(1, 2), default=d.passes,
+                   help="causal: 2 = estimate again at the policy the first pass chooses (the other heads "
+                        f"streaming), each option's loss the larger of the two (default {d.passes})")  # fmt: skip
     p.add_argument("--no-heldout", action="store_true", help="skip measuring the result on held-out data")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--scores-json", help="also write the raw head scores here")
@@ -72,7 +75,7 @@ def run_compile(args: argparse.Namespace) -> int:
 
     from_args = ("method", "budget", "kv_budget", "target_drop", "max_kv_budget", "sink", "window", "windows",
                  "lengths", "depths", "text_length", "text_from", "min_per_layer", "reference_context",
-                 "seed", "repair_seconds", "time_budget", "estimate", "precision")  # fmt: skip
+                 "seed", "repair_seconds", "time_budget", "estimate", "precision", "passes")  # fmt: skip
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     settings = CompileSettings(**{name: getattr(args, name) for name in from_args}, kinds=kinds,
                                heldout=not args.no_heldout)  # fmt: skip

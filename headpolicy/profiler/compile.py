@@ -74,6 +74,7 @@ class CompileSettings:
     windows: tuple[int, ...] = WINDOWS  # per-head ladder (methods that estimate every window)
     estimate: str = "abs_first_order"  # which of causal.ESTIMATES orders the per-head options
     estimate_blocks: int | None = 4  # causal: query blocks summed per layer and sequence (None: all)
+    passes: int = 1  # causal: 2 = estimate again at the policy the first estimates choose (`rescore`)
     repair_seconds: float = 300.0  # measured swaps after the knapsack (byte-budget modes), at most
     time_budget: float = 570.0  # seconds for the whole compile: no repair swap starts that would end past it
     repair_patience: int = 3  # stop after this many swaps in a row that do not help
@@ -110,6 +111,8 @@ class CompileSettings:
             if value is not None and not (isinstance(value, int | float) and 0.0 < value <= 1.0):
                 raise BudgetError(f"--{name.replace('_', '-')} must be a fraction of the full KV cache in (0, 1], "
                                   f"got {value!r}")  # fmt: skip
+        if self.passes not in (1, 2):
+            raise BudgetError(f"--passes must be 1 or 2, got {self.passes!r}")
         if self.estimate not in SELECTION:
             raise BudgetError(f"unknown estimate {self.estimate!r} (known: {', '.join(SELECTION)})")
         for name in ("repair_seconds", "time_budget"):
@@ -227,25 +230,49 @@ def score(model, data: CalibrationData, ref: O.Reference, s: CompileSettings, *,
     """The method's per-head, per-option loss estimates."""
     if s.method == "causal" and s.budget is None:
         options = s.options(per_head=True)
-        n = sum(ref.answered) + len(data.calib.texts)
-        # quantisation costs come in the first four estimates; the composite ones use abs_first_order's
-        qwhich = ESTIMATES.index(s.estimate if s.estimate in ESTIMATES[:4] else "abs_first_order")
-        quant = None
-        with _bar(n, "score causal", progress) as bar:
-            run = dict(ref=ref, chunks=s.estimate_blocks, samples=2 if s.estimate == "fisher" else 0, progress=bar)
-            if s.auto_precision:
-                table, qest = estimate_with_precision(model, data.calib, options, QUANT_BITS, kv_group=s.kv_group,
-                                                      kv_residual=s.kv_residual, **run)  # fmt: skip
-                quant = qest[qwhich]
-            else:
-                table = estimate(model, data.calib, options, **run)
-        est = selection_losses(table, s.estimate)
+        est, quant = _causal_losses(model, data, ref, s, options, None, progress)
         column = options.index((s.sink, s.window)) if (s.sink, s.window) in options else len(options) // 2
         return Scored(options, est, {"causal": est[:, :, column]}, per_head=True, quant=quant)
     maps = get_scorer(s.method).score_maps(
         model, data.scoring, sink=s.sink, window=s.window, bar=lambda n, desc: _bar(n, desc, progress)
     )
     return Scored(s.options(per_head=False), maps[s.method][:, :, None], maps, per_head=False)
+
+
+def _causal_losses(model, data: CalibrationData, ref: O.Reference, s: CompileSettings, options, rules, progress):
+    """The causal estimates as selection losses [layers, kv_heads, options] and, with --precision
+    auto, the quantisation losses (Scored.quant); linearised at `rules` (None: the full model)."""
+    n = sum(ref.answered) + len(data.calib.texts)
+    # quantisation costs come in the first four estimates; the composite ones use abs_first_order's
+    qwhich = ESTIMATES.index(s.estimate if s.estimate in ESTIMATES[:4] else "abs_first_order")
+    quant = None
+    desc = "score causal" if rules is None else "rescore at the policy"
+    with _bar(n, desc, progress) as bar:
+        run = dict(ref=ref, chunks=s.estimate_blocks, samples=2 if s.estimate == "fisher" else 0, rules=rules,
+                   progress=bar)  # fmt: skip
+        if s.auto_precision:
+            table, qest = estimate_with_precision(model, data.calib, options, QUANT_BITS, kv_group=s.kv_group,
+                                                  kv_residual=s.kv_residual, **run)  # fmt: skip
+            quant = qest[qwhich]
+        else:
+            table = estimate(model, data.calib, options, **run)
+    return selection_losses(table, s.estimate), quant
+
+
+def rescore(model, data: CalibrationData, ref: O.Reference, s: CompileSettings, scored: Scored, info: ModelInfo,
+            dtype_bytes: int = 4, progress: bool = False) -> Scored:  # fmt: skip
+    """The second pass (--passes 2): the causal estimates again, linearised at the policy the
+    first ones choose at the budget (--kv-budget, or --max-kv-budget in target mode), and each
+    option's loss the larger of the two.
+
+    At the full model, a head that carries an answer other heads carry too looks cheap: streaming
+    it alone loses nothing. At a policy that streams the others, its gradient shows the whole
+    cost, and only the heads that still carry the answer show it (scorers/causal.py)."""
+    fraction = s.kv_budget if s.kv_budget is not None else s.max_kv_budget
+    point = at_kv_budget(scored, info, s, fraction, dtype_bytes)
+    est, quant = _causal_losses(model, data, ref, s, scored.options, point.rules, progress)
+    quant = None if quant is None else np.maximum(scored.quant, quant)
+    return replace(scored, losses=np.maximum(scored.losses, est), quant=quant)
 
 
 # ---- stage 3: select -------------------------------------------------------------------------------------------
@@ -578,6 +605,9 @@ def compile_policy(
                     len(data.calib.tasks))  # fmt: skip
     with _timed(secs, "score"):
         scored = score(model, data, ref, s, progress=progress)
+    if s.passes == 2 and scored.per_head and s.mode != "budget":
+        with _timed(secs, "rescore"):
+            scored = rescore(model, data, ref, s, scored, info, dtype_bytes, progress)
     measure = Measurer(model, info, data.calib, ref, lambda cand: _candidate_policy(info, cand, scored, s), progress)
     with _timed(secs, "select"):
         chosen, trace, swaps = select(scored, info, s, measure, dtype_bytes, until=t_all + s.time_budget)

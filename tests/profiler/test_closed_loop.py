@@ -98,3 +98,31 @@ def test_repair_swaps_until_the_measured_objective_stops_falling():
     measure.seconds = 50.0
     late, none = C.repair(start, scored, info, s, measure, deadline=time.perf_counter() + 30.0)
     assert late is start and none == []  # a measurement would end past the deadline: none starts
+
+
+def test_a_second_pass_rescores_at_the_first_choice_and_keeps_the_larger_loss(monkeypatch):
+    """--passes 2: the estimates are run again, linearised at the policy the first ones choose at
+    the budget; every option's loss is the larger of the two, and the budget still holds."""
+    calls = []
+    real = C.estimate
+
+    def recording_estimate(*args, rules=None, **kwargs):
+        calls.append(rules)
+        return real(*args, rules=rules, **kwargs)
+
+    monkeypatch.setattr(C, "estimate", recording_estimate)
+    model = tiny_llama(layers=2, vocab=97)
+    s = C.CompileSettings(kv_budget=0.3, **FAST)
+    info = describe_model(model)
+    data = C.make_calibration(CODEC, s)
+    ref = O.reference(model, data.calib)
+    first = C.score(model, data, ref, s)
+    point = C.at_kv_budget(first, info, s, 0.3)
+    second = C.rescore(model, data, ref, s, first, info)
+    assert calls == [None, point.rules] and any(r is not None for row in point.rules for r in row)
+    assert (second.losses >= first.losses).all() and (second.losses > first.losses).any()
+
+    report = C.compile_policy(model, CODEC, C.CompileSettings(kv_budget=0.3, passes=2, **FAST))
+    assert "rescore" in report.seconds and report.policy.kv_fraction(400) <= 0.3 + 1e-9
+    with pytest.raises(BudgetError, match="--passes"):
+        C.CompileSettings(passes=3).check()

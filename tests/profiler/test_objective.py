@@ -201,3 +201,48 @@ def test_estimate_parts_add_up_and_split_keeps_answers_at_the_smallest_window():
     split = losses(est, "split")
     np.testing.assert_allclose(split - part["text_abs"], np.repeat(part["answer_abs"][:, :, :1], 3, axis=2))
     np.testing.assert_array_equal(losses(est, "dropped_mass"), part["dropped_mass"])
+
+
+def test_linearised_at_a_policy_the_forward_is_that_policy():
+    """With `rules`, the recording forward runs each head as the policy says: the same logits as
+    the runtime running that policy (mixed windows in one layer, a retrieval head beside them)."""
+    from headpolicy.profiler.scorers import causal
+
+    model = tiny_llama(layers=2, heads=6, kv_heads=3, seed=2)
+    info = describe_model(model)
+    rules = [[(1, 8), None, (2, 32)], [(2, 32), (2, 32), None]]
+    ids = torch.tensor([list(calibration().texts[0])])
+    with torch.no_grad():
+        want = applied_copy(model, HeadPolicy.from_rules(info, rules))(ids, use_cache=False).logits
+        with causal._recording(model, None, rules):
+            got = model(ids, use_cache=False).logits
+        full = model(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - full).abs().max() > 1e-3  # the policy does change the output
+
+
+def test_estimate_at_the_full_policy_is_the_plain_estimate_and_a_policy_point_predicts_restoring():
+    """rules of all-None reproduce the plain estimate exactly. At a policy streaming every head,
+    the head's own option's estimate orders what restoring that head alone measurably recovers."""
+    model = tiny_llama(layers=2, seed=4)
+    calib = calibration()
+    ref = answered_everything(O.reference(model, calib))
+    info = describe_model(model)
+    options = [(1, 8)]
+    plain = estimate(model, calib, options, ref=ref, answer_loss="nll")
+    none = [[None] * info.num_kv_heads for _ in range(info.num_layers)]
+    np.testing.assert_array_equal(estimate(model, calib, options, ref=ref, answer_loss="nll", rules=none), plain)
+
+    streaming = [[(1, 8)] * info.num_kv_heads for _ in range(info.num_layers)]
+    at_policy = estimate(model, calib, options, ref=ref, answer_loss="nll", rules=streaming)[0][:, :, 0]
+    assert not np.allclose(at_policy, plain[0][:, :, 0])
+    base = O.measure(applied_copy(model, HeadPolicy.from_rules(info, streaming)), calib, ref).value
+    recovered = np.zeros_like(at_policy)
+    for li in range(info.num_layers):
+        for h in range(info.num_kv_heads):
+            rules = [list(row) for row in streaming]
+            rules[li][h] = None
+            restored = applied_copy(model, HeadPolicy.from_rules(info, rules))
+            recovered[li, h] = base - O.measure(restored, calib, ref).value
+    assert spearman(at_policy, recovered) > 0.7
+    np.testing.assert_allclose(at_policy, recovered, rtol=0.5, atol=3e-3)  # small changes: close to linear

@@ -16,6 +16,12 @@ small), so selection uses it to order the choices and measurement decides (compi
 
 `estimate(...)` returns the whole [layers, kv_heads, options] table (signed); the registered
 scorer gives the column of the policy's own sink/window.
+
+Linearised at a policy (`rules=`): the forward runs every head as the policy says (its
+streaming heads at their sink/window), so g is the gradient with the other heads already
+streaming; the effects stay g . (out_o - out_full). One head's estimate at the full model is
+small when other heads carry the same answer (streaming any one of them alone costs nothing);
+at a policy that streams those others, the heads that still carry it show their whole cost.
 """
 
 from __future__ import annotations
@@ -35,13 +41,14 @@ from headpolicy.policies.precision import DEFAULT_GROUP, DEFAULT_RESIDUAL, quant
 from headpolicy.profiler.objective import Calibration, Reference
 from headpolicy.profiler.probes import kv_group
 from headpolicy.profiler.tasks import NEEDLE_KINDS, Task
-from headpolicy.runtime.attention import model_attention, padding_mask
+from headpolicy.runtime.attention import model_attention, padding_mask, streaming_band
 from headpolicy.runtime.state import applied
 
 from . import register_scorer
 
 CAUSAL_NAME = "headpolicy_causal"
 _ACTIVE: list[_Recorder] = []
+Rules = Sequence[Sequence[tuple[int, int] | None]]  # [layers][kv_heads]: (sink, window), None = every token
 
 
 @dataclass
@@ -55,9 +62,28 @@ class _Layer:
 
 
 class _Recorder:
-    def __init__(self, native_windows):
+    def __init__(self, native_windows, rules: Rules | None = None):
         self.layers: dict[int, _Layer] = {}
         self.native = native_windows
+        self.rules = rules  # the policy the forward runs (None: the full model)
+
+
+def _policy_output(out: torch.Tensor, q, k, v, scale: float, rules_row) -> torch.Tensor:
+    """The layer's attention output under one layer's rules: each streaming KV head's query heads
+    at its sink/window (the runtime's own op), the others as `out` (full attention) has them."""
+    by_rule: dict[tuple[int, int], list[int]] = {}
+    for h, rule in enumerate(rules_row):
+        if rule is not None:
+            by_rule.setdefault(tuple(rule), []).append(h)
+    if not by_rule:
+        return out
+    group = q.shape[1] // k.shape[1]
+    out = out.clone()
+    for (sink, window), heads in by_rule.items():
+        kv = torch.tensor(heads, device=q.device)
+        qh = (kv[:, None] * group + torch.arange(group, device=q.device)).reshape(-1)
+        out[:, qh] = streaming_band(q[:, qh], k[:, kv], v[:, kv], sink, window, scale)
+    return out
 
 
 def causal_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -71,10 +97,12 @@ def causal_attention(module, query, key, value, attention_mask, scaling=None, dr
     layer = module.layer_idx
     native = None if rec.native is None else rec.native[layer]
     out = model_attention(query, key, value, scale, native)
+    run = out if rec.rules is None or native is not None else _policy_output(out, query, key, value, scale,
+                                                                              rec.rules[layer])  # fmt: skip
     delta = torch.zeros_like(out, requires_grad=True)
     rec.layers[layer] = _Layer(query.detach(), key.detach(), value.detach(), out.detach(), delta, scale)
     # d loss / d delta = d loss / d output, through every later layer (their attention included)
-    return (out + delta).transpose(1, 2).contiguous(), None
+    return (run + delta).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(CAUSAL_NAME, causal_attention)
@@ -82,14 +110,14 @@ AttentionMaskInterface.register(CAUSAL_NAME, padding_mask)
 
 
 @contextlib.contextmanager
-def _recording(model, native_windows):
+def _recording(model, native_windows, rules: Rules | None = None):
     if applied(model) is not None:
         raise ValueError("profile the unmodified model: this one already has a headpolicy applied")
     previous = model.config._attn_implementation
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    rec = _Recorder(native_windows)
+    rec = _Recorder(native_windows, rules)
     model.set_attn_implementation(CAUSAL_NAME)
     _ACTIVE.append(rec)
     try:
@@ -138,6 +166,7 @@ def estimate(
     chunks: int | None = None,
     answer_loss: str = "log_odds",
     seed: int = 0,
+    rules: Rules | None = None,
     progress=None,
 ) -> np.ndarray:
     """Per KV head and (sink, window) option, what streaming that head alone costs, as the
@@ -163,9 +192,10 @@ def estimate(
 
     0 where a layer is the model's own sliding layer. `ref` restricts the answer terms to the
     tasks the full model answers. `chunks`: per layer and sequence, sum about this many blocks of
-    query rows (drawn by gradient norm, unbiased) instead of all: the cost falls in proportion."""
+    query rows (drawn by gradient norm, unbiased) instead of all: the cost falls in proportion.
+    `rules`: linearise at that policy instead of the full model (module docstring)."""
     return _estimate(model, calib, options, (), DEFAULT_GROUP, DEFAULT_RESIDUAL, ref, samples, chunks, answer_loss,
-                     seed, progress)[0]  # fmt: skip
+                     seed, progress, rules)[0]  # fmt: skip
 
 
 def estimate_with_precision(
@@ -181,6 +211,7 @@ def estimate_with_precision(
     chunks: int | None = None,
     answer_loss: str = "log_odds",
     seed: int = 0,
+    rules: Rules | None = None,
     progress=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`estimate`, and from the same forward and backward passes what quantising each head alone
@@ -190,11 +221,11 @@ def estimate_with_precision(
     The fisher estimate uses the same sampled labels as the options'; `chunks` samples the
     options' query blocks only (quantisation is measured over every query)."""
     return _estimate(model, calib, options, tuple(bits), kv_group, kv_residual, ref, samples, chunks, answer_loss,
-                     seed, progress)  # fmt: skip
+                     seed, progress, rules)  # fmt: skip
 
 
 def _estimate(model, calib, options, bits, kv_group_size, kv_residual, ref, samples, chunks, answer_loss, seed,
-              progress):  # fmt: skip
+              progress, rules=None):  # fmt: skip
     layers, heads, kv_heads = kv_group(model)
     group = heads // kv_heads
     native = describe_model(model).native_windows
@@ -202,7 +233,7 @@ def _estimate(model, calib, options, bits, kv_group_size, kv_residual, ref, samp
     qest = torch.zeros(len(ESTIMATES), layers, kv_heads, len(bits), 2, dtype=torch.float64)
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    with _recording(model, native) as rec:
+    with _recording(model, native, rules) as rec:
         for ids, first, weight, is_task in _sequences(calib, ref):
             ids = ids.to(device)
             rec.layers.clear()
