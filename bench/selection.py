@@ -21,6 +21,8 @@ Methods:
                      slot counted in the budget: equal bytes)
     METHOD+auto      causal methods with compile's --precision auto: each head's KV bits (16/8/4)
                      chosen with its window, budgets in bytes of the model's dtype
+    METHOD+rescore   causal methods with compile's --passes 2: estimated again at each budget's
+                     first choice (the other heads streaming), each option's loss the larger
 
     python bench/selection.py                         # every method x 15/25/35/50%, ~2 h on 2 idle cores
     python bench/selection.py --methods causal+windows,attention_mass --budgets 0.25,0.35 --tag quick
@@ -38,6 +40,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +77,7 @@ def numbers(text: str, kind=float) -> tuple:
     return tuple(kind(x) for x in text.replace(",", " ").split())
 
 
-VARIANTS = ("+comp", "+auto")  # suffixes a method name may end with, in this order
+VARIANTS = ("+rescore", "+comp", "+auto")  # suffixes a method name may end with, in this order
 
 
 def split_method(method: str) -> tuple[str, set[str]]:
@@ -91,7 +94,8 @@ def settings(method: str) -> C.CompileSettings:
     counted in the budget, so compensated rows compare at equal bytes); `+auto`: compile's
     --precision auto (8 or 4 KV bits per head chosen with the windows, bytes counted exactly)."""
     base, variants = split_method(method)
-    extra = {"compensate": "+comp" in variants, "precision": "auto" if "+auto" in variants else "native"}
+    extra = {"compensate": "+comp" in variants, "precision": "auto" if "+auto" in variants else "native",
+             "passes": 2 if "+rescore" in variants else 1}  # fmt: skip
     if base == "causal+windows":
         return C.CompileSettings(method="causal", **extra)
     if base == "causal":
@@ -100,9 +104,10 @@ def settings(method: str) -> C.CompileSettings:
 
 
 def profile(method: str, model, data: C.CalibrationData, ref: O.Reference, cache: dict):
-    """The method's scores (computed once per base method and precision: compensation does not change them)."""
+    """The method's first-pass scores (computed once per base method and precision: compensation and
+    a second pass do not change them)."""
     s = settings(method)
-    key = method.removesuffix("+auto").removesuffix("+comp") + ("+auto" if s.auto_precision else "")
+    key = split_method(method)[0] + ("+auto" if s.auto_precision else "")
     if key not in cache:
         t = time.perf_counter()
         cache[key] = C.score(model, data, ref, s), time.perf_counter() - t
@@ -172,7 +177,11 @@ def main() -> int:
             if f"{b:g}" in row["cells"]:
                 continue
             t = time.perf_counter()
-            cand = C.at_kv_budget(scored, info, s, b, esize)
+            at_b = scored
+            if s.passes == 2:  # linearised again at this budget's first choice (compile --passes 2)
+                at_b = C.rescore(model, data, ref, replace(s, kv_budget=b), scored, info, esize)
+            rescore_s = time.perf_counter() - t
+            cand = C.at_kv_budget(at_b, info, s, b, esize)
             loss = measure(cand)
             policy = make(cand)
             m = applied_copy(model, policy)
@@ -190,6 +199,7 @@ def main() -> int:
                 "paired": paired(full_correct, [o.correct for o in outs]),
                 "ppl_ratio": round(float(np.exp(np.mean(nll) - np.mean(full_nll))), 5),
                 "seconds": round(time.perf_counter() - t, 1),
+                "rescore_seconds": round(rescore_s, 1),
             }
             write_json(out_path, result)
             c = row["cells"][f"{b:g}"]
