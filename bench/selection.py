@@ -163,6 +163,9 @@ def main() -> int:
         }
         write_json(out_path, result)
     full_correct, full_nll = result["full"]["correct"], result["full"]["text_nll"]
+    if len(full_correct) != len(items):
+        raise SystemExit(f"--resume: the stored run has {len(full_correct)} items, these settings {len(items)}")
+    result["settings"]["budgets"] = sorted({*result["settings"]["budgets"], *budgets})  # --resume may add budgets
 
     scores: dict = {}
     for method in methods:
