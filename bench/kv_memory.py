@@ -17,11 +17,14 @@ steps after it, the first included), KV bytes allocated and used. Caches are mad
 allocated == used unless --grow). KV bytes are checked against the policy's formula; the exit
 status is 1 only if they differ. Peak RSS is measured apart, once per model and context, in a
 fresh child process on one thread: the run's peak above the RSS of the loaded, warmed-up
-model (the prefill's activations dominate it), and the absolute peak.
+model (the prefill's activations dominate it), and the absolute peak. The probes fix glibc's
+mmap threshold (`--rss-allocator`, see RSS_ALLOCATOR) so that the peak counts live tensors,
+not the freed blocks glibc happens to keep.
 
     python bench/kv_memory.py               # 1K-8K, --threads 1,2, 3-11 repeats, RSS probes (~60 min idle)
     python bench/kv_memory.py --quick       # smoke run: 512/1K, 8 tokens, 1 repeat, RSS at 512 (~2 min)
     python bench/kv_memory.py --contexts 4096 --threads 1 --repeats 3 --no-rss
+    python bench/kv_memory.py --rss-only     # the RSS probes alone, into the stored JSON
 
 Timing on a shared machine: prefer --threads 1 (with two threads on two busy cores OpenMP
 stalls and distorts both sides); the ratios, not the absolute numbers, are what compare.
@@ -155,13 +158,22 @@ def probe_rss(args) -> int:
     return 0
 
 
+# glibc raises its mmap threshold (up to 32 MiB) each time a large mmapped block is freed, after
+# which freed temporaries stay in the heap and count in RSS: the peak then measures where the
+# allocator happened to put them (the same hand-policy prefill at 4K peaked 221 to 507 MiB above
+# the loaded model from run to run). A fixed threshold returns every freed block of 128 KiB or
+# more to the system, so the peak measures the live tensors; full and policies alike.
+RSS_ALLOCATOR = {"fixed": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "default": {}}
+
+
 def measure_rss(names: list[str], context: int, args) -> dict:
     """Peak RSS of one run of each model at `context`, each in a fresh child process."""
     out = {}
+    env = {**os.environ, **RSS_ALLOCATOR[args.rss_allocator]}
     for name in names:
         cmd = [sys.executable, __file__, "--probe-rss", name, "--model", args.model, "--contexts", str(context),
                "--new-tokens", str(args.new_tokens)] + (["--grow"] if args.grow else [])  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         lines = done.stdout.strip().splitlines()
         out[name] = json.loads(lines[-1]) if done.returncode == 0 and lines else None
         if out[name] is None:
@@ -258,6 +270,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: contexts 512 1024, 8 tokens, 1 repeat, peak RSS at 512 only")  # fmt: skip
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    ap.add_argument("--rss-only", action="store_true",
+                    help="only the peak-RSS probes, stored into the existing --out JSON")  # fmt: skip
+    ap.add_argument("--rss-allocator", choices=sorted(RSS_ALLOCATOR), default="fixed",
+                    help="glibc mmap threshold of the probes: fixed at 128 KiB (default) or dynamic")  # fmt: skip
     ap.add_argument("--probe-rss", choices=["full", "hand", "bundled"], help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/kv_memory_cpu.json)")
     args = ap.parse_args(argv)
@@ -268,6 +284,8 @@ def main(argv=None) -> int:
 
     if args.probe_rss:
         return probe_rss(args)
+    if args.rss_only:
+        return rss_only(args, out_path)
     full, tok = load_model(args.model)
     policies = load_policies(full, bundled=not args.no_bundled)
     models = {"full": full} | {name: apply(copy.deepcopy(full), p) for name, p in policies.items()}
@@ -292,10 +310,7 @@ def main(argv=None) -> int:
 
     memory = []
     if not args.no_rss:
-        print("\npeak RSS, one run per fresh process (1 thread): MiB above the loaded model / absolute")
-        for ctx in args.contexts[:1] if args.quick else args.contexts:
-            memory.append({"context": ctx, **measure_rss(list(models), ctx, args)})
-            print_rss(memory[-1], list(models))
+        memory = measure_all_rss(list(models), args)
 
     result = {
         "benchmark": "kv_memory",
@@ -314,12 +329,34 @@ def main(argv=None) -> int:
         },
         "by_threads": by_threads,
         "peak_rss": memory,
+        "rss_allocator": {"name": args.rss_allocator, "env": RSS_ALLOCATOR[args.rss_allocator]},
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(out_path, result)
     print(f"\nwrote {out_path}")
     ok = all(row[name]["formula_matches"] for t in by_threads for row in t["rows"] for name in policies)
     return 0 if ok else 1
+
+
+def measure_all_rss(names: list[str], args) -> list[dict]:
+    print(f"\npeak RSS, one run per fresh process (1 thread, allocator {args.rss_allocator}): "
+          "MiB above the loaded model / absolute")  # fmt: skip
+    memory = []
+    for ctx in args.contexts[:1] if args.quick else args.contexts:
+        memory.append({"context": ctx, **measure_rss(names, ctx, args)})
+        print_rss(memory[-1], names)
+    return memory
+
+
+def rss_only(args, out_path: Path) -> int:
+    """The peak-RSS probes alone, written into the stored results (their timings kept)."""
+    result = json.loads(out_path.read_text())
+    names = ["full", *result["policies"]]
+    result["peak_rss"] = measure_all_rss(names, args)
+    result["rss_allocator"] = {"name": args.rss_allocator, "env": RSS_ALLOCATOR[args.rss_allocator]}
+    write_json(out_path, result)
+    print(f"\nwrote {out_path}")
+    return 0
 
 
 def describe_policy(p: HeadPolicy) -> dict:
