@@ -7,8 +7,8 @@ unmodified model (transformers' own SDPA attention and DynamicCache, untouched),
 policy (headpolicy/policies/bundled/smollm2-135m-instruct.yaml). For each thread count and
 context the three alternate, the order rotating, so all see the same machine load: at least
 `--repeats` times, and more (up to `--max-repeats`) until the full model has run
-`--min-seconds`, so short contexts get the repeats their ~7% run-to-run noise on this machine
-needs. A speed-up is the median over repeats of policy over full in the same repeat (its
+`--min-seconds`, so short contexts get the repeats their +-10-15% run-to-run noise on this
+machine needs. A speed-up is the median over repeats of policy over full in the same repeat (its
 min-max range is stored beside it); the other numbers are medians.
 
 Per run: prefill seconds (the prompt in one forward), decode tokens/s (`--new-tokens` greedy

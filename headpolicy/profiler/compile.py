@@ -267,7 +267,9 @@ def rescore(model, data: CalibrationData, ref: O.Reference, s: CompileSettings, 
 
     At the full model, a head that carries an answer other heads carry too looks cheap: streaming
     it alone loses nothing. At a policy that streams the others, its gradient shows the whole
-    cost, and only the heads that still carry the answer show it (scorers/causal.py)."""
+    cost, and only the heads that still carry the answer show it (scorers/causal.py). The
+    linearisation point keeps the first choice's windows only, not its KV bits: with --precision
+    auto the forward runs every head at the model's precision."""
     fraction = s.kv_budget if s.kv_budget is not None else s.max_kv_budget
     point = at_kv_budget(scored, info, s, fraction, dtype_bytes)
     est, quant = _causal_losses(model, data, ref, s, scored.options, point.rules, progress)
