@@ -23,7 +23,12 @@ import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
+# Run as a script, this folder is sys.path[0], and transformers would import this file as the
+# Hugging Face `kernels` package it probes for: take the folder off the path first.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import torch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Peak DRAM bandwidth (bytes/s) by device-name substring; first match wins.
@@ -51,12 +56,22 @@ def parse_args():
     p.add_argument("--window", type=int, help="default 1024; 16 when interpreting")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default bfloat16; float32 interpreting")
     p.add_argument("--reps", type=int, help="timed repetitions (median); default 20, 1 when interpreting")
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        nargs="*",
+        choices=[8, 4],
+        default=[8, 4],
+        help="also decode with the retrieval heads quantised to these bits (default 8 4)",
+    )
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/kernels_<device>.json)")
     return p.parse_args()
 
 
 def configure(args) -> dict:
     interpret = args.interpret or not torch.cuda.is_available()
+    if not interpret:  # FlexAttention compiles once per shape: two per context, more than dynamo's default limit
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined
         # eager FlexAttention (no compile on CPU) warns that it is unfused; expected here
@@ -76,6 +91,9 @@ def configure(args) -> dict:
         window=pick(args.window, 1024, 16),
         dtype=pick(args.dtype, "bfloat16", "float32"),
         reps=pick(args.reps, 20, 1),
+        kv_bits=args.kv_bits,
+        kv_group=pick(None, 32, 4),  # quantisation group and native residual (the policy defaults on a GPU)
+        kv_residual=pick(None, 32, 4),
     )
 
 
@@ -215,7 +233,33 @@ def run_context(cfg, T, methods) -> list[dict]:
         split_bytes = 2 * B * (R * T + Hs * (ns + nr)) * D * el
         with codegen.backend("triton"):
             record("decode", "generated", lambda: torch.ops.headpolicy.decode_attention(*args), split_bytes, ref)
+            for bits in cfg["kv_bits"]:  # the same split cache with its retrieval heads stored as codes
+                qargs, qbytes = quantized_decode_args(args, kf[:, :R], vf[:, :R], bits, cfg, split_bytes, el)
+                run_q = lambda a=qargs: torch.ops.headpolicy.decode_attention_quantized(*a)
+                record("decode", f"generated_int{bits}", run_q, qbytes, ref)
     return rows
+
+
+def quantized_decode_args(args, k_ret, v_ret, bits, cfg, split_bytes, el):
+    """decode_attention's arguments with the retrieval heads as one quantised part (KIVI layout: keys
+    per channel, values per token, groups of kv_group, the last kv_residual..+group tokens kept in the
+    model's dtype), and the bytes that cache holds."""
+    from headpolicy.policies.precision import quantize, quantized_tokens
+
+    qd, q_rank, _, _, _, gk, gv, gr, gs, gw, scale = args
+    B, R, T, D = k_ret.shape
+    group = cfg["kv_group"]
+    n = quantized_tokens(T, group, cfg["kv_residual"])
+    rank = torch.arange(T, device=qd.device).repeat(B, 1)
+    qk = quantize(k_ret[:, :, :n], bits, group, per_channel=True)
+    qv = quantize(v_ret[:, :, :n], bits, group, per_channel=False)
+    tail_k, tail_v = k_ret[:, :, n:].contiguous(), v_ret[:, :, n:].contiguous()
+    part = [*qk.tensors(), *qv.tensors(), rank[:, :n], tail_k, tail_v, rank[:, n:]]
+    empty = k_ret[:, :0]
+    quant_args = (qd, q_rank, empty, empty, None, gk, gv, gr, gs, gw, part, [True], [bits], [0], [1], group,
+                  scale)  # fmt: skip
+    stored = sum(t.numel() * t.element_size() for t in part if t.dtype != torch.long)
+    return quant_args, split_bytes - 2 * B * R * T * D * el + stored
 
 
 def main():
@@ -224,30 +268,40 @@ def main():
     dev = cfg["device"]
     device_name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.machine() or 'unknown'})"
     peak, peak_source = peak_bandwidth(dev)
+    tag = "interpret" if cfg["interpret"] else re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
+    out = args.out or RESULTS / f"kernels_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     methods = ["sdpa", "flex", "generated"]
     rows = []
     for T in cfg["contexts"]:
         print(f"context {T} ...", file=sys.stderr, flush=True)
-        rows += run_context(cfg, T, methods)
+        new = run_context(cfg, T, methods)
+        for r in new:
+            if peak and "GBps" in r:
+                r["frac_of_peak"] = r["GBps"] * 1e9 / peak
+        rows += new
         if dev == "cuda":
             torch.cuda.empty_cache()
-    for r in rows:
-        if peak and "GBps" in r:
-            r["frac_of_peak"] = r["GBps"] * 1e9 / peak
+        # after every context, so that a run stopped at a time limit keeps what it measured
+        write_report(out, rows, cfg, device_name, peak, peak_source, done=T == cfg["contexts"][-1])
     print_table(rows, cfg, device_name, peak)
-    tag = "interpret" if cfg["interpret"] else re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
-    out = args.out or RESULTS / f"kernels_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {out}")
+
+
+def write_report(out, rows, cfg, device_name, peak, peak_source, *, done: bool) -> None:
+    gpu = cfg["device"] == "cuda"
+    measured = sorted({r["context"] for r in rows})
     report = dict(
         benchmark="bench/kernels.py",
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         device=device_name,
         peak_bandwidth_Bps=peak,
         peak_bandwidth_source=peak_source,
-        gpu_numbers="measured" if dev == "cuda" else "pending",
+        gpu_numbers="measured" if gpu else "pending",
+        complete=done,
         notes=(
-            "GPU timings at 4K-128K context."
-            if dev == "cuda"
+            f"GPU timings at contexts {measured}."
+            if gpu
             else "No GPU was available: tiny shapes under the Triton interpreter (TRITON_INTERPRET=1) only "
             "prove the benchmark and the kernels run end to end; the times say nothing about GPU speed. "
             "GPU numbers are pending: run `python bench/kernels.py` on a CUDA machine."
@@ -256,16 +310,19 @@ def main():
         columns=dict(
             ms="median time per call",
             kv_bytes="K/V bytes the method must read: SDPA the whole cache; FlexAttention and the generated "
-            "kernels the retrieval heads whole plus sink + window tokens of streaming heads",
+            "kernels the retrieval heads whole plus sink + window tokens of streaming heads; generated_intN "
+            "the same with retrieval heads as N-bit codes plus float16 scales/zeros and a native residual",
             GBps="kv_bytes / time",
             frac_of_peak="GBps / the device's peak DRAM bandwidth",
-            max_abs_diff_vs_flex="generated output vs FlexAttention with the same per-head block mask",
+            max_abs_diff_vs_flex="output vs FlexAttention with the same per-head block mask (for generated_intN "
+            "this includes the quantisation error)",
         ),
         torch=torch.__version__,
         rows=rows,
     )
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
 
 
 def print_table(rows, cfg, device_name, peak):

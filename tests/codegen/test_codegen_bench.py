@@ -22,7 +22,14 @@ def test_kernel_bench_runs_under_the_interpreter(tmp_path, monkeypatch, capsys):
     report = json.loads(out.read_text())
     assert report["gpu_numbers"] == "pending"
     methods = {(r["phase"], r["method"]) for r in report["rows"] if "ms" in r}
-    assert methods == {(p, m) for p in ("prefill", "decode") for m in ("sdpa_full", "flex_block_mask", "generated")}
+    expected = {(p, m) for p in ("prefill", "decode") for m in ("sdpa_full", "flex_block_mask", "generated")}
+    assert methods == expected | {("decode", "generated_int8"), ("decode", "generated_int4")}
+    rows = {(r["phase"], r["method"]): r for r in report["rows"]}
     generated = [r for r in report["rows"] if r["method"] == "generated"]
     assert all(r["max_abs_diff_vs_flex"] < 1e-4 for r in generated)  # same semantics as the block mask
+    # quantised retrieval heads: close to the block mask, and fewer bytes than the native split cache
+    assert rows["decode", "generated_int8"]["max_abs_diff_vs_flex"] < 0.05
+    assert rows["decode", "generated_int4"]["max_abs_diff_vs_flex"] < 0.5
+    kv = {m: rows["decode", m]["kv_bytes"] for m in ("generated", "generated_int8", "generated_int4")}
+    assert kv["generated"] > kv["generated_int8"] > kv["generated_int4"]
     assert "GPU numbers pending" in capsys.readouterr().out
