@@ -609,10 +609,7 @@ def decode_op_args(plan: LayerPlan, q, layer: SplitKVLayer, q_rank, k_rank, scal
     )  # fmt: skip
 
 
-# ---- quantised heads: dequantise block by block ---------------------------------------------------------
-QBLOCK = 1024  # quantised tokens dequantised at once (rounded down to whole key groups)
-
-
+# ---- quantised heads: attention over what the cache stores, dequantised --------------------------------------
 def stream_segment(s: StreamBuffer | QuantStreamBuffer, dtype: torch.dtype) -> Segment:
     """A streaming group's buffer as (k, v, rank); a quantised one dequantised in one block (it
     holds at most sink + window tokens)."""
@@ -621,68 +618,26 @@ def stream_segment(s: StreamBuffer | QuantStreamBuffer, dtype: torch.dtype) -> S
     return s.k, s.v, s.rank
 
 
-def quantized_retrieval_blocks(part: QuantRetrievalPart, dtype: torch.dtype):
-    """(first slot, k, v) blocks of a quantised retrieval group in slot order: its quantised prefix
-    dequantised QBLOCK tokens at a time, then its full-precision tail. k, v: [B, H, n, D]."""
+def dequantized_part(part: QuantRetrievalPart, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantised retrieval group's stored keys and values [B, H, T, D] in slot order: its coded
+    prefix dequantised, then its full-precision tail. Transient: one group of one layer at a time,
+    as large as that group's native cache would be."""
     n_q = part.quantized_tokens
-    step = max(part.kv_group, QBLOCK // part.kv_group * part.kv_group)
-    for a in range(0, n_q, step):
-        b = min(n_q, a + step)
-        yield a, part.k.tokens_slice(a, b).dequantize(dtype), part.v.tokens_slice(a, b).dequantize(dtype)
+    if not n_q:
+        return part.k_tail, part.v_tail
+    k, v = part.k.tokens_slice(0, n_q).dequantize(dtype), part.v.tokens_slice(0, n_q).dequantize(dtype)
     if part.k_tail.shape[2]:
-        yield n_q, part.k_tail, part.v_tail
+        k, v = torch.cat([k, part.k_tail], dim=2), torch.cat([v, part.v_tail], dim=2)
+    return k, v
 
 
 def quantized_retrieval_heads(
     q: torch.Tensor, part: QuantRetrievalPart, k_rank: torch.Tensor | None, q_rank: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """Causal attention of one quantised retrieval group over all its T stored tokens, dequantised
-    block by block with an online softmax (never the whole cache at once).
-
-    q: [B, Hq, S, D] (the group's query heads, the last S slots); k_rank [B, T] or None when no
-    row is padded (then slot t has rank t, and q_rank [B, S] may be None). Returns [B, Hq, S, D].
-    """
-    B, S = q.shape[0], q.shape[2]
-    if q_rank is None:
-        q_rank = torch.arange(part.tokens - S, part.tokens, device=q.device).expand(B, S)
-    qr = q_rank[:, None, :, None]  # [B, 1, S, 1]
-
-    def blocks():
-        for a, k, v in quantized_retrieval_blocks(part, q.dtype):
-            n = k.shape[2]
-            kr = torch.arange(a, a + n, device=q.device).expand(B, n) if k_rank is None else k_rank[:, a : a + n]
-            yield k, v, visible(qr, kr[:, None, None, :])
-
-    return online_softmax_attention(q, blocks(), scale)
-
-
-def online_softmax_attention(q: torch.Tensor, blocks, scale: float) -> torch.Tensor:
-    """Softmax attention over key blocks seen one at a time (running max and sum, float32).
-
-    q: [B, Hq, S, D]; blocks: (k, v [B, H, n, D], allowed [B, 1, S, n] bool) with Hq % H == 0.
-    Query rows that see no key are zeros. Returns [B, Hq, S, D] in q.dtype.
-    """
-    B, Hq, S, D = q.shape
-    m = total = acc = None
-    for k, v, allowed in blocks:
-        H = k.shape[1]
-        qf = q.float().view(B, H, Hq // H, S, D)
-        s = torch.einsum("bhgsd,bhnd->bhgsn", qf, k.float()) * scale
-        s = s.masked_fill(~allowed[:, :, None], float("-inf"))
-        m_new = s.amax(-1) if m is None else torch.maximum(m, s.amax(-1))
-        m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # no key yet: nothing to shift
-        p = torch.exp(s - m_use[..., None])
-        pv = torch.einsum("bhgsn,bhnd->bhgsd", p, v.float())
-        if m is None:
-            total, acc = p.sum(-1), pv
-        else:
-            alpha = torch.exp(m - m_use)
-            total, acc = total * alpha + p.sum(-1), acc * alpha[..., None] + pv
-        m = m_new
-    if m is None:
-        return torch.zeros_like(q)
-    out = acc / torch.where(total == 0, torch.ones_like(total), total)[..., None]
-    return out.reshape(B, Hq, S, D).to(q.dtype)
+    """Causal attention of one quantised retrieval group over all its T stored tokens, as stored
+    (dequantised), through SDPA: retrieval_heads' arguments and result."""
+    k, v = dequantized_part(part, q.dtype)
+    return retrieval_heads(q, k, v, k_rank, q_rank, scale)
 
 
 def decode_quantized_op_args(plan: LayerPlan, q, layer: SplitKVLayer, q_rank, k_rank, scale) -> tuple:
