@@ -92,8 +92,10 @@ class Search:
 
 def smallest_passing(budgets: Sequence[float], check: Callable[[float], tuple[bool, object]]) -> Search:
     """The smallest budget b in `budgets` with check(b) passing, by bisection (passing is assumed
-    to grow with the budget). check(b) -> (passed, result). The largest budget is checked first:
-    when it fails, no other is tried and Search.budget is None."""
+    to grow with the budget). check(b) -> (passed, result). The middle budget is checked first,
+    then, only when it fails, the largest: when that fails too, no other is tried and
+    Search.budget is None. A search that passes in the lower half so never pays for the largest
+    (each check is a measurement: the most expensive step of a compile)."""
     grid = sorted({float(b) for b in budgets})
     if not grid:
         raise BudgetError("no budget to search")
@@ -108,8 +110,13 @@ def smallest_passing(budgets: Sequence[float], check: Callable[[float], tuple[bo
         return seen[b][0]
 
     lo, hi = 0, len(grid) - 1
-    if not ok(hi):
+    mid = hi // 2
+    if ok(mid):
+        hi = mid
+    elif not ok(hi):
         return Search(None, seen[grid[hi]][1], trace)
+    else:
+        lo = mid + 1
     while lo < hi:
         mid = (lo + hi) // 2
         if ok(mid):

@@ -68,12 +68,18 @@ def test_smallest_passing_bisects_and_reports_every_budget():
         calls.append(b)
         return b >= 0.3, f"result {b}"
 
-    found = smallest_passing((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0), check)
+    grid = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0)
+    found = smallest_passing(grid, check)
     assert found.budget == 0.3 and found.result == "result 0.3"
-    assert calls[0] == 1.0 and len(calls) <= 4  # the largest first, then bisection
+    assert calls == [0.4, 0.2, 0.3]  # the middle passes: the largest is never measured
     assert [(b, ok) for b, ok, _ in found.trace] == [(b, b >= 0.3) for b in calls]
-    none = smallest_passing((0.25, 0.5), lambda b: (False, b))
-    assert none.budget is None and [b for b, _, _ in none.trace] == [0.5]  # nothing else tried
+    for threshold in grid:  # whatever passes, bisection finds the smallest in at most log2(n) + 2 checks
+        calls.clear()
+        found = smallest_passing(grid, lambda b, t=threshold: (calls.append(b) or b >= t, b))
+        assert found.budget == threshold and len(calls) <= 5
+        assert calls[0] == 0.4 and (calls[1] == 1.0) == (threshold > 0.4)  # the largest only when the middle fails
+    none = smallest_passing((0.25, 0.5, 0.75), lambda b: (False, b))
+    assert none.budget is None and [b for b, _, _ in none.trace] == [0.5, 0.75]  # nothing else tried
 
 
 def test_allocate_is_the_exact_knapsack_optimum():
