@@ -159,6 +159,30 @@ def test_sampled_query_blocks_are_unbiased_and_keep_the_heavy_rows(monkeypatch):
     torch.testing.assert_close(mean[2], exact[2], rtol=0.1, atol=0.0)
 
 
+def test_sampled_quantisation_effects_average_to_the_exact_sum(monkeypatch):
+    """The quantisation effects over a few query blocks drawn by gradient norm: all blocks give the
+    one-pass sum, and the average over draws is it too."""
+    from headpolicy.profiler.scorers import causal
+
+    monkeypatch.setattr(causal, "CHUNK", 16)
+    gen = torch.Generator().manual_seed(1)
+    B, Hkv, G, D, S = 1, 2, 2, 8, 160
+    q, k, v = (torch.randn(B, h, S, D, generator=gen) for h in (Hkv * G, Hkv, Hkv))
+    k[..., 3] *= 6  # an outlier channel: per-channel keys and per-token keys quantise apart
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.4, enable_gqa=True)
+    g = torch.randn(B, Hkv * G, S, D, generator=gen)
+    g[:, :, 96:112] *= 30
+    lay = causal._Layer(q, k, v, full, torch.zeros_like(full), 0.4)
+    args = (lay, (8, 4), G, 8, 4, [g])
+    exact = causal._quant_effects(*args)
+    torch.testing.assert_close(causal._quant_effects(*args, chunks=50, gen=gen), exact)  # every block, weight 1
+    draws = torch.stack([causal._quant_effects(*args, chunks=3, gen=gen) for _ in range(300)])
+    scale = float(exact[1].abs().max())
+    torch.testing.assert_close(draws.mean(0)[0], exact[0], rtol=0.1, atol=0.05 * scale)
+    torch.testing.assert_close(draws.mean(0)[1], exact[1], rtol=0.1, atol=0.05 * scale)
+    assert (exact[1] > 0).all() and not torch.equal(draws[0], draws[1])  # the draws differ: it samples
+
+
 def _weighted_kl(full, policy, calib) -> float:
     """sum over sequences of weight * sum over target positions of KL(full || policy), as the estimate weighs it."""
     from headpolicy.profiler.scorers.causal import _sequences

@@ -218,8 +218,8 @@ def estimate_with_precision(
     costs: [len(ESTIMATES), layers, kv_heads, len(bits), 2], the first four ESTIMATES filled, for
     each of `bits` (8, 4) in a retrieval head's layout ([..., 0]) and a streaming head's
     ([..., 1]); see `_quant_effects`.
-    The fisher estimate uses the same sampled labels as the options'; `chunks` samples the
-    options' query blocks only (quantisation is measured over every query)."""
+    The fisher estimate uses the same sampled labels as the options'; `chunks` samples the query
+    blocks of the options and of the quantisation effects alike (drawn apart)."""
     return _estimate(model, calib, options, tuple(bits), kv_group, kv_residual, ref, samples, chunks, answer_loss,
                      seed, progress, rules)  # fmt: skip
 
@@ -264,7 +264,8 @@ def _estimate(model, calib, options, bits, kv_group_size, kv_residual, ref, samp
                 if samples:  # the squared per-sequence sums; each target position's KL counts with its weight
                     est[3, li] += weight * 0.5 * effects[4:].pow(2).mean(0)
                 if bits:  # [3 + samples, Hkv, len(bits), 2], reduced as the options' effects are
-                    qeffects = _quant_effects(lay, bits, group, kv_group_size, kv_residual, grads[li]).cpu()
+                    qeffects = _quant_effects(lay, bits, group, kv_group_size, kv_residual, grads[li], chunks, gen,
+                                              first - 1).cpu()  # fmt: skip
                     qest[:3, li] += qeffects[:3]
                     if samples:
                         qest[3, li] += weight * 0.5 * qeffects[3:].pow(2).mean(0)
@@ -423,7 +424,15 @@ def _layer_effects(
 
 @torch.no_grad()
 def _quant_effects(
-    lay: _Layer, bits: Sequence[int], group: int, kv_group_size: int, residual: int, grads: Sequence[torch.Tensor]
+    lay: _Layer,
+    bits: Sequence[int],
+    group: int,
+    kv_group_size: int,
+    residual: int,
+    grads: Sequence[torch.Tensor],
+    chunks: int | None = None,
+    gen=None,
+    targets: int | None = None,
 ) -> torch.Tensor:
     """[3 + len(grads) - 1, kv_heads, len(bits), 2], laid out as `_layer_effects`: for grads[0]
     (the true tokens' gradient) the sum over positions and query heads of g . (out_quantised -
@@ -440,12 +449,18 @@ def _quant_effects(
     the sequence really saw a few more exact tokens), and a streaming head's quantisation is
     measured over full attention: selection adds it to the streaming estimate of the head's
     window. Each head's output depends on its own K/V only, so quantising all heads at once
-    gives every head's single-head effect.
+    gives every head's single-head effect. `chunks`, `gen`, `targets`: as `_layer_effects`, the
+    query rows summed in about `chunks` blocks drawn by gradient norm (every row when None).
     """
     B, Hq, S, D = lay.q.shape
     Hkv = lay.k.shape[1]
     out = torch.zeros(2 + len(grads), Hkv, len(bits), 2, dtype=torch.float64, device=lay.q.device)
     n_q = quantized_tokens(S, kv_group_size, residual)
+    if chunks is None:
+        blocks = [(0, S, 1.0)]  # one causal attention over every row
+    else:
+        few = targets is not None and S - targets <= CHUNK  # an answer's rows: always summed
+        blocks = [(a, min(S, a + CHUNK), w) for a, w in _blocks(0, S, grads, chunks, gen, targets if few else None)]
 
     def restored(x, b, per_channel, upto):
         head = quantize(x[:, :, :upto], b, kv_group_size, per_channel=per_channel).dequantize(x.dtype)
@@ -455,15 +470,22 @@ def _quant_effects(
         layouts = ((restored(lay.k, b, True, n_q), restored(lay.v, b, False, n_q)),
                    (restored(lay.k, b, False, S), restored(lay.v, b, False, S)))  # fmt: skip
         for j, (k, v) in enumerate(layouts):
-            o = F.scaled_dot_product_attention(lay.q, k, v, is_causal=True, scale=lay.scale, enable_gqa=True)
-            d_out = o - lay.out
-            for n, g in enumerate(grads):  # g: [B, Hq, S, D]
-                effect = (g * d_out).sum(-1).double().view(B, Hkv, group, S)  # per query head and position
-                if n == 0:
-                    out[0, :, i, j] = effect.sum(dim=(0, 2, 3))
-                    out[1, :, i, j] = effect.abs().sum(dim=(0, 2, 3))
-                else:
-                    out[2 + n, :, i, j] = effect.sum(dim=(0, 2, 3))
+            for a, e, weight in blocks:  # query rows a..e-1 over keys 0..e-1
+                mask = (
+                    None
+                    if a == 0
+                    else torch.arange(e, device=k.device)[None, :] <= torch.arange(a, e, device=k.device)[:, None]
+                )
+                o = F.scaled_dot_product_attention(lay.q[:, :, a:e], k[:, :, :e], v[:, :, :e], attn_mask=mask,
+                                                   is_causal=a == 0, scale=lay.scale, enable_gqa=True)  # fmt: skip
+                d_out = o - lay.out[:, :, a:e]
+                for n, g in enumerate(grads):  # g: [B, Hq, S, D]
+                    effect = (g[:, :, a:e] * d_out).sum(-1).double().view(B, Hkv, group, e - a)  # per head, position
+                    if n == 0:
+                        out[0, :, i, j] += weight * effect.sum(dim=(0, 2, 3))
+                        out[1, :, i, j] += weight * effect.abs().sum(dim=(0, 2, 3))
+                    else:
+                        out[2 + n, :, i, j] += weight * effect.sum(dim=(0, 2, 3))
     return out
 
 
