@@ -8,6 +8,7 @@ from transformers import PreTrainedTokenizerFast
 
 from headpolicy import HeadPolicy
 from headpolicy.cli import main
+from headpolicy.profiler.compile import CompileSettings
 from tests.conftest import tiny_llama
 
 VOCAB = 259  # 3 specials + one token per byte
@@ -58,7 +59,8 @@ def test_compile_target_drop_then_eval(checkpoint, tmp_path, capsys):
     assert main(["compile", str(checkpoint), "-o", str(out), "--target-drop", "50", "--max-kv-budget", "1", *FAST]) == 0
     policy = HeadPolicy.load(out)
     search = policy.results["search"]
-    assert search and search[0]["kv_budget"] == 1.0  # the largest budget first
+    grid = CompileSettings().kv_grid
+    assert search and search[0]["kv_budget"] == grid[(len(grid) - 1) // 2]  # the middle budget first
     assert any(step["ok"] for step in search) and "heldout" in policy.results
     js = tmp_path / "eval.json"
     rc = main(["eval", str(checkpoint), "--policy", str(out), "--lengths", "600", "--depths", "0.5", "--seeds", "1",
