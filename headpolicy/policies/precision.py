@@ -156,17 +156,37 @@ class Quantized:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.codes, self.scale, self.zero
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """x_hat [..., N, D] in `dtype` (computed in float32)."""
-        D = self.head_dim
-        codes = unpack(self.codes, self.bits).float()
-        if self.per_channel:
-            scale = self.scale.float().repeat_interleave(self.group, dim=-2)
-            zero = self.zero.float().repeat_interleave(self.group, dim=-2)
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x_hat [..., N, D] in `dtype`, computed in float32 as codes * scale + zero; written into
+        `out` ([..., N, D], a slice of a larger buffer too) when given, and returned.
+
+        The scales broadcast over their groups (a view, no repeated copy) wherever the groups are
+        whole, so the work is one pass to convert the codes and one multiply-add in place."""
+        D, N, g = self.head_dim, self.tokens, self.group
+        codes = unpack(self.codes, self.bits)
+        scale, zero = self.scale.float(), self.zero.float()
+        if self.per_channel and N % g == 0:  # [..., N/g, g, D] against [..., N/g, 1, D]
+            shape = (*codes.shape[:-2], N // g, g, D)
+            scale, zero = scale.unsqueeze(-2), zero.unsqueeze(-2)
+        elif not self.per_channel and D % g == 0:  # [..., N, D/g, g] against [..., N, D/g, 1]
+            shape = (*codes.shape[:-1], D // g, g)
+            scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        else:  # a ragged last group: the scales repeated to every element
+            shape = codes.shape
+            axis = -2 if self.per_channel else -1
+            scale = scale.repeat_interleave(g, dim=axis)[..., :N, :D]
+            zero = zero.repeat_interleave(g, dim=axis)[..., :N, :D]
+        if out is not None and out.dtype == torch.float32:
+            x = out.view(shape)
+            x.copy_(codes.reshape(shape))
         else:
-            scale = self.scale.float().repeat_interleave(self.group, dim=-1)[..., :D]
-            zero = self.zero.float().repeat_interleave(self.group, dim=-1)[..., :D]
-        return (codes * scale + zero).to(dtype)
+            x = codes.reshape(shape).float()
+        x.mul_(scale).add_(zero)
+        if out is None:
+            return x.view(codes.shape).to(dtype)
+        if out.dtype != torch.float32:
+            out.copy_(x.view(codes.shape))
+        return out
 
     def error_bound(self) -> torch.Tensor:
         """The largest |x - x_hat| the rule allows, per element [..., N, D] (float32): half a step,

@@ -625,9 +625,11 @@ def dequantized_part(part: QuantRetrievalPart, dtype: torch.dtype) -> tuple[torc
     n_q = part.quantized_tokens
     if not n_q:
         return part.k_tail, part.v_tail
-    k, v = part.k.tokens_slice(0, n_q).dequantize(dtype), part.v.tokens_slice(0, n_q).dequantize(dtype)
-    if part.k_tail.shape[2]:
-        k, v = torch.cat([k, part.k_tail], dim=2), torch.cat([v, part.v_tail], dim=2)
+    B, H, n_t, D = part.k_tail.shape
+    k, v = (torch.empty(B, H, n_q + n_t, D, dtype=dtype, device=part.k_tail.device) for _ in range(2))
+    for coded, tail, x in ((part.k, part.k_tail, k), (part.v, part.v_tail, v)):
+        coded.tokens_slice(0, n_q).dequantize(dtype, out=x[:, :, :n_q])
+        x[:, :, n_q:] = tail
     return k, v
 
 

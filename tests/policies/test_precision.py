@@ -78,3 +78,27 @@ def test_kv_head_bytes_by_hand():
     )
     with pytest.raises(ValueError, match="both sink and window"):
         kv_head_bytes(10, head_dim=D, dtype_bytes=e, sink=4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("per_channel, tokens, dim", [(True, 48, 16), (True, 32, 16), (False, 7, 16), (False, 7, 24)])
+def test_dequantize_is_codes_times_scale_plus_zero_and_fills_a_slice(bits, per_channel, tokens, dim):
+    """Whole groups, a token slice of the codes, and ragged channel groups (head dim 24 in groups
+    of 16) alike give codes * scale + zero, the scales repeated to each element; `out=` writes
+    exactly that into a slice of a larger buffer, leaving the rest as it was."""
+    g = torch.Generator().manual_seed(bits + tokens + dim)
+    x = torch.randn(2, 3, 48 if per_channel else tokens, dim, generator=g) * 3
+    q = quantize(x, bits, 16, per_channel=per_channel)
+    if per_channel and tokens < 48:
+        q = q.tokens_slice(0, tokens)  # a view into the codes of 48 tokens
+    axis = -2 if per_channel else -1
+    scale = q.scale.float().repeat_interleave(16, dim=axis)[..., :tokens, :dim]
+    zero = q.zero.float().repeat_interleave(16, dim=axis)[..., :tokens, :dim]
+    expected = precision.unpack(q.codes, bits).float() * scale + zero
+    assert torch.equal(q.dequantize(), expected)
+    buffer = torch.full((2, 3, tokens + 5, dim), 7.0)
+    assert q.dequantize(out=buffer[:, :, 2 : 2 + tokens]).data_ptr() == buffer[:, :, 2:].data_ptr()
+    assert torch.equal(buffer[:, :, 2 : 2 + tokens], expected)
+    assert (buffer[:, :, :2] == 7).all() and (buffer[:, :, 2 + tokens :] == 7).all()
+    half = torch.zeros(2, 3, tokens, dim, dtype=torch.bfloat16)
+    assert torch.equal(q.dequantize(torch.bfloat16, out=half), expected.to(torch.bfloat16))
