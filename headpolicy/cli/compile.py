@@ -32,8 +32,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help=f"--target-drop: the largest KV budget tried (default {d.max_kv_budget:g})")
     p.add_argument("--precision", choices=("native", "auto"), default=d.precision,
                    help="native: every head keeps the model's dtype; auto: --kv-budget/--target-drop also choose "
-                        "8 or 4 KV bits per head (causal method; exported graphs refuse such policies) "
-                        f"(default {d.precision})")  # fmt: skip
+                        "8 or 4 KV bits per head (causal method; exported graphs refuse such policies: use native "
+                        "for ONNX) (default: auto where it applies, native with --budget or another "
+                        "--method)")  # fmt: skip
     p.add_argument("--sink", type=int, default=d.sink, help=f"streaming heads: first tokens kept (default {d.sink})")
     p.add_argument("--window", type=int, default=d.window,
                    help=f"streaming heads' last tokens kept, for fixed-window methods and --budget ({d.window})")

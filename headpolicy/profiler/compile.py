@@ -90,7 +90,9 @@ class CompileSettings:
     reference_context: int = 4096
     seed: int = 0
     compensate: bool = False  # streaming heads keep a compensation token (one slot each, in the budget too)
-    precision: str = "native"  # "auto": KV bits per head too (--kv-budget / --target-drop with causal)
+    # "auto": KV bits per head too (--kv-budget / --target-drop with causal); None (the default):
+    # "auto" where it applies, else "native" (bench/selection.py: auto keeps every answer at 25% KV)
+    precision: str | None = None
     kv_group: int = DEFAULT_GROUP  # quantisation settings of --precision auto (policies/precision.py)
     kv_residual: int = DEFAULT_RESIDUAL
 
@@ -130,7 +132,7 @@ class CompileSettings:
             raise BudgetError("task and text lengths must be >= 64 tokens")
         if not 0 <= self.text_from < self.text_length - 1:
             raise BudgetError(f"--text-from must lie inside the text ({self.text_length} tokens)")
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise BudgetError(f"unknown --precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
         if self.auto_precision and (self.method != "causal" or self.budget is not None
                                     or self.estimate == "dropped_mass"):  # fmt: skip
@@ -142,7 +144,16 @@ class CompileSettings:
 
     @property
     def auto_precision(self) -> bool:
-        return self.precision == "auto"
+        return self.resolved_precision == "auto"
+
+    @property
+    def resolved_precision(self) -> str:
+        """`precision`, or for None: "auto" with the causal estimates and a byte budget or the
+        target search (what it needs), "native" otherwise (--budget, the other scorers)."""
+        if self.precision is not None:
+            return self.precision
+        fits = self.method == "causal" and self.budget is None and self.estimate != "dropped_mass"
+        return "auto" if fits else "native"
 
     def check_budget(self, heads: int, layers: int) -> None:
         """Fail before profiling, not after, when a head budget cannot give every layer its minimum."""
@@ -589,6 +600,7 @@ def compile_policy(
     """Run the stages on `model` and return a CompileReport whose `.policy` is ready to save or apply."""
     s = settings or CompileSettings()
     s.check()
+    s = replace(s, precision=s.resolved_precision)  # recorded as it ran
     codec = T.as_codec(tokenizer)
     info = describe_model(model, name)
     dtype_bytes = next(model.parameters()).element_size()

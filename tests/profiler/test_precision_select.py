@@ -56,8 +56,21 @@ def test_auto_precision_fills_the_bytes_with_bits_and_windows():
     assert policy.kv_bytes(400) <= 0.2 * full * policy.num_heads
     assert np.isfinite(policy.results["calibration"]["loss"]["value"])
     assert HeadPolicy.from_yaml(policy.to_yaml()).bits_table() == policy.bits_table()
-    native = C.compile_policy(model, CODEC, C.CompileSettings(kv_budget=0.2, **FAST)).policy
+    native = C.compile_policy(model, CODEC, C.CompileSettings(kv_budget=0.2, precision="native", **FAST)).policy
     assert native.num_quantized == 0 and native.results["precision"] == "native"
+
+
+def test_precision_defaults_to_auto_where_it_applies():
+    """No --precision: auto with the causal estimates and a byte budget or the target search,
+    native where auto cannot run (a head budget, another scorer); the policy records which."""
+    assert C.CompileSettings().resolved_precision == "auto"
+    assert C.CompileSettings(kv_budget=0.3).resolved_precision == "auto"
+    assert C.CompileSettings(budget=0.3).resolved_precision == "native"
+    assert C.CompileSettings(method="attention_mass").resolved_precision == "native"
+    assert C.CompileSettings(kv_budget=0.3, precision="native").resolved_precision == "native"
+    C.CompileSettings(budget=0.3).check()  # the default never turns a valid command into an error
+    policy = C.compile_policy(tiny_llama(layers=2, vocab=97), CODEC, C.CompileSettings(kv_budget=0.2, **FAST)).policy
+    assert policy.results["precision"] == "auto" and policy.provenance.settings["precision"] == "auto"
 
 
 def test_option_table_costs_are_exact_bytes():
