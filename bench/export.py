@@ -21,8 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# bench/kernels.py would shadow the Hugging Face `kernels` package that transformers imports:
+# run as a script, this folder is sys.path[0], so it comes off the path first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -23,10 +23,9 @@ import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
-# Run as a script, this folder is sys.path[0], and transformers would import this file as the
-# Hugging Face `kernels` package it probes for: take the folder off the path first.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+# bench/kernels.py would shadow the Hugging Face `kernels` package that transformers imports:
+# run as a script, this folder is sys.path[0], so it comes off the path first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402
 

@@ -45,11 +45,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# bench/kernels.py would shadow the Hugging Face `kernels` package that transformers imports:
+# run as a script, this folder is sys.path[0], so it comes off the path first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from headpolicy import HeadPolicy, Provenance, SplitKVCache, apply, describe_model, load_model
-from headpolicy.io import write_json
-from headpolicy.runtime.generate import cache_bytes, context_limit, new_cache
+import torch  # noqa: E402
+
+from headpolicy import HeadPolicy, Provenance, SplitKVCache, apply, describe_model, load_model  # noqa: E402
+from headpolicy.io import write_json  # noqa: E402
+from headpolicy.runtime.generate import cache_bytes, context_limit, new_cache  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BUNDLED = Path(__file__).parents[1] / "headpolicy/policies/bundled/smollm2-135m-instruct.yaml"

@@ -30,21 +30,26 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# bench/kernels.py would shadow the Hugging Face `kernels` package that transformers imports:
+# run as a script, this folder is sys.path[0], so it comes off the path first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from headpolicy.eval.suite import SuiteSettings, paired, suite_tasks, suite_texts
-from headpolicy.io import write_json
-from headpolicy.models import describe_model, load_source
-from headpolicy.policies.schema import HeadPolicy
-from headpolicy.profiler import compile as C
-from headpolicy.profiler import objective as O
-from headpolicy.profiler import tasks as T
-from headpolicy.runtime.cache import SplitKVCache, cache_argument
-from headpolicy.runtime.generate import applied_copy, cache_bytes, context_limit, generate
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from headpolicy.eval.suite import SuiteSettings, paired, suite_tasks, suite_texts  # noqa: E402
+from headpolicy.io import write_json  # noqa: E402
+from headpolicy.models import describe_model, load_source  # noqa: E402
+from headpolicy.policies.schema import HeadPolicy  # noqa: E402
+from headpolicy.profiler import compile as C  # noqa: E402
+from headpolicy.profiler import objective as O  # noqa: E402
+from headpolicy.profiler import tasks as T  # noqa: E402
+from headpolicy.runtime.cache import SplitKVCache, cache_argument  # noqa: E402
+from headpolicy.runtime.generate import applied_copy, cache_bytes, context_limit, generate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PEERS = (("quanto", 4), ("hqq", 4), ("hqq", 8))

@@ -43,16 +43,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import torch
+# bench/kernels.py would shadow the Hugging Face `kernels` package that transformers imports:
+# run as a script, this folder is sys.path[0], so it comes off the path first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from headpolicy.eval.suite import SuiteSettings, paired, suite_tasks, suite_texts
-from headpolicy.io import atomic_write, write_json
-from headpolicy.models import describe_model, load_source
-from headpolicy.profiler import compile as C
-from headpolicy.profiler import objective as O
-from headpolicy.profiler import tasks as T
-from headpolicy.runtime.generate import answers, applied_copy, context_limit
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from headpolicy.eval.suite import SuiteSettings, paired, suite_tasks, suite_texts  # noqa: E402
+from headpolicy.io import atomic_write, write_json  # noqa: E402
+from headpolicy.models import describe_model, load_source  # noqa: E402
+from headpolicy.profiler import compile as C  # noqa: E402
+from headpolicy.profiler import objective as O  # noqa: E402
+from headpolicy.profiler import tasks as T  # noqa: E402
+from headpolicy.runtime.generate import answers, applied_copy, context_limit  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("causal+windows", "causal", "attention_mass", "retrieval", "echo_induction", "ensemble", "gates")
