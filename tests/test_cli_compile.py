@@ -38,7 +38,7 @@ FAST = ["--lengths", "600", "--depths", "0.5", "--kinds", "passkey,multikey", "-
 def test_compile_writes_a_valid_policy(checkpoint, tmp_path, capsys):
     out = tmp_path / "p.yaml"
     report = tmp_path / "compile.json"
-    args = ["-o", str(out), "--budget", "0.5", "--seed", "3", "--json", str(report), *FAST]
+    args = ["-o", str(out), "--budget", "0.5", "--seed", "3", "--json", str(report), "--time-budget", "600", *FAST]
     rc = main(["compile", str(checkpoint), *args])
     assert rc == 0
     assert json.loads(report.read_text())["results"]["retrieval_heads"] == 2

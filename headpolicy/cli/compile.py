@@ -52,8 +52,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help=f"byte budgets: at most this long for measured swaps after the knapsack "
                         f"(default {d.repair_seconds:g}; 0 = none)")  # fmt: skip
     p.add_argument("--time-budget", type=float, default=d.time_budget, metavar="S",
-                   help=f"no repair swap starts that would end the compile past this many seconds "
-                        f"(default {d.time_budget:g})")  # fmt: skip
+                   help=f"no repair swap, and no held-out check (report only), starts that would end the "
+                        f"compile past this many seconds (default {d.time_budget:g})")  # fmt: skip
     p.add_argument("--estimate", default=d.estimate, choices=SELECTION,
                    help=f"causal: which estimate orders the per-head options (default {d.estimate})")
     p.add_argument("--passes", type=int, choices=(1, 2), default=d.passes,
@@ -155,6 +155,8 @@ def summary_table(policy, path) -> str:
         loss = r.get(name, {}).get("loss")
         if loss:
             rows.append((f"{name} loss", _describe(loss)))
+        elif "skipped" in r.get(name, {}):
+            rows.append((f"{name} check", r[name]["skipped"]))
     for step in r.get("search", []):
         rows.append(("  tried KV budget", f"{100 * step['kv_budget']:.0f}%: {_describe(step)} "
                                           f"{'ok' if step['ok'] else 'too lossy'}"))  # fmt: skip

@@ -76,7 +76,7 @@ class CompileSettings:
     estimate_blocks: int | None = 4  # causal: query blocks summed per layer and sequence (None: all)
     passes: int = 1  # causal: 2 = estimate again at the policy the first estimates choose (`rescore`)
     repair_seconds: float = 300.0  # measured swaps after the knapsack (byte-budget modes), at most
-    time_budget: float = 570.0  # seconds for the whole compile: no repair swap starts that would end past it
+    time_budget: float = 570.0  # seconds for the whole compile: no repair swap or held-out check ends past it
     repair_patience: int = 3  # stop after this many swaps in a row that do not help
     lengths: tuple[int, ...] = (2048, 4096)  # calibration task lengths: where the policy is used
     kinds: tuple[str, ...] = T.NEEDLE_KINDS
@@ -84,7 +84,7 @@ class CompileSettings:
     text_length: int = 4096
     texts: int = 1
     text_from: int = 1024  # text NLL counts from here (streaming heads have lost the start by then)
-    heldout: bool = True  # also measure the result on held-out calibration data (report only)
+    heldout: bool = True  # also measure the result on held-out calibration data (report only; within time_budget)
     repeat_length: int = 1024  # the repeated-random-tokens task (echo_induction)
     min_per_layer: int = 0  # --budget only
     reference_context: int = 4096
@@ -536,6 +536,7 @@ def record(
     heldout: O.Loss | None,
     seconds: dict[str, float],
     dtype_bytes: int = 4,
+    heldout_skipped: str | None = None,
 ) -> HeadPolicy:
     """The policy: the chosen rules, the scores, the settings and what was measured."""
     draft = _candidate_policy(info, chosen, scored, s)
@@ -556,6 +557,8 @@ def record(
     }  # fmt: skip
     if heldout is not None:
         results["heldout"] = {"loss": heldout.as_dict(), "wording": "B", "prose": T.CALIBRATION_PROSE[1]}
+    elif heldout_skipped is not None:
+        results["heldout"] = {"skipped": heldout_skipped}
     if trace:
         results["search"] = trace
     if swaps:
@@ -625,17 +628,30 @@ def compile_policy(
     measure = Measurer(model, info, data.calib, ref, lambda cand: _candidate_policy(info, cand, scored, s), progress)
     with _timed(secs, "select"):
         chosen, trace, swaps = select(scored, info, s, measure, dtype_bytes, until=t_all + s.time_budget)
-    heldout = None
+    heldout, skipped = None, None
     if data.heldout is not None:
-        with _timed(secs, "heldout"):
-            href = O.reference(model, data.heldout)
-            heldout = Measurer(model, info, data.heldout, href, measure.make_policy, progress)(chosen)
+        # report only: it runs when it fits in --time-budget, estimated as a reference pass over
+        # the held-out set plus one measurement as long as the last
+        need = secs["reference"] * _sequences(data.heldout) / _sequences(data.calib) + measure.seconds
+        late = time.perf_counter() + need - (t_all + s.time_budget)
+        if late > 0:
+            skipped = (f"not run: it would end about {late:.0f} s past --time-budget {s.time_budget:g} s "
+                       f"(about {need:.0f} s; raise --time-budget to run it)")  # fmt: skip
+            log.warning("held-out check %s", skipped)
+        else:
+            with _timed(secs, "heldout"):
+                href = O.reference(model, data.heldout)
+                heldout = Measurer(model, info, data.heldout, href, measure.make_policy, progress)(chosen)
     secs["total"] = time.perf_counter() - t_all
-    policy = record(info, s, data, ref, scored, chosen, trace, swaps, heldout, secs, dtype_bytes)
+    policy = record(info, s, data, ref, scored, chosen, trace, swaps, heldout, secs, dtype_bytes, skipped)
     log.info("compiled: %d/%d retrieval heads, KV %.1f%% at %d, %s", policy.num_retrieval, policy.num_heads,
              100 * policy.results["kv_fraction"], s.reference_context, chosen.loss.describe())  # fmt: skip
     est = scored.losses if scored.per_head else None
     return CompileReport(policy, scored.maps, secs, est)
+
+
+def _sequences(calib: O.Calibration) -> int:
+    return max(1, len(calib.tasks) + len(calib.texts))
 
 
 def _bar(total: int, desc: str, enabled: bool):

@@ -127,3 +127,15 @@ def test_a_second_pass_rescores_at_the_first_choice_and_keeps_the_larger_loss(mo
     assert "rescore" in report.seconds and report.policy.kv_fraction(400) <= 0.3 + 1e-9
     with pytest.raises(BudgetError, match="--passes"):
         C.CompileSettings(passes=3).check()
+
+
+def test_the_heldout_check_runs_only_within_the_time_budget():
+    """The held-out measurement is a report: it runs when it fits in --time-budget, and otherwise
+    the policy says why it did not, in one line."""
+    model = tiny_llama(layers=2, vocab=97)
+    settings = {**FAST, "heldout": True, "kv_budget": 0.3}
+    late = C.compile_policy(model, CODEC, C.CompileSettings(**settings, time_budget=0.0))
+    note = late.policy.results["heldout"]["skipped"]
+    assert "--time-budget 0 s" in note and "\n" not in note and "heldout" not in late.seconds
+    ran = C.compile_policy(model, CODEC, C.CompileSettings(**settings, time_budget=3600.0))
+    assert set(ran.policy.results["heldout"]["loss"]) >= {"ppl_ratio", "ans_kept"} and "heldout" in ran.seconds
