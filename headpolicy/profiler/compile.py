@@ -91,7 +91,7 @@ class CompileSettings:
     seed: int = 0
     compensate: bool = False  # streaming heads keep a compensation token (one slot each, in the budget too)
     # "auto": KV bits per head too (--kv-budget / --target-drop with causal); None (the default):
-    # "auto" where it applies, else "native" (bench/selection.py: auto keeps every answer at 25% KV)
+    # "auto" where it applies, else "native" (the 25% auto policy keeps every eval answer: README)
     precision: str | None = None
     kv_group: int = DEFAULT_GROUP  # quantisation settings of --precision auto (policies/precision.py)
     kv_residual: int = DEFAULT_RESIDUAL
