@@ -38,7 +38,8 @@ took 30/63 ms at 2K/4K after a 21 s first compile, so it is not used on CPU.
 
 Quantised heads (kv_bits 8/4, policies/precision.py; stored by runtime/quant_cache.py): a
 query attends the tokens of its own call at full precision and everything cached before it
-as stored, dequantised block by block on the fly (section "quantised heads" at the end). A
+as stored: each call dequantises a quantised part once into one transient buffer and runs SDPA
+over it (section "quantised heads" at the end). A
 decode step stores its token first, so it attends that token as stored too. A layer may mix
 quantised and compensated heads, but a group is never both (plan.StreamGroup refuses it), so
 the compensated paths only ever read full-precision buffers.
