@@ -49,7 +49,7 @@ from headpolicy.profiler import compile as C  # noqa: E402
 from headpolicy.profiler import objective as O  # noqa: E402
 from headpolicy.profiler import tasks as T  # noqa: E402
 from headpolicy.runtime.cache import SplitKVCache, cache_argument  # noqa: E402
-from headpolicy.runtime.generate import applied_copy, cache_bytes, context_limit, generate  # noqa: E402
+from headpolicy.runtime.generate import applied_copy, cache_bytes, context_limit, generate, new_cache  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PEERS = (("quanto", 4), ("hqq", 4), ("hqq", 8))
@@ -145,17 +145,18 @@ def text_nll(model, text, text_from: int, make_cache) -> float:
 
 @torch.no_grad()
 def decode_rate(model, prompt: list[int], tokens: int, make_cache) -> float:
-    """Greedy decode tokens/s after `prompt`, prefill excluded: (t(n + 1) - t(1)) / n."""
+    """Greedy decode tokens/s after `prompt`: the prompt is prefilled once into a cache, then only
+    the `tokens` single-token steps are timed (a difference of two whole generations would carry
+    the prefill's own run-to-run noise, larger than the decode time)."""
     ids = torch.tensor([prompt])
-    eos = -1  # never stops early
-
-    def timed(n):
-        t = time.perf_counter()
-        generate(model, ids, max_new_tokens=n, eos_token_id=eos, cache=make_cache())
-        return time.perf_counter() - t
-
-    timed(2)  # warm-up
-    return tokens / max(1e-9, timed(tokens + 1) - timed(1))
+    cache = make_cache() or new_cache(model)
+    arg = cache_argument(model.forward)
+    out = model(ids, use_cache=True, logits_to_keep=1, **{arg: cache})
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    t = time.perf_counter()
+    for _ in range(tokens):
+        nxt = model(nxt, use_cache=True, **{arg: cache}).logits[:, -1].argmax(-1, keepdim=True)
+    return tokens / max(1e-9, time.perf_counter() - t)
 
 
 def compile_one(model, tok, budget: float, precision: str, quick: bool) -> HeadPolicy:
