@@ -149,7 +149,9 @@ def decode_rate(model, prompt: list[int], tokens: int, make_cache) -> float:
     the `tokens` single-token steps are timed (a difference of two whole generations would carry
     the prefill's own run-to-run noise, larger than the decode time)."""
     ids = torch.tensor([prompt])
-    cache = make_cache() or new_cache(model)
+    cache = make_cache()
+    if cache is None:  # not `or`: a transformers Cache with no layers yet has len 0, so it is falsy
+        cache = new_cache(model)
     arg = cache_argument(model.forward)
     out = model(ids, use_cache=True, logits_to_keep=1, **{arg: cache})
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
