@@ -8,6 +8,14 @@ from headpolicy.runtime import attention
 from headpolicy.runtime.state import set_layer_plan
 
 
+@pytest.fixture(autouse=True)
+def _kernel_cache(tmp_path_factory, monkeypatch):
+    """Generated kernels (Triton sources, built C libraries) go to a per-session temporary cache, never ~/.cache."""
+    root = tmp_path_factory.getbasetemp() / "kernel-cache"
+    monkeypatch.setenv("HEADPOLICY_KERNEL_CACHE", str(root))
+    yield root
+
+
 def tiny_llama(
     *, layers=2, heads=6, kv_heads=2, head_dim=16, hidden=48, vocab=97, seed=0, dtype=torch.float32
 ) -> LlamaForCausalLM:

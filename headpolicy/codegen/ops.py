@@ -5,6 +5,7 @@ Eager code, torch.export graphs and torch.compile all call these same ops. Each 
 fake (meta) implementation, so tracing never runs a kernel. Which implementation runs:
 
     backend "auto" (default)  CUDA tensors -> generated Triton kernels, otherwise the PyTorch reference
+                              (decode of quantised parts on the CPU: the C kernel of codegen/cpu.py)
     backend "triton"          always the kernels (CPU needs TRITON_INTERPRET=1; tests use this)
     backend "reference"       always the PyTorch reference
 
@@ -61,6 +62,11 @@ def use_kernels(t: Tensor) -> bool:
     """Whether work on `t` runs the generated kernels (the backend choice above; the one place it is made)."""
     name = get_backend()
     return name == "triton" or (name == "auto" and t.is_cuda)
+
+
+def use_cpu_kernel(t: Tensor) -> bool:
+    """Whether a quantised part's decode on `t` may run the C kernel (codegen/cpu.py): backend "auto" on the CPU."""
+    return get_backend() == "auto" and t.device.type == "cpu"
 
 
 @torch.library.custom_op("headpolicy::prefill_attention", mutates_args=())

@@ -39,8 +39,9 @@ took 30/63 ms at 2K/4K after a 21 s first compile, so it is not used on CPU.
 Quantised heads (kv_bits 8/4, policies/precision.py; stored by runtime/quant_cache.py): a
 query attends the tokens of its own call at full precision and everything cached before it
 as stored: each call dequantises a quantised part once into one transient buffer and runs SDPA
-over it (section "quantised heads" at the end). A
-decode step stores its token first, so it attends that token as stored too. A layer may mix
+over it (section "quantised heads" at the end). A decode step stores its token first, so it
+attends that token as stored too; on the CPU, with no padding, it reads the codes directly
+through the C kernel of codegen/cpu.py instead (no buffer; falls back here without a compiler). A layer may mix
 quantised and compensated heads, but a group is never both (plan.StreamGroup refuses it), so
 the compensated paths only ever read full-precision buffers.
 """
@@ -55,7 +56,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 import headpolicy.codegen.ops  # noqa: F401  (registers torch.ops.headpolicy.prefill/decode_attention)
-from headpolicy.codegen.ops import use_kernels
+from headpolicy.codegen.cpu import decode_quantized as decode_quantized_cpu
+from headpolicy.codegen.ops import use_cpu_kernel, use_kernels
 from headpolicy.errors import UnsupportedPolicyError
 from headpolicy.policies.plan import LayerPlan, StreamGroup
 from headpolicy.policies.rule import (
@@ -553,18 +555,30 @@ def decode(
             mask = visible(q_rank[:, None, :, None], k_rank[:, None, None, :])
         outs.append(decode_heads(q[:, : R * G], layer.keys, layer.values, mask, scale))
     for part in layer.qparts:
-        g = part.group
-        outs.append(quantized_retrieval_heads(q[:, g.start * G : g.stop * G], part, k_rank, q_rank, scale))
+        qg = q[:, part.group.start * G : part.group.stop * G]
+        out = None if k_rank is not None else _cpu_decode(qg, part.k, part.v, part.k_tail, part.v_tail, scale)
+        outs.append(quantized_retrieval_heads(qg, part, k_rank, q_rank, scale) if out is None else out)
     for s in layer.streams:
         g = s.group
+        qg = q[:, g.start * G : g.stop * G]
+        if k_rank is None and isinstance(s, QuantStreamBuffer):
+            out = _cpu_decode(qg, s.k, s.v, None, None, scale)
+            if out is not None:
+                outs.append(out)
+                continue
         k, v, rank = stream_segment(s, q.dtype)
         mask = None if k_rank is None else visible(q_rank[:, None, :, None], rank[:, None, None, :], g.sink, g.window)
-        qg = q[:, g.start * G : g.stop * G]
         if g.compensate and (q_rank is not None or dropped_count(layer.seen - 1, g.sink, g.window)):
             outs.append(_decode_compensated(qg, s, mask, q_rank, layer.seen - 1, scale))  # never quantised
         else:
             outs.append(decode_heads(qg, k, v, mask, scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _cpu_decode(q, k, v, k_tail, v_tail, scale: float) -> torch.Tensor | None:
+    """A quantised part's decode by the C kernel (codegen/cpu.py), read from its codes; None where
+    it does not run (another backend or device, no compiler): then the caller dequantises."""
+    return decode_quantized_cpu(q, k, v, k_tail, v_tail, scale) if use_cpu_kernel(q) else None
 
 
 def _decode_compensated(q, s: StreamBuffer, mask, q_rank, last: int, scale: float) -> torch.Tensor:

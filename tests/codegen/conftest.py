@@ -14,14 +14,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-@pytest.fixture(autouse=True)
-def _kernel_cache(tmp_path_factory, monkeypatch):
-    """Generated sources go to a per-session temporary cache, never ~/.cache."""
-    root = tmp_path_factory.getbasetemp() / "kernel-cache"
-    monkeypatch.setenv("HEADPOLICY_KERNEL_CACHE", str(root))
-    yield root
-
-
 @pytest.fixture
 def triton_backend():
     """The custom ops run the generated kernels (CPU tensors go through the interpreter)."""

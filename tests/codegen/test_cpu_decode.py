@@ -1,0 +1,130 @@
+"""The C decode kernel for quantised parts (codegen/cpu.py) against SDPA on the dequantised values."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headpolicy.codegen import cpu, ops
+from headpolicy.policies.precision import empty_quantized, quantize
+from headpolicy.runtime.quant_cache import QuantRetrievalPart, QuantStreamBuffer
+from tests.conftest import make_plan
+
+
+@pytest.fixture
+def fresh_libraries(monkeypatch):
+    """Each test builds or loads its libraries anew (the loaded ones are per process)."""
+    monkeypatch.setattr(cpu, "_libraries", {})
+
+
+def dense(q, k, v, k_tail, v_tail, scale):
+    keys, values = k.dequantize(), v.dequantize()
+    if k_tail is not None:
+        keys, values = torch.cat([keys, k_tail], 2), torch.cat([values, v_tail], 2)
+    return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True)
+
+
+def case(B, H, per_kv, N, Nt, D, bits, group, per_channel, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H * per_kv, 1, D, generator=g)
+    k, v = (torch.randn(B, H, N + Nt, D, generator=g) for _ in range(2))
+    k[..., 3] *= 6  # an outlier channel
+    if N:
+        qk = quantize(k[:, :, :N], bits, group, per_channel=per_channel)
+        qv = quantize(v[:, :, :N], bits, group, per_channel=False)
+    else:  # a part whose tokens are all still in its full-precision tail
+        qk = empty_quantized((B, H), D, bits, group, per_channel=per_channel)
+        qv = empty_quantized((B, H), D, bits, group, per_channel=False)
+    tail = (k[:, :, N:].contiguous(), v[:, :, N:].contiguous()) if Nt else (None, None)
+    return q, qk, qv, *tail
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize(
+    "B,H,per_kv,N,Nt,D,group",
+    [(1, 2, 3, 96, 0, 64, 32), (2, 3, 1, 64, 5, 16, 4), (2, 1, 2, 0, 7, 32, 8), (1, 2, 3, 4096, 33, 64, 32)],
+)
+def test_kernel_equals_sdpa_on_dequantised_values(fresh_libraries, bits, per_channel, B, H, per_kv, N, Nt, D, group):
+    q, k, v, k_tail, v_tail = case(B, H, per_kv, N, Nt, D, bits, group, per_channel)
+    out = cpu.decode_quantized(q, k, v, k_tail, v_tail, D**-0.5)
+    assert out is not None, "the kernel should build on this machine (a C compiler is a test requirement)"
+    torch.testing.assert_close(out, dense(q, k, v, k_tail, v_tail, D**-0.5), rtol=1e-5, atol=2e-5)
+
+
+def test_large_logits_stay_finite_and_exact(fresh_libraries):
+    """Scores in the hundreds: the softmax subtracts the maximum (and exp of very negative is ~0)."""
+    q, k, v, k_tail, v_tail = case(2, 2, 3, 64, 4, 32, 8, 8, True, seed=3)
+    out = cpu.decode_quantized(q * 40, k, v, k_tail, v_tail, 1.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, dense(q * 40, k, v, k_tail, v_tail, 1.0), rtol=1e-4, atol=1e-4)
+
+
+def test_views_into_preallocated_buffers(fresh_libraries):
+    """The cache hands out views of larger buffers (head stride > used tokens): read in place."""
+    q, k, v, k_tail, v_tail = case(2, 2, 3, 64, 3, 16, 8, 4, True, seed=1)
+    big = torch.zeros(2, 2, 10, 16)
+    big[:, :, :3] = k_tail
+    big_v = torch.zeros(2, 2, 10, 16)
+    big_v[:, :, :3] = v_tail
+    view_k, view_v = big[:, :, :3], big_v[:, :, :3]
+    assert not view_k.is_contiguous()
+    out = cpu.decode_quantized(q, k, v, view_k, view_v, 0.25)
+    torch.testing.assert_close(out, dense(q, k, v, k_tail, v_tail, 0.25), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_split_cache_decode_with_and_without_the_kernel(fresh_libraries, threads):
+    """A real quantised retrieval part and a quantised ring after prefill + decode steps: the
+    runtime's kernel path equals its dequantise-then-SDPA path (backend 'reference')."""
+    from headpolicy.runtime.attention import decode
+    from headpolicy.runtime.cache import SplitKVLayer
+
+    plan = make_plan(2, [(1, 2, 5, 8)], 3, retrieval_bits=((1, 8),), kv_group=4, kv_residual=3)
+    B, D, T = 2, 16, 40
+    g = torch.Generator().manual_seed(5)
+    layer = SplitKVLayer(plan)
+    k, v = (torch.randn(B, plan.num_kv_heads, T, D, generator=g) for _ in range(2))
+    layer.commit(layer.update(k[:, :, :30], v[:, :, :30])[0], None)
+    assert isinstance(layer.streams[0], QuantStreamBuffer) and isinstance(layer.qparts[0], QuantRetrievalPart)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for t in range(30, T):
+            step = layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])[0]
+            layer.commit(step, None)
+            q = torch.randn(B, plan.num_kv_heads * 3, 1, D, generator=g)
+            with ops.backend("auto"):
+                fast = decode(plan, q, layer, None, None, 0.3)
+            with ops.backend("reference"):
+                slow = decode(plan, q, layer, None, None, 0.3)
+            torch.testing.assert_close(fast, slow, rtol=1e-5, atol=2e-5)
+        assert len(cpu._libraries) == 1 and all(cpu._libraries.values())  # the kernel ran (one shape here)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_no_compiler_falls_back_with_one_warning(fresh_libraries, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    q, k, v, *_ = case(1, 1, 1, 8, 0, 16, 8, 4, True)
+    with caplog.at_level(logging.WARNING, logger="headpolicy.codegen.cpu"):
+        assert cpu.decode_quantized(q, k, v, None, None, 0.25) is None
+        assert cpu.decode_quantized(q, k, v, None, None, 0.25) is None
+    warnings = [r for r in caplog.records if "CPU decode kernel unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "/nonexistent/cc" in warnings[0].getMessage()
+
+
+def test_declines_what_it_does_not_implement(fresh_libraries, monkeypatch):
+    q, k, v, *_ = case(1, 1, 1, 8, 0, 16, 8, 4, True)
+    assert cpu.decode_quantized(q.double(), k, v, None, None, 0.25) is None  # float32 only
+    assert cpu.decode_quantized(q.expand(1, 1, 2, 16), k, v, None, None, 0.25) is None  # one query per row
+    monkeypatch.setenv("HEADPOLICY_DISABLE_CODEGEN", "1")
+    assert cpu.decode_quantized(q, k, v, None, None, 0.25) is None
+
+
+def test_loading_the_library_keeps_denormals(fresh_libraries):
+    """Built without -ffast-math, so loading it does not switch the process to flush-to-zero."""
+    q, k, v, *_ = case(1, 1, 1, 8, 0, 16, 8, 4, True)
+    assert cpu.decode_quantized(q, k, v, None, None, 0.25) is not None
+    assert (torch.tensor([1e-40]) * 1.0).item() != 0.0
