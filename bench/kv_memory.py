@@ -12,7 +12,10 @@ machine needs. A speed-up is the median over repeats of policy over full in the 
 min-max range is stored beside it); the other numbers are medians.
 
 Per run: prefill seconds (the prompt in one forward), decode tokens/s (`--new-tokens` greedy
-steps after it, the first included), KV bytes allocated and used. Caches are made as
+steps after it, the first included), KV bytes allocated and used. Per thread count, the full
+model also decodes after a 64-token prompt: its tokens/s there over its tokens/s at a context is
+that context's decode *ceiling*, the speed-up a policy whose attention and cache cost nothing
+would reach (the weights' matrix-vector products are the same on both sides). Caches are made as
 `headpolicy.runtime.generate` makes them (SplitKVCache reserved for prompt + new tokens, so
 allocated == used unless --grow). KV bytes are checked against the policy's formula; the exit
 status is 1 only if they differ. Peak RSS is measured apart, once per model and context, in a
@@ -193,6 +196,11 @@ def median_runs(runs: list[dict]) -> dict:
     return out
 
 
+def floor_decode(full, ids, args) -> float:
+    """The full model's decode tokens/s after a short prompt (median of 3): decode without attention cost, nearly."""
+    return statistics.median(run(full, ids, args.new_tokens, args.grow)["decode_tok_s"] for _ in range(3))
+
+
 def measure_context(models: dict, policies: dict, context: int, ids, args, esize: int) -> dict:
     """All models at one context (prompt `ids` + new tokens), alternating, the order rotating per
     repeat; medians and ratios."""
@@ -304,13 +312,16 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
         load_before = os.getloadavg()
         rows = []
-        print(f"\n== {threads} thread(s), load average {load_before[0]:.1f}")
+        floor = floor_decode(full, warm, args)
+        print(f"\n== {threads} thread(s), load average {load_before[0]:.1f}; full model decode at 64 tokens "
+              f"{floor:.2f} tok/s")  # fmt: skip
         for ctx in args.contexts:
             ids = prompt_ids(tok, min(ctx, limit - args.new_tokens) if limit else ctx)
             rows.append(measure_context(models, policies, ctx, ids, args, esize))
+            rows[-1]["decode_ceiling"] = floor / rows[-1]["full"]["decode_tok_s"]
             print_row(rows[-1], policies, header=len(rows) == 1)
         by_threads.append({"threads": threads, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                           "rows": rows})  # fmt: skip
+                           "decode_tok_s_at_64_tokens": floor, "rows": rows})  # fmt: skip
 
     memory = []
     if not args.no_rss:
@@ -380,7 +391,8 @@ def print_row(row: dict, policies: dict, header: bool) -> None:
     f = row["full"]
     print(
         f"{row['context']:>7} {'full':>7} | {f['kv_bytes_allocated'] / mib:>12.2f} {f['kv_bytes_used'] / mib:>8.2f} "
-        f"{'':>8} | {f['prefill_s']:>9.2f} {'':>8} | {f['decode_tok_s']:>12.2f} {'':>8} |"
+        f"{'':>8} | {f['prefill_s']:>9.2f} {'':>8} | {f['decode_tok_s']:>12.2f} {'':>8} | "
+        f"decode ceiling {row['decode_ceiling']:.2f}x"
     )
     for name in policies:
         p = row[name]
