@@ -1,6 +1,7 @@
 """The C decode kernel for quantised parts (codegen/cpu.py) against SDPA on the dequantised values."""
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -40,6 +41,10 @@ def case(B, H, per_kv, N, Nt, D, bits, group, per_channel, seed=0):
     return q, qk, qv, *tail
 
 
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
+
+
+@needs_cc
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize(
@@ -53,6 +58,7 @@ def test_kernel_equals_sdpa_on_dequantised_values(fresh_libraries, bits, per_cha
     torch.testing.assert_close(out, dense(q, k, v, k_tail, v_tail, D**-0.5), rtol=1e-5, atol=2e-5)
 
 
+@needs_cc
 def test_large_logits_stay_finite_and_exact(fresh_libraries):
     """Scores in the hundreds: the softmax subtracts the maximum (and exp of very negative is ~0)."""
     q, k, v, k_tail, v_tail = case(2, 2, 3, 64, 4, 32, 8, 8, True, seed=3)
@@ -61,6 +67,7 @@ def test_large_logits_stay_finite_and_exact(fresh_libraries):
     torch.testing.assert_close(out, dense(q * 40, k, v, k_tail, v_tail, 1.0), rtol=1e-4, atol=1e-4)
 
 
+@needs_cc
 def test_views_into_preallocated_buffers(fresh_libraries):
     """The cache hands out views of larger buffers (head stride > used tokens): read in place."""
     q, k, v, k_tail, v_tail = case(2, 2, 3, 64, 3, 16, 8, 4, True, seed=1)
@@ -74,6 +81,7 @@ def test_views_into_preallocated_buffers(fresh_libraries):
     torch.testing.assert_close(out, dense(q, k, v, k_tail, v_tail, 0.25), rtol=1e-5, atol=2e-5)
 
 
+@needs_cc
 @pytest.mark.parametrize("threads", [1, 2])
 def test_split_cache_decode_with_and_without_the_kernel(fresh_libraries, threads):
     """A real quantised retrieval part and a quantised ring after prefill + decode steps: the
@@ -123,6 +131,7 @@ def test_declines_what_it_does_not_implement(fresh_libraries, monkeypatch):
     assert cpu.decode_quantized(q, k, v, None, None, 0.25) is None
 
 
+@needs_cc
 def test_loading_the_library_keeps_denormals(fresh_libraries):
     """Built without -ffast-math, so loading it does not switch the process to flush-to-zero."""
     q, k, v, *_ = case(1, 1, 1, 8, 0, 16, 8, 4, True)
