@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one prepared run: the CUDA variants of the kernel tests
-# (`pytest -m gpu`) and bench/kernels.py. Each step has its own time limit and writes its log,
-# so a step that fails or runs out of time does not take the others' results with it.
+# (`pytest -m gpu`) and bench/kernels.py, then the CPU decode kernel's tests on that machine's
+# CPU. Each step has its own time limit and writes its log, so a step that fails or runs out of
+# time does not take the others' results with it.
 #
 #   bench/gpu.sh OUTDIR        # from the repository root, on a machine with CUDA, torch and triton
 #
@@ -23,3 +24,6 @@ fi
 } 2>&1 | tee "$out/env.txt"
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
 timeout "${BENCH_TIMEOUT:-300}" python3 bench/kernels.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log"
+# the CPU decode kernel (codegen/cpu.py) built by another machine's compiler for another CPU
+timeout "${CPU_TIMEOUT:-90}" python3 -m pytest -q tests/codegen/test_cpu_decode.py -p no:cacheprovider 2>&1 \
+    | tee "$out/cpu_kernel_tests.log"
