@@ -4,8 +4,8 @@ SmolLM2-135M at 1K/2K/4K/8K context (8K is the model's context: there the prompt
 the new tokens, so prompt + new tokens fill it). Three models run in one process: the
 unmodified model (transformers' own SDPA attention and DynamicCache, untouched), a hand policy
 (KV head 0 of every layer retrieval, the others sink 64 + window 256) and the bundled compiled
-policy (headpolicy/policies/bundled/smollm2-135m-instruct.yaml). For each thread count and
-context the three alternate, the order rotating, so all see the same machine load: at least
+policy (headpolicy/policies/bundled/smollm2-135m-instruct.yaml), plus any `--policy NAME=PATH`.
+For each thread count and context they alternate, the order rotating, so all see the same machine load: at least
 `--repeats` times, and more (up to `--max-repeats`) until the full model has run
 `--min-seconds`, so short contexts get the repeats their +-10-15% run-to-run noise on this
 machine needs. A speed-up is the median over repeats of policy over full in the same repeat (its
@@ -77,11 +77,21 @@ def prompt_ids(tok, n_tokens: int) -> torch.Tensor:
     return ids[:, :n_tokens]
 
 
-def load_policies(model, *, bundled: bool) -> dict[str, HeadPolicy]:
+def load_policies(model, *, bundled: bool, extra: list[tuple[str, Path]] = ()) -> dict[str, HeadPolicy]:
+    """hand, bundled (unless not `bundled`), then each --policy NAME=PATH."""
     policies = {"hand": hand_policy(model)}
     if bundled:
         policies["bundled"] = HeadPolicy.load(BUNDLED)
+    for name, path in extra:
+        policies[name] = HeadPolicy.load(path)
     return policies
+
+
+def named_policy(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name.isidentifier() or name in ("full", "hand", "bundled") or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"--policy takes NAME=PATH (a new name, an existing YAML file), got {text!r}")
+    return name, Path(path)
 
 
 def hand_policy(model) -> HeadPolicy:
@@ -150,7 +160,8 @@ def probe_rss(args) -> int:
     """
     torch.set_num_threads(1)
     full, tok = load_model(args.model)
-    model = full if args.probe_rss == "full" else apply(full, load_policies(full, bundled=True)[args.probe_rss])
+    policies = load_policies(full, bundled=True, extra=args.policy)
+    model = full if args.probe_rss == "full" else apply(full, policies[args.probe_rss])
     limit = context_limit(full)
     ids = prompt_ids(tok, min(args.contexts[0], limit - args.new_tokens) if limit else args.contexts[0])
     run(model, prompt_ids(tok, 64), 2, args.grow)  # warm up: first-call allocations stay out of the peak
@@ -180,6 +191,7 @@ def measure_rss(names: list[str], context: int, args) -> dict:
     for name in names:
         cmd = [sys.executable, __file__, "--probe-rss", name, "--model", args.model, "--contexts", str(context),
                "--new-tokens", str(args.new_tokens)] + (["--grow"] if args.grow else [])  # fmt: skip
+        cmd += [f"--policy={n}={p}" for n, p in args.policy]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         lines = done.stdout.strip().splitlines()
         out[name] = json.loads(lines[-1]) if done.returncode == 0 and lines else None
@@ -277,7 +289,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-repeats", type=int, default=11)
     ap.add_argument("--threads", type=thread_list, default=None,
                     help="torch intra-op thread counts, each reported apart (default 1,2; --quick: 1)")  # fmt: skip
-    ap.add_argument("--no-bundled", action="store_true", help="only the hand policy")
+    ap.add_argument("--no-bundled", action="store_true", help="no bundled policy")
+    ap.add_argument("--policy", type=named_policy, action="append", default=[], metavar="NAME=PATH",
+                    help="one more policy to measure beside hand and bundled (repeatable)")  # fmt: skip
     ap.add_argument("--grow", action="store_true", help="do not reserve: split caches grow in blocks as tokens come")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: contexts 512 1024, 8 tokens, 1 repeat, peak RSS at 512 only")  # fmt: skip
@@ -286,7 +300,7 @@ def main(argv=None) -> int:
                     help="only the peak-RSS probes, stored into the existing --out JSON")  # fmt: skip
     ap.add_argument("--rss-allocator", choices=sorted(RSS_ALLOCATOR), default="fixed",
                     help="glibc mmap threshold of the probes: fixed at 128 KiB (default) or dynamic")  # fmt: skip
-    ap.add_argument("--probe-rss", choices=["full", "hand", "bundled"], help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--probe-rss", help=argparse.SUPPRESS)  # child mode: full, hand, bundled or a --policy name
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/kv_memory_cpu.json)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -299,7 +313,7 @@ def main(argv=None) -> int:
     if args.rss_only:
         return rss_only(args, out_path)
     full, tok = load_model(args.model)
-    policies = load_policies(full, bundled=not args.no_bundled)
+    policies = load_policies(full, bundled=not args.no_bundled, extra=args.policy)
     models = {"full": full} | {name: apply(copy.deepcopy(full), p) for name, p in policies.items()}
     esize = next(full.parameters()).element_size()
     limit = context_limit(full)  # 8K is the model's context: the prompt leaves room for the new tokens
