@@ -69,6 +69,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 items, short texts, tiny calibration")
     p.add_argument("--tag", default=None)
+    p.add_argument("--peers", default=",".join(f"{b}-int{n}" for b, n in PEERS),
+                   help="QuantizedCache peers to run, comma-separated (default: all)")  # fmt: skip
     return p.parse_args()
 
 
@@ -189,7 +191,12 @@ def main() -> int:
               f"{policies[name].num_quantized} quantised, {time.perf_counter() - t0:.0f}s]", flush=True)  # fmt: skip
 
     configs: list[tuple[str, object, object, str | None]] = [("full", model, None, None)]
+    wanted = {x.strip() for x in args.peers.split(",") if x.strip()}
+    if unknown := wanted - {f"{b}-int{n}" for b, n in PEERS}:
+        raise SystemExit(f"--peers: unknown {sorted(unknown)}; choose among {[f'{b}-int{n}' for b, n in PEERS]}")
     for backend, bits in PEERS:
+        if f"{backend}-int{bits}" not in wanted:
+            continue
         reason = peer_status(backend, bits, model)
         make = (lambda b=backend, n=bits: peer_cache(b, n, model)) if reason is None else None
         configs.append((f"{backend}-int{bits}", model, make, reason))
