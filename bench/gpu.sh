@@ -25,5 +25,5 @@ fi
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
 timeout "${BENCH_TIMEOUT:-300}" python3 bench/kernels.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log"
 # the CPU decode kernel (codegen/cpu.py) built by another machine's compiler for another CPU
-timeout "${CPU_TIMEOUT:-90}" python3 -m pytest -q tests/codegen/test_cpu_decode.py -p no:cacheprovider 2>&1 \
+timeout "${CPU_TIMEOUT:-90}" python3 -m pytest -q tests/codegen/test_cpu_kernels.py -p no:cacheprovider 2>&1 \
     | tee "$out/cpu_kernel_tests.log"

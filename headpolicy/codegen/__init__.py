@@ -17,9 +17,10 @@ What is here
 - reference.py  the PyTorch references of the two ops (dense, built on policies/rule.py).
 - ops.py        the custom ops `torch.ops.headpolicy.prefill_attention` and
                 `torch.ops.headpolicy.decode_attention`, with fake implementations.
-- cpu.py        the CPU decode kernel for quantised KV parts: cpu_decode.c built with the system
-                C compiler per (head_dim, bits, group, queries per KV head) into the same cache,
-                called through ctypes; None (PyTorch path) where no compiler is found.
+- cpu.py        CPU kernels for quantised KV parts (decode over the codes; quantising a new
+                token into a ring slot): cpu_kernels.c built with the system C compiler per
+                (head_dim, bits, group, queries per KV head) into the same cache, called through
+                ctypes; the PyTorch path where no compiler is found.
 - aot.py        compile the generated kernels for a CUDA arch without a GPU
                 (`python -m headpolicy.codegen.aot --arch 90 --dtype bf16 --head-dim 128`).
 

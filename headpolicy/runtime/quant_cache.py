@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from headpolicy.codegen.cpu import quantize_token
+from headpolicy.codegen.ops import use_cpu_kernel
 from headpolicy.policies.plan import RetrievalGroup, StreamGroup
 from headpolicy.policies.precision import Quantized, empty_quantized, quantize, quantized_tokens
 from headpolicy.runtime.buffers import StreamBuffer, TokenBuffer, grown_capacity
@@ -115,6 +117,11 @@ class QuantTokenBuffer:
 
     def put(self, slots: torch.Tensor | int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [B, H, n, D] into slots [n] (or one int slot) of every row; per-token layout only."""
+        if isinstance(slots, int) and k.shape[2] == 1 and use_cpu_kernel(k):  # a decode step's token, in C
+            slot = [x.tokens_slice(slots, slots + 1) for x in (self._k, self._v)]
+            dest = [Quantized(*(t.select(2, 0) for t in x.tensors()), x.bits, x.group, x.per_channel) for x in slot]
+            if quantize_token(k[:, :, 0], dest[0]) and quantize_token(v[:, :, 0], dest[1]):
+                return
         for stored, new in zip((self._k, self._v), self._quantize(k, v), strict=True):
             for t, n in zip(stored.tensors(), new.tensors(), strict=True):
                 if isinstance(slots, int):

@@ -1,4 +1,5 @@
-"""The C decode kernel for quantised parts (codegen/cpu.py) against SDPA on the dequantised values."""
+"""The CPU kernels for quantised parts (codegen/cpu.py): decode against SDPA on the dequantised values,
+quantising a token against precision.quantize."""
 
 import logging
 import shutil
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from headpolicy.codegen import cpu, ops
-from headpolicy.policies.precision import empty_quantized, quantize
+from headpolicy.policies.precision import Quantized, empty_quantized, quantize
 from headpolicy.runtime.quant_cache import QuantRetrievalPart, QuantStreamBuffer
 from tests.conftest import make_plan
 
@@ -108,7 +109,7 @@ def test_split_cache_decode_with_and_without_the_kernel(fresh_libraries, threads
             with ops.backend("reference"):
                 slow = decode(plan, q, layer, None, None, 0.3)
             torch.testing.assert_close(fast, slow, rtol=1e-5, atol=2e-5)
-        assert len(cpu._libraries) == 1 and all(cpu._libraries.values())  # the kernel ran (one shape here)
+        assert cpu._libraries.get((D, 8, 4, 3)) is not None  # the decode kernel ran (the ring's token: (D, 8, 4, 1))
     finally:
         torch.set_num_threads(previous)
 
@@ -137,3 +138,32 @@ def test_loading_the_library_keeps_denormals(fresh_libraries):
     q, k, v, *_ = case(1, 1, 1, 8, 0, 16, 8, 4, True)
     assert cpu.decode_quantized(q, k, v, None, None, 0.25) is not None
     assert (torch.tensor([1e-40]) * 1.0).item() != 0.0
+
+
+@needs_cc
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("D,group", [(64, 32), (16, 4), (20, 8)])
+def test_quantize_token_matches_python_bit_for_bit(fresh_libraries, bits, D, group):
+    """Codes, scales and zeros equal precision.quantize's exactly, edge cases included: constant
+    groups (scale 0), values past float16's range, ties at half a step, tiny and mixed magnitudes."""
+    g = torch.Generator().manual_seed(bits * 100 + D)
+    B, H = 3, 2
+    x = torch.randn(B, H, D, generator=g) * torch.logspace(-4, 4, D)
+    x[0, 0] = 1.5  # a constant token: span 0
+    x[0, 1, : D // 2] = 7e4  # clamped to float16's maximum
+    x[1, 0] = torch.arange(D) * 0.5 - 3  # ties between codes
+    x[1, 1] = torch.randn(D, generator=g) * 1e-6
+    want = quantize(x[:, :, None], bits, group, per_channel=False)
+    slots = empty_quantized((B, H), D, bits, group, per_channel=False)
+    buffer = Quantized(*(t.new_zeros(B, H, 5, t.shape[-1]) for t in slots.tensors()), bits, group, False)
+    dest = Quantized(*(t.select(2, 3) for t in buffer.tensors()), bits, group, False)  # slot 3 of 5
+    assert cpu.quantize_token(x, dest)
+    for got, expected in zip(buffer.tensors(), want.tensors(), strict=True):
+        assert torch.equal(got[:, :, 3], expected[:, :, 0])
+        assert not got[:, :, [0, 1, 2, 4]].any()  # the other slots untouched
+
+
+def test_quantize_token_declines_per_channel_slots(fresh_libraries):
+    x = torch.randn(1, 1, 16)
+    per_channel = quantize(torch.randn(1, 1, 4, 16), 8, 4, per_channel=True)
+    assert not cpu.quantize_token(x, Quantized(*(t[:, :, 0] for t in per_channel.tensors()), 8, 4, True))

@@ -1,10 +1,14 @@
-/* One decode step of a quantised KV-head group on the CPU: each query attends every stored
- * token of its KV head, read from the codes (policies/precision.py: Quantized) plus an optional
- * full-precision tail, without dequantising the group into a buffer first.
+/* CPU kernels for quantised KV parts (policies/precision.py: Quantized), two entry points:
+ *   headpolicy_decode_quantized   one decode step of a quantised KV-head group: each query
+ *                                 attends every stored token of its KV head, read from the codes
+ *                                 plus an optional full-precision tail, without dequantising the
+ *                                 group into a buffer first. No mask: the caller uses it only when
+ *                                 every stored token is visible to every row (no padding).
+ *   headpolicy_quantize_tokens    one new token per row and head quantised per token into a
+ *                                 cache slot (a streaming group's ring), bit for bit as in Python.
  *
  * Built by codegen/cpu.py, once per specialisation (the macros below), with the system C
- * compiler; called through ctypes with raw pointers. No mask: the caller uses it only when every
- * stored token is visible to every row (no padding).
+ * compiler; called through ctypes with raw pointers.
  *
  *   HEAD_DIM  D, channels per head      BITS   8 or 4 (two codes a byte, low nibble first)
  *   GROUP     tokens per key scale (keys per channel) or channels per scale (per token)
@@ -194,4 +198,62 @@ int headpolicy_decode_quantized(int B, int H, int64_t N, int64_t NT, const float
             free(s);
         }
     return failed ? -1 : 0;
+}
+
+/* float16 bits of the next representable value above a non-negative finite h */
+static inline uint16_t half_next_up(uint16_t bits) { return (uint16_t)(bits + 1); }
+
+static inline uint16_t float_to_half_bits(float x) {
+    const _Float16 h = (_Float16)x;
+    uint16_t bits;
+    memcpy(&bits, &h, sizeof bits);
+    return bits;
+}
+
+/* One token per row and head quantised per token into a cache slot, bit for bit what
+ * policies/precision.quantize(x, BITS, GROUP, per_channel=False) gives: each group of GROUP
+ * channels (the last may be shorter) gets zero = float16(min), scale = float16((max - zero) /
+ * levels), raised by one float16 step if that rounded below the span, and codes
+ * round-half-even((x - zero) / scale) clamped to [0, levels] (0 where scale is 0). x is clamped
+ * to float16's range first. x [B, H, D] float32 contiguous; out: the slot's codes [B, H,
+ * CODE_BYTES] and scales/zeros [B, H, CHANNEL_GROUPS] (the `quantized` strides of those views). */
+void headpolicy_quantize_tokens(int B, int H, const float *x, quantized out) {
+    const float levels = (float)((1 << BITS) - 1), big = 65504.f;
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            const float *xr = x + ((int64_t)b * H + h) * D;
+            uint8_t *codes = (uint8_t *)out.codes + b * out.codes_batch + h * out.codes_head;
+            uint16_t *scale = (uint16_t *)out.scale + b * out.scale_batch + h * out.scale_head;
+            uint16_t *zero = (uint16_t *)out.zero + b * out.scale_batch + h * out.scale_head;
+            uint8_t q[D];
+            for (int j = 0; j < CHANNEL_GROUPS; j++) {
+                const int first = j * GROUP, end = first + GROUP < D ? first + GROUP : D;
+                float v[GROUP], lo = 0.f, hi = 0.f;
+                for (int d = first; d < end; d++) {
+                    const float c = xr[d] < -big ? -big : (xr[d] > big ? big : xr[d]);
+                    v[d - first] = c;
+                    lo = d == first || c < lo ? c : lo;
+                    hi = d == first || c > hi ? c : hi;
+                }
+                const uint16_t zero_bits = float_to_half_bits(lo);
+                const float z = half_to_float(zero_bits);
+                float span = hi - z;
+                span = span > 0.f ? span : 0.f;
+                uint16_t scale_bits = float_to_half_bits(span / levels);
+                if (half_to_float(scale_bits) * levels < span) scale_bits = half_next_up(scale_bits);
+                const float s = half_to_float(scale_bits);
+                for (int d = first; d < end; d++) {
+                    float c = s > 0.f ? __builtin_nearbyintf((v[d - first] - z) / s) : 0.f;
+                    c = c < 0.f ? 0.f : (c > levels ? levels : c);
+                    q[d] = (uint8_t)c;
+                }
+                scale[j] = scale_bits;
+                zero[j] = zero_bits;
+            }
+#if BITS == 8
+            memcpy(codes, q, D);
+#else
+            for (int i = 0; i < D / 2; i++) codes[i] = (uint8_t)(q[2 * i] | (q[2 * i + 1] << 4));
+#endif
+        }
 }
