@@ -25,6 +25,7 @@ Triton kernels. The runtime calls it only where no mask is needed (runtime/atten
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -89,32 +90,55 @@ def _cpu_id() -> str:
 
 
 def library_path(head_dim: int, bits: int, group: int, per_kv: int, flags: tuple[str, ...]) -> Path:
+    """Where the library for this specialisation lives; `flags` (compiler and options) and the
+    source and CPU name it too."""
     digest = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, _cpu_id()]).encode()).hexdigest()[:16]
     return cache_dir() / f"cpu_kernels_d{head_dim}_b{bits}_g{group}_q{per_kv}_{digest}.so"
 
 
+@functools.cache
+def _compiler_id(compiler: tuple[str, ...]) -> str:
+    """The compiler's own first line of --version (part of the library's name)."""
+    done = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60)
+    return " ".join(compiler) + " " + (done.stdout.splitlines() or [""])[0]
+
+
+def _build(compiler: tuple[str, ...], flags: tuple[str, ...], path: Path) -> str | None:
+    """Compile SOURCE into `path` (atomically: another process may build the same file); None, or
+    the compiler's last error line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode:
+            return (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # mkstemp's 0600 would keep a shared cache's library from others
+        os.replace(tmp, path)
+        tmp = None
+        log.info("headpolicy codegen: built %s", path)
+        return None
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)
+
+
 def _compile(spec: tuple[int, int, int, int]) -> ctypes.CDLL:
-    """Build (unless cached) and load the library for `spec`; raises OSError / CalledProcessError."""
+    """Build (unless cached) and load the library for `spec`; raises OSError / SubprocessError."""
     head_dim, bits, group, per_kv = spec
-    compiler = shlex.split(os.environ.get("CC", "cc"))
+    compiler = tuple(shlex.split(os.environ.get("CC") or "cc"))
     if not shutil.which(compiler[0]):
         raise OSError(f"no C compiler {compiler[0]!r} on PATH (set CC)")
     defines = (f"-DHEAD_DIM={head_dim}", f"-DBITS={bits}", f"-DGROUP={group}", f"-DQPK={per_kv}")
     errors = []
     for extra in ((OPENMP,), ()):  # a compiler without OpenMP still builds it, single-threaded
         flags = (*FLAGS, *extra, *defines)
-        path = library_path(*spec, flags)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-            os.close(fd)
-            done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-            if done.returncode:
-                os.unlink(tmp)
-                errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
-                continue
-            os.replace(tmp, path)  # atomic: another process may be building the same file
-            log.info("headpolicy codegen: built %s", path)
+        path = library_path(*spec, (_compiler_id(compiler), *flags))
+        if not path.exists() and (error := _build(compiler, flags, path)) is not None:
+            errors.append(error)
+            continue
         library = ctypes.CDLL(str(path))
         library.headpolicy_decode_quantized.argtypes = _ARGTYPES
         library.headpolicy_decode_quantized.restype = ctypes.c_int
@@ -142,6 +166,18 @@ def _rows_contiguous(x: Tensor) -> bool:
     return x.stride(-1) == 1 and (x.shape[-2] <= 1 or x.stride(-2) == x.shape[-1])
 
 
+def _fits(x: Quantized, B: int, H: int, N: int, D: int) -> bool:
+    """x is codes [B, H, N, *] of head dim D with its scales' shape, and what the C `quantized`
+    struct assumes: rows contiguous, zeros laid out like scales (their strides are not passed)."""
+    rows = N // x.group if x.per_channel else N
+    cols = D if x.per_channel else -(-D // x.group)
+    return (
+        x.codes.dim() == 4 and tuple(x.codes.shape[:3]) == (B, H, N) and x.head_dim == D
+        and tuple(x.scale.shape) == (B, H, rows, cols) and x.zero.shape == x.scale.shape
+        and x.zero.stride() == x.scale.stride() and all(_rows_contiguous(t) for t in x.tensors())
+    )  # fmt: skip
+
+
 def decode_quantized(
     q: Tensor, k: Quantized, v: Quantized, k_tail: Tensor | None, v_tail: Tensor | None, scale: float
 ) -> Tensor | None:
@@ -155,13 +191,17 @@ def decode_quantized(
     B, Hq, S, D = q.shape
     H, N = k.codes.shape[1], k.tokens
     tail = k_tail is not None and k_tail.shape[2] > 0
-    layouts_ok = all(_rows_contiguous(t) for t in (*k.tensors(), *v.tensors()))
-    if tail:
-        layouts_ok = layouts_ok and all(t.dtype == torch.float32 and _rows_contiguous(t) for t in (k_tail, v_tail))
+    layouts_ok = _fits(k, B, H, N, D) and _fits(v, B, H, N, D)
+    if tail:  # the C code reads both tails with k_tail's strides
+        layouts_ok = layouts_ok and (
+            tuple(k_tail.shape) == (B, H, k_tail.shape[2], D) and v_tail.shape == k_tail.shape
+            and v_tail.stride() == k_tail.stride() and k_tail.dtype == v_tail.dtype == torch.float32
+            and _rows_contiguous(k_tail)
+        )  # fmt: skip
     if (
         not codegen_enabled() or q.device.type != "cpu" or q.dtype != torch.float32 or S != 1 or Hq % H
         or N + (k_tail.shape[2] if tail else 0) == 0 or (k.per_channel and N % k.group) or v.per_channel
-        or k.group != v.group or not layouts_ok
+        or k.group != v.group or k.bits != v.bits or not layouts_ok
     ):  # fmt: skip
         return None
     lib = library(D, k.bits, k.group, Hq // H)

@@ -44,13 +44,15 @@ static inline float half_to_float(uint16_t bits) {
     return (float)h;
 }
 
-/* exp(x) for x <= 0, vectorisable (no libm call): 2^(x log2 e) as 2^n * p(f), p a degree-6
- * polynomial for 2^f on [0, 1), relative error below 2e-7; x below -87 gives exp(-87). */
+/* exp(x) for x <= 0, vectorisable (no libm call): 2^(x log2 e) as 2^n * p(f) with n = t rounded
+ * (t = x log2 e <= 0, so n = trunc(t - 1/2)) and f = t - n in [-1/2, 1/2], where the degree-6
+ * polynomial p (Cephes' exp2f coefficients) is fitted. Relative error below 6e-7 for x >= -10,
+ * 4e-6 down to -87 (t rounded to float32); x below -87 gives exp(-87), so n >= -126 and 2^n
+ * stays a normal float. */
 static inline float exp_nonpositive(float x) {
     x = x < -87.f ? -87.f : x;
     const float t = x * 1.44269504088896341f;
-    float n = (float)(int32_t)t;
-    n = n > t ? n - 1.f : n; /* floor */
+    const float n = (float)(int32_t)(t - 0.5f);
     const float f = t - n;
     float p = 1.535336188319500e-4f;
     p = p * f + 1.339887440266574e-3f;
@@ -229,11 +231,18 @@ void headpolicy_quantize_tokens(int B, int H, const float *x, quantized out) {
             for (int j = 0; j < CHANNEL_GROUPS; j++) {
                 const int first = j * GROUP, end = first + GROUP < D ? first + GROUP : D;
                 float v[GROUP], lo = 0.f, hi = 0.f;
+                int nan = -1; /* a NaN channel: torch's min/max propagate it */
                 for (int d = first; d < end; d++) {
                     const float c = xr[d] < -big ? -big : (xr[d] > big ? big : xr[d]);
                     v[d - first] = c;
                     lo = d == first || c < lo ? c : lo;
                     hi = d == first || c > hi ? c : hi;
+                    nan = c != c && nan < 0 ? d : nan;
+                }
+                if (nan >= 0) { /* then Python's scale and zero are that NaN, its codes 0 */
+                    scale[j] = zero[j] = float_to_half_bits(xr[nan]);
+                    for (int d = first; d < end; d++) q[d] = 0;
+                    continue;
                 }
                 const uint16_t zero_bits = float_to_half_bits(lo);
                 const float z = half_to_float(zero_bits);

@@ -117,7 +117,7 @@ class QuantTokenBuffer:
 
     def put(self, slots: torch.Tensor | int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [B, H, n, D] into slots [n] (or one int slot) of every row; per-token layout only."""
-        if isinstance(slots, int) and k.shape[2] == 1 and use_cpu_kernel(k):  # a decode step's token, in C
+        if isinstance(slots, int) and k.shape[2] == 1 and k.dtype == torch.float32 and use_cpu_kernel(k):  # in C
             slot = [x.tokens_slice(slots, slots + 1) for x in (self._k, self._v)]
             dest = [Quantized(*(t.select(2, 0) for t in x.tensors()), x.bits, x.group, x.per_channel) for x in slot]
             if quantize_token(k[:, :, 0], dest[0]) and quantize_token(v[:, :, 0], dest[1]):

@@ -50,7 +50,13 @@ needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler 
 @pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize(
     "B,H,per_kv,N,Nt,D,group",
-    [(1, 2, 3, 96, 0, 64, 32), (2, 3, 1, 64, 5, 16, 4), (2, 1, 2, 0, 7, 32, 8), (1, 2, 3, 4096, 33, 64, 32)],
+    [
+        (1, 2, 3, 96, 0, 64, 32),
+        (2, 3, 1, 64, 5, 16, 4),
+        (2, 1, 2, 0, 7, 32, 8),
+        (1, 2, 3, 24, 3, 20, 8),
+        (1, 2, 3, 4096, 33, 64, 32),
+    ],
 )
 def test_kernel_equals_sdpa_on_dequantised_values(fresh_libraries, bits, per_channel, B, H, per_kv, N, Nt, D, group):
     q, k, v, k_tail, v_tail = case(B, H, per_kv, N, Nt, D, bits, group, per_channel)
@@ -161,6 +167,33 @@ def test_quantize_token_matches_python_bit_for_bit(fresh_libraries, bits, D, gro
     for got, expected in zip(buffer.tensors(), want.tensors(), strict=True):
         assert torch.equal(got[:, :, 3], expected[:, :, 0])
         assert not got[:, :, [0, 1, 2, 4]].any()  # the other slots untouched
+
+
+@needs_cc
+def test_quantize_token_nan_as_python(fresh_libraries):
+    """A NaN channel: torch's min/max carry it, so the group's scale and zero are NaN and its
+    codes 0; the other groups are untouched by it. The same bits here."""
+    x = torch.randn(2, 1, 16)
+    x[0, 0, 5] = float("nan")
+    want = quantize(x[:, :, None], 8, 4, per_channel=False)
+    dest = Quantized(*(t[:, :, 0].clone().zero_() for t in want.tensors()), 8, 4, False)
+    assert cpu.quantize_token(x, dest)
+    for got, expected in zip(dest.tensors(), want.tensors(), strict=True):
+        bits = (lambda t: t.view(torch.int16)) if got.dtype == torch.float16 else (lambda t: t)
+        assert torch.equal(bits(got), bits(expected[:, :, 0]))
+    assert dest.scale[0, 0, 1].isnan() and not dest.scale[1].isnan().any()
+
+
+def test_decode_declines_mismatched_parts(fresh_libraries):
+    """Shapes the C code would misread are handed back to PyTorch, not read."""
+    q, k, v, k_tail, v_tail = case(1, 2, 3, 32, 4, 16, 8, 4, True)
+    _, _, v4, _, _ = case(1, 2, 3, 32, 4, 16, 4, 4, True)
+    assert cpu.decode_quantized(q, k, v4, k_tail, v_tail, 0.25) is None  # bits differ
+    short = Quantized(v.codes[:, :, :16], v.scale[:, :, :16], v.zero[:, :, :16], 8, 4, False)
+    assert cpu.decode_quantized(q, k, short, k_tail, v_tail, 0.25) is None  # fewer value tokens
+    wide = torch.zeros(1, 2, 4, 32)[..., :16]
+    wide.copy_(v_tail)
+    assert cpu.decode_quantized(q, k, v, k_tail, wide, 0.25) is None  # tails laid out apart
 
 
 def test_quantize_token_declines_per_channel_slots(fresh_libraries):
