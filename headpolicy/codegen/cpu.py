@@ -20,6 +20,8 @@ No -ffast-math: it would link crtfastmath and flush denormals for the whole proc
 kernel's exp is its own. Without a compiler, or if the build fails, a warning is logged once
 and the caller keeps the PyTorch path; HEADPOLICY_DISABLE_CODEGEN=1 turns it off like the
 Triton kernels. The runtime calls it only where no mask is needed (runtime/attention.decode).
+The library links libgomp.so.1, which resolves to the copy torch has already loaded: one OpenMP
+thread pool, sized per call by torch.get_num_threads().
 """
 
 from __future__ import annotations
