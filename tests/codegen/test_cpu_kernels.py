@@ -130,14 +130,15 @@ def test_no_compiler_falls_back_with_one_warning(fresh_libraries, monkeypatch, c
     assert len(warnings) == 1 and "/nonexistent/cc" in warnings[0].getMessage()
 
 
-def test_failed_build_leaves_nothing_behind(fresh_libraries, monkeypatch, _kernel_cache, caplog):
+def test_failed_build_leaves_nothing_behind(fresh_libraries, monkeypatch, tmp_path, caplog):
     """A compiler that fails: one warning naming it, the PyTorch path, no half-written library."""
+    monkeypatch.setenv("HEADPOLICY_KERNEL_CACHE", str(tmp_path))  # empty: other tests' libraries live elsewhere
     monkeypatch.setenv("CC", "false")
     q, k, v, *_ = case(1, 1, 1, 8, 0, 16, 8, 4, True)
     with caplog.at_level(logging.WARNING, logger="headpolicy.codegen.cpu"):
         assert cpu.decode_quantized(q, k, v, None, None, 0.25) is None
     assert any("could not build" in r.getMessage() for r in caplog.records)
-    assert not list(_kernel_cache.glob("cpu_kernels*")) and not list(_kernel_cache.glob("tmp*"))
+    assert not list(tmp_path.iterdir())
 
 
 def test_declines_what_it_does_not_implement(fresh_libraries, monkeypatch):
