@@ -181,12 +181,15 @@ def main() -> int:
     info = describe_model(model)
     codec = T.as_codec(tok)
     dtype_bytes = next(model.parameters()).element_size()
+    tag = args.tag or ("quick" if args.quick else info.name)
     policies = {}
     budget = max(args.kv_budget, 0.3) if args.quick else args.kv_budget  # 512-token quick runs: sink + window is 25%
     for name, path, precision in (("native", args.native, "native"), ("auto", args.auto, "auto")):
         t0 = time.perf_counter()
         policies[name] = HeadPolicy.load(path) if path else compile_one(model, tok, budget, precision,
                                                                         args.quick)  # fmt: skip
+        if not path:  # kept, so a later run can take it with --native / --auto
+            policies[name].save(RESULTS / f"precision_{tag}_{name}.yaml")
         print(f"[{name}: {policies[name].num_retrieval}/{policies[name].num_heads} retrieval, "
               f"{policies[name].num_quantized} quantised, {time.perf_counter() - t0:.0f}s]", flush=True)  # fmt: skip
 
@@ -241,7 +244,6 @@ def main() -> int:
                                        "heads": p.num_heads} for k, p in policies.items()},
                       "quick": args.quick, "threads": torch.get_num_threads(),
                       "machine": platform.machine()}  # fmt: skip
-    tag = args.tag or ("quick" if args.quick else info.name)
     out = write_json(RESULTS / f"precision_{tag}.json", result)
     print(format_table(result))
     print(out)
