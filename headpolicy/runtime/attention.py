@@ -41,9 +41,9 @@ query attends the tokens of its own call at full precision and everything cached
 as stored: each call dequantises a quantised part once into one transient buffer and runs SDPA
 over it (section "quantised heads" at the end). A decode step stores its token first, so it
 attends that token as stored too; on the CPU, with no padding, it reads the codes directly
-through the C kernel of codegen/cpu.py instead (no buffer; falls back here without a compiler). A layer may mix
-quantised and compensated heads, but a group is never both (plan.StreamGroup refuses it), so
-the compensated paths only ever read full-precision buffers.
+through the C kernel of codegen/cpu.py instead (no buffer; falls back here without a
+compiler). A layer may mix quantised and compensated heads, but a group is never both
+(plan.StreamGroup refuses it), so the compensated paths only ever read full-precision buffers.
 """
 
 from __future__ import annotations
