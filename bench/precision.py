@@ -53,6 +53,7 @@ from headpolicy.runtime.generate import applied_copy, cache_bytes, context_limit
 
 RESULTS = Path(__file__).parent / "results"
 PEERS = (("quanto", 4), ("hqq", 4), ("hqq", 8))
+PEER_NAMES = {f"{backend}-int{bits}": (backend, bits) for backend, bits in PEERS}
 PEER_GROUP, PEER_RESIDUAL = 32, 32
 CHUNK = 128  # text tokens per forward over a cache (module docstring)
 
@@ -69,9 +70,17 @@ def parse() -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 items, short texts, tiny calibration")
     p.add_argument("--tag", default=None)
-    p.add_argument("--peers", default=",".join(f"{b}-int{n}" for b, n in PEERS),
+    p.add_argument("--peers", type=peer_list, default=list(PEER_NAMES),
                    help="QuantizedCache peers to run, comma-separated (default: all)")  # fmt: skip
     return p.parse_args()
+
+
+def peer_list(text: str) -> list[str]:
+    """--peers, checked before anything is loaded or compiled."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if unknown := sorted(set(names) - set(PEER_NAMES)):
+        raise argparse.ArgumentTypeError(f"unknown {unknown}; choose among {list(PEER_NAMES)}")
+    return names
 
 
 # ---- configurations: (name, model, make_cache) ----------------------------------------------------------
@@ -194,15 +203,12 @@ def main() -> int:
               f"{policies[name].num_quantized} quantised, {time.perf_counter() - t0:.0f}s]", flush=True)  # fmt: skip
 
     configs: list[tuple[str, object, object, str | None]] = [("full", model, None, None)]
-    wanted = {x.strip() for x in args.peers.split(",") if x.strip()}
-    if unknown := wanted - {f"{b}-int{n}" for b, n in PEERS}:
-        raise SystemExit(f"--peers: unknown {sorted(unknown)}; choose among {[f'{b}-int{n}' for b, n in PEERS]}")
-    for backend, bits in PEERS:
-        if f"{backend}-int{bits}" not in wanted:
+    for name, (backend, bits) in PEER_NAMES.items():
+        if name not in args.peers:
             continue
         reason = peer_status(backend, bits, model)
         make = (lambda b=backend, n=bits: peer_cache(b, n, model)) if reason is None else None
-        configs.append((f"{backend}-int{bits}", model, make, reason))
+        configs.append((name, model, make, reason))
     for name, pol in policies.items():
         configs.append((name, applied_copy(model, pol), None, None))
 
