@@ -2,6 +2,7 @@
 quantising a token against precision.quantize."""
 
 import logging
+import platform
 import shutil
 
 import pytest
@@ -56,6 +57,8 @@ needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler 
         (2, 1, 2, 0, 7, 32, 8),
         (1, 2, 3, 24, 3, 20, 8),
         (1, 2, 3, 4096, 33, 64, 32),
+        (2, 2, 4, 160, 5, 128, 32),  # vector path: more chunks than lanes a token, 4 queries a head
+        (1, 1, 3, 64, 0, 64, 64),  # vector path: one channel group a token
     ],
 )
 def test_kernel_equals_sdpa_on_dequantised_values(fresh_libraries, bits, per_channel, B, H, per_kv, N, Nt, D, group):
@@ -63,6 +66,22 @@ def test_kernel_equals_sdpa_on_dequantised_values(fresh_libraries, bits, per_cha
     out = cpu.decode_quantized(q, k, v, k_tail, v_tail, D**-0.5)
     assert out is not None, "the kernel should build on this machine (a C compiler is a test requirement)"
     torch.testing.assert_close(out, dense(q, k, v, k_tail, v_tail, D**-0.5), rtol=1e-5, atol=2e-5)
+
+
+@needs_cc
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 target names")
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_every_vector_width(fresh_libraries, monkeypatch, march, bits):
+    """The vector path is sized to the target (4 lanes with SSE2, 8 with AVX2, 16 with AVX-512 on
+    this machine's -march=native): built for the older targets it gives the same answers. Per-token
+    keys over a count of tokens that is no multiple of the lanes, a tail, and per-channel keys."""
+    monkeypatch.setattr(cpu, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in cpu.FLAGS))
+    for per_channel, N in ((False, 77), (True, 96)):
+        q, k, v, k_tail, v_tail = case(2, 2, 3, N, 5, 64, bits, 32, per_channel, seed=N)
+        out = cpu.decode_quantized(q, k, v, k_tail, v_tail, 0.125)
+        assert out is not None
+        torch.testing.assert_close(out, dense(q, k, v, k_tail, v_tail, 0.125), rtol=1e-5, atol=2e-5)
 
 
 @needs_cc
