@@ -166,3 +166,16 @@ def test_compile_with_a_combined_method_reports_member_agreement(checkpoint, tmp
     combined = np.asarray(scores[method])
     assert np.allclose([h.score for row in policy.layers for h in row], combined.reshape(-1), atol=1e-5)
     assert "scorer agreement" in capsys.readouterr().out
+
+
+def test_the_warning_names_per_head_windows():
+    """A --kv-budget policy with no retrieval head keeps a window per head: the warning says which
+    range, not the defaults' single window."""
+    from headpolicy.cli.compile import all_streaming_warning
+    from headpolicy.models import describe_model
+
+    info = describe_model(tiny_llama())
+    rules = [[(4, 8 * 2**h) for h in range(info.num_kv_heads)] for _ in range(info.num_layers)]
+    warning = all_streaming_warning(HeadPolicy.from_rules(info, rules), None)
+    assert "the KV budget left room for none" in warning
+    assert f"sink 4 + its own window (8-{8 * 2 ** (info.num_kv_heads - 1)})" in warning

@@ -119,10 +119,15 @@ def run_compile(args: argparse.Namespace) -> int:
 def all_streaming_warning(policy, budget: float | None) -> str:
     """A policy without retrieval heads is StreamingLLM: valid, but rarely what a user meant."""
     why = f"--budget {budget:g} keeps none" if budget is not None else "the KV budget left room for none"
+    spans = {policy.head_window(li, hi) for li, layer in enumerate(policy.layers) for hi in range(len(layer))}
+    sinks, windows = {s for s, _ in spans}, {w for _, w in spans}
+    sink = f"sink {min(sinks)}" if len(sinks) == 1 else f"sink {min(sinks)}-{max(sinks)}"
+    own = f"its own window ({min(windows)}-{max(windows)})"
+    kept = f"{sink} + window {min(windows)}" if len(windows) == 1 else f"{sink} + {own}"
     return (
         f"headpolicy compile: warning: no KV head keeps the full cache ({why}): every head keeps only "
-        f"sink {policy.sink} + window {policy.window} tokens, so the model cannot retrieve anything older "
-        "than the window; raise --budget or --kv-budget to keep retrieval heads"
+        f"{kept} tokens, so the model cannot retrieve anything older than the window; raise --budget or "
+        "--kv-budget to keep retrieval heads"
     )
 
 
