@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -181,49 +182,114 @@ def _fits(x: Quantized, B: int, H: int, N: int, D: int) -> bool:
     )  # fmt: skip
 
 
-def decode_quantized(
-    q: Tensor, k: Quantized, v: Quantized, k_tail: Tensor | None, v_tail: Tensor | None, scale: float
-) -> Tensor | None:
-    """Attention of one query per row and head over every stored token of a quantised part.
+@dataclass(frozen=True)
+class Prepared:
+    """A quantised K/V buffer pair, checked once for the C kernels: the runtime prepares each
+    preallocated buffer when it is (re)allocated and then calls with pointers only, so a decode
+    step does not re-validate or re-slice what has not changed (~40 calls a token).
 
-    q: [B, Hq, 1, D] float32 on the CPU; k, v: the part's codes [B, H, N, *] (keys per channel in
-    whole groups, or per token; values per token); k_tail, v_tail: [B, H, Nt, D] float32 tokens
-    after them, or None. Every token is visible to every row. Returns [B, Hq, 1, D], or None when
-    the kernel does not apply (dtype, layout) or cannot be built here.
-    """
-    B, Hq, S, D = q.shape
-    H, N = k.codes.shape[1], k.tokens
-    tail = k_tail is not None and k_tail.shape[2] > 0
-    layouts_ok = _fits(k, B, H, N, D) and _fits(v, B, H, N, D)
-    if tail:  # the C code reads both tails with k_tail's strides
-        layouts_ok = layouts_ok and (
-            tuple(k_tail.shape) == (B, H, k_tail.shape[2], D) and v_tail.shape == k_tail.shape
-            and v_tail.stride() == k_tail.stride() and k_tail.dtype == v_tail.dtype == torch.float32
-            and _rows_contiguous(k_tail)
-        )  # fmt: skip
+    k, v: the C structs of the whole buffers [B, H, capacity, *] (slots past those in use are
+    never read); `lib` the library for (head_dim, bits, group, per_kv)."""
+
+    lib: ctypes.CDLL
+    k: _Quantized
+    v: _Quantized
+    keys_per_channel: bool
+    batch: int
+    heads: int
+    head_dim: int
+    group: int
+    capacity: int
+    per_kv: int
+    slot_strides: tuple[tuple[int, int, int], tuple[int, int, int]]  # bytes per token slot: K, V (codes, scale, zero)
+    buffers: tuple[Quantized, Quantized]  # what the pointers point into, kept alive with them
+
+
+def prepare(k: Quantized, v: Quantized, per_kv: int) -> Prepared | None:
+    """k, v: codes [B, H, N, *] (keys per channel in whole groups, or per token; values per token)
+    laid out as the C struct assumes; None where the kernels do not apply or cannot be built here."""
+    if k.codes.dim() != 4 or per_kv < 1:
+        return None
+    B, H, N = k.codes.shape[:3]
+    D = k.head_dim
     if (
-        not codegen_enabled() or q.device.type != "cpu" or q.dtype != torch.float32 or S != 1 or Hq % H
-        or N + (k_tail.shape[2] if tail else 0) == 0 or (k.per_channel and N % k.group) or v.per_channel
-        or k.group != v.group or k.bits != v.bits or not layouts_ok
+        not codegen_enabled() or k.codes.device.type != "cpu" or (k.per_channel and N % k.group) or v.per_channel
+        or k.group != v.group or k.bits != v.bits or not (_fits(k, B, H, N, D) and _fits(v, B, H, N, D))
     ):  # fmt: skip
         return None
-    lib = library(D, k.bits, k.group, Hq // H)
+    lib = library(D, k.bits, k.group, per_kv)
     if lib is None:
         return None
-    query = q.reshape(B, Hq, D).contiguous()
-    out = torch.empty(B, Hq, 1, D, dtype=torch.float32)
-    if tail:
+    slot = tuple(tuple(t.stride(2) * t.element_size() for t in x.tensors()) for x in (k, v))
+    return Prepared(lib, _Quantized.of(k), _Quantized.of(v), k.per_channel, B, H, D, k.group, N, per_kv, slot, (k, v))
+
+
+def decode_prepared(
+    q: Tensor, p: Prepared, n: int, k_tail: Tensor | None, v_tail: Tensor | None, scale: float
+) -> Tensor | None:
+    """Attention of one query per row and head over the first n coded tokens of `p` and the tail.
+
+    q: [B, H * per_kv, 1, D] float32 on the CPU; k_tail, v_tail: [B, H, Nt, D] float32 tokens
+    after them, or None. Every token is visible to every row. Returns [B, Hq, 1, D], or None
+    when the kernel does not apply (dtype, shape, layout)."""
+    B, Hq, S, D = q.shape
+    tail = k_tail is not None and k_tail.shape[2] > 0
+    if (
+        not codegen_enabled() or q.device.type != "cpu" or q.dtype != torch.float32 or S != 1
+        or (B, Hq, D) != (p.batch, p.heads * p.per_kv, p.head_dim) or not 0 <= n <= p.capacity
+        or (p.keys_per_channel and n % p.group) or n + (k_tail.shape[2] if tail else 0) == 0
+    ):  # fmt: skip
+        return None
+    if tail:  # the C code reads both tails with k_tail's strides
+        if not (
+            tuple(k_tail.shape) == (B, p.heads, k_tail.shape[2], D) and v_tail.shape == k_tail.shape
+            and v_tail.stride() == k_tail.stride() and k_tail.dtype == v_tail.dtype == torch.float32
+            and _rows_contiguous(k_tail)
+        ):  # fmt: skip
+            return None
         tail_args = (k_tail.shape[2], k_tail.data_ptr(), v_tail.data_ptr(), k_tail.stride(0), k_tail.stride(1))
     else:
         tail_args = (0, None, None, 0, 0)
     n_tail, *tail_pointers = tail_args
-    status = lib.headpolicy_decode_quantized(
-        B, H, N, n_tail, query.data_ptr(), _Quantized.of(k), int(k.per_channel), _Quantized.of(v), *tail_pointers,
-        scale, out.data_ptr(), torch.get_num_threads(),
+    query = q.reshape(B, Hq, D).contiguous()
+    out = torch.empty(B, Hq, 1, D, dtype=torch.float32)
+    status = p.lib.headpolicy_decode_quantized(
+        B, p.heads, n, n_tail, query.data_ptr(), p.k, int(p.keys_per_channel), p.v, *tail_pointers, scale,
+        out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if status:
         raise MemoryError("headpolicy CPU decode kernel: could not allocate its score rows")
     return out
+
+
+def decode_quantized(
+    q: Tensor, k: Quantized, v: Quantized, k_tail: Tensor | None, v_tail: Tensor | None, scale: float
+) -> Tensor | None:
+    """`decode_prepared` over every token of k, v (codes [B, H, N, *]): prepared for this call."""
+    H = k.codes.shape[1] if k.codes.dim() == 4 else 0
+    if not H or q.dim() != 4 or q.shape[1] % H:
+        return None
+    p = prepare(k, v, q.shape[1] // H)
+    return None if p is None else decode_prepared(q, p, k.tokens, k_tail, v_tail, scale)
+
+
+def put_token(p: Prepared, slot: int, k: Tensor, v: Tensor) -> bool:
+    """Quantise one token per row and head, k, v [B, H, D] float32, per token into slot `slot` of
+    p's buffers (per-token keys only: a ring), with exactly the bits precision.quantize gives.
+    False (nothing written) where the kernel does not apply."""
+    shape = (p.batch, p.heads, p.head_dim)
+    if (
+        p.keys_per_channel or not 0 <= slot < p.capacity or not codegen_enabled()
+        or any(x.dtype != torch.float32 or x.device.type != "cpu" or tuple(x.shape) != shape for x in (k, v))
+    ):  # fmt: skip
+        return False
+    for x, whole, strides in ((k, p.k, p.slot_strides[0]), (v, p.v, p.slot_strides[1])):
+        dest = _Quantized(whole.codes + slot * strides[0], whole.scale + slot * strides[1],
+                          whole.zero + slot * strides[2], whole.codes_batch, whole.codes_head, whole.scale_batch,
+                          whole.scale_head)  # fmt: skip
+        rows = x.contiguous()  # held while C reads it
+        p.lib.headpolicy_quantize_tokens(p.batch, p.heads, rows.data_ptr(), dest)
+    return True
 
 
 def quantize_token(x: Tensor, dest: Quantized) -> bool:

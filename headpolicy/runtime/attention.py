@@ -56,7 +56,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 import headpolicy.codegen.ops  # noqa: F401  (registers torch.ops.headpolicy.prefill/decode_attention)
-from headpolicy.codegen.cpu import decode_quantized as decode_quantized_cpu
+from headpolicy.codegen.cpu import decode_prepared
 from headpolicy.codegen.ops import use_cpu_kernel, use_kernels
 from headpolicy.errors import UnsupportedPolicyError
 from headpolicy.policies.plan import LayerPlan, StreamGroup
@@ -70,7 +70,7 @@ from headpolicy.policies.rule import (
 )
 from headpolicy.runtime.buffers import StreamBuffer
 from headpolicy.runtime.cache import SplitKVLayer, SplitKVStep
-from headpolicy.runtime.quant_cache import QuantRetrievalPart, QuantStreamBuffer
+from headpolicy.runtime.quant_cache import QuantRetrievalPart, QuantStreamBuffer, QuantTokenBuffer
 from headpolicy.runtime.state import layer_plan
 
 ATTN_NAME = "headpolicy"
@@ -556,13 +556,13 @@ def decode(
         outs.append(decode_heads(q[:, : R * G], layer.keys, layer.values, mask, scale))
     for part in layer.qparts:
         qg = q[:, part.group.start * G : part.group.stop * G]
-        out = None if k_rank is not None else _cpu_decode(qg, part.k, part.v, part.k_tail, part.v_tail, scale)
+        out = None if k_rank is not None else _cpu_decode(qg, part.codes, part.k_tail, part.v_tail, scale)
         outs.append(quantized_retrieval_heads(qg, part, k_rank, q_rank, scale) if out is None else out)
     for s in layer.streams:
         g = s.group
         qg = q[:, g.start * G : g.stop * G]
         if k_rank is None and isinstance(s, QuantStreamBuffer):
-            out = _cpu_decode(qg, s.k, s.v, None, None, scale)
+            out = _cpu_decode(qg, s.kv, None, None, scale)
             if out is not None:
                 outs.append(out)
                 continue
@@ -575,10 +575,14 @@ def decode(
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-def _cpu_decode(q, k, v, k_tail, v_tail, scale: float) -> torch.Tensor | None:
-    """A quantised part's decode by the C kernel (codegen/cpu.py), read from its codes; None where
-    it does not run (another backend or device, no compiler): then the caller dequantises."""
-    return decode_quantized_cpu(q, k, v, k_tail, v_tail, scale) if use_cpu_kernel(q) else None
+def _cpu_decode(q, codes: QuantTokenBuffer, k_tail, v_tail, scale: float) -> torch.Tensor | None:
+    """A quantised part's decode by the C kernel (codegen/cpu.py) over the tokens in use of its
+    codes, then the tail; None where it does not run (another backend or device, no compiler,
+    another layout): then the caller dequantises."""
+    if not use_cpu_kernel(q) or q.shape[1] % codes.heads:
+        return None
+    prepared = codes.kernel(q.shape[1] // codes.heads)
+    return None if prepared is None else decode_prepared(q, prepared, codes.size, k_tail, v_tail, scale)
 
 
 def _decode_compensated(q, s: StreamBuffer, mask, q_rank, last: int, scale: float) -> torch.Tensor:

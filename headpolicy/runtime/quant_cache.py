@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from headpolicy.codegen.cpu import quantize_token
+from headpolicy.codegen.cpu import Prepared, prepare, put_token
 from headpolicy.codegen.ops import use_cpu_kernel
 from headpolicy.policies.plan import RetrievalGroup, StreamGroup
 from headpolicy.policies.precision import Quantized, empty_quantized, quantize, quantized_tokens
@@ -60,10 +60,22 @@ class QuantTokenBuffer:
         self._v = empty_quantized(lead, dim, bits, group, per_channel=False, device=device)
         self.size = 0
         self.limit = limit
+        self._prepared: tuple[int, Prepared | None] | None = None  # (queries per KV head, the C kernels' view)
 
     @property
     def capacity(self) -> int:
         return self._k.tokens
+
+    @property
+    def heads(self) -> int:
+        return self._k.codes.shape[1]
+
+    def kernel(self, per_kv: int = 1) -> Prepared | None:
+        """The whole allocation prepared for codegen/cpu.py (None where its kernels do not apply),
+        checked once per allocation rather than once per call."""
+        if self._prepared is None or self._prepared[0] != per_kv:
+            self._prepared = (per_kv, prepare(self._k, self._v, per_kv))
+        return self._prepared[1]
 
     @property
     def k(self) -> Quantized:
@@ -94,6 +106,7 @@ class QuantTokenBuffer:
             for t, o in zip(new.tensors(), old.tensors(), strict=True):
                 t[..., : o.shape[-2], :] = o
         self._k, self._v = k, v
+        self._prepared = None
 
     def use(self, n: int) -> None:
         if n > self.size:
@@ -118,9 +131,8 @@ class QuantTokenBuffer:
     def put(self, slots: torch.Tensor | int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [B, H, n, D] into slots [n] (or one int slot) of every row; per-token layout only."""
         if isinstance(slots, int) and k.shape[2] == 1 and k.dtype == torch.float32 and use_cpu_kernel(k):  # in C
-            slot = [x.tokens_slice(slots, slots + 1) for x in (self._k, self._v)]
-            dest = [Quantized(*(t.select(2, 0) for t in x.tensors()), x.bits, x.group, x.per_channel) for x in slot]
-            if quantize_token(k[:, :, 0], dest[0]) and quantize_token(v[:, :, 0], dest[1]):
+            prepared = self.kernel()
+            if prepared is not None and put_token(prepared, slots, k[:, :, 0], v[:, :, 0]):
                 return
         for stored, new in zip((self._k, self._v), self._quantize(k, v), strict=True):
             for t, n in zip(stored.tensors(), new.tensors(), strict=True):
@@ -137,6 +149,7 @@ class QuantTokenBuffer:
 
     def select_batch(self, index: torch.Tensor) -> None:
         self._k, self._v = self._k.index(index), self._v.index(index)
+        self._prepared = None
 
     @property
     def allocated(self) -> tuple[torch.Tensor, ...]:

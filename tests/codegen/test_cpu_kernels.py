@@ -139,6 +139,60 @@ def test_split_cache_decode_with_and_without_the_kernel(fresh_libraries, threads
         torch.set_num_threads(previous)
 
 
+
+@needs_cc
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prepared_buffers_read_only_the_slots_in_use(fresh_libraries, bits):
+    """The runtime prepares a preallocated buffer once: decode over its first n slots equals
+    SDPA over those tokens; growing the buffer prepares it anew (no stale pointer); n that
+    splits a per-channel key group, or a query of another shape, is declined."""
+    from headpolicy.runtime.quant_cache import QuantTokenBuffer
+
+    B, H, G, D = 2, 2, 3, 64
+    g = torch.Generator().manual_seed(bits)
+    buf = QuantTokenBuffer(B, H, D, bits, 32, keys_per_channel=True, device="cpu")
+    buf.reserve_exactly(128)
+    k, v = (torch.randn(B, H, 160, D, generator=g) for _ in range(2))
+    buf.append(k[:, :, :64], v[:, :, :64])
+    q = torch.randn(B, H * G, 1, D, generator=g)
+    tail_k, tail_v = k[:, :, 64:70].contiguous(), v[:, :, 64:70].contiguous()
+    prepared = buf.kernel(G)
+    assert prepared is not None and prepared.capacity == 128 and buf.kernel(G) is prepared
+    out = cpu.decode_prepared(q, prepared, buf.size, tail_k, tail_v, 0.125)
+    torch.testing.assert_close(out, dense(q, buf.k, buf.v, tail_k, tail_v, 0.125), rtol=1e-5, atol=2e-5)
+    buf.append(k[:, :, 64:160], v[:, :, 64:160])  # past the capacity: reallocated
+    assert buf.capacity >= 160 and buf.kernel(G) is not prepared
+    out = cpu.decode_prepared(q, buf.kernel(G), buf.size, None, None, 0.125)
+    torch.testing.assert_close(out, dense(q, buf.k, buf.v, None, None, 0.125), rtol=1e-5, atol=2e-5)
+    assert cpu.decode_prepared(q, buf.kernel(G), 48, None, None, 0.125) is None  # half a key group
+    assert cpu.decode_prepared(q[:, :4], buf.kernel(G), 64, None, None, 0.125) is None  # not H x G queries
+
+
+@needs_cc
+@pytest.mark.parametrize("bits", [8, 4])
+def test_put_token_into_a_ring_slot_from_strided_rows(fresh_libraries, bits):
+    """A ring's new token (a head slice of the step's keys: not contiguous) quantised into slot 3
+    of a prepared buffer: bit for bit precision.quantize, every other slot untouched."""
+    from headpolicy.runtime.quant_cache import QuantTokenBuffer
+
+    B, H, D = 2, 1, 64
+    buf = QuantTokenBuffer(B, H, D, bits, 32, keys_per_channel=False, device="cpu")
+    buf.reserve_exactly(6)
+    buf.use(6)
+    before = [t.clone() for t in (*buf.k.tensors(), *buf.v.tensors())]
+    step = torch.randn(B, 3, 1, D) * 5  # all KV heads of a step; the ring holds head 1
+    k, v = step[:, 1:2, 0], -step[:, 1:2, 0]
+    assert not k.is_contiguous()
+    assert cpu.put_token(buf.kernel(), 3, k, v)
+    for stored, x in ((buf.k, k), (buf.v, v)):
+        want = quantize(x[:, :, None], bits, 32, per_channel=False)
+        for t, w in zip(stored.tensors(), want.tensors(), strict=True):
+            assert torch.equal(t[:, :, 3], w[:, :, 0])
+    after = [t.clone() for t in (*buf.k.tensors(), *buf.v.tensors())]
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a[:, :, :3], b[:, :, :3]) and torch.equal(a[:, :, 4:], b[:, :, 4:])
+    assert not cpu.put_token(buf.kernel(), 6, k, v)  # past the capacity
+
 def test_no_compiler_falls_back_with_one_warning(fresh_libraries, monkeypatch, caplog):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     q, k, v, *_ = case(1, 1, 1, 8, 0, 16, 8, 4, True)
