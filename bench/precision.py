@@ -4,8 +4,9 @@ For SmolLM2-135M at 2K and 4K tokens, every configuration runs the same held-out
 (`headpolicy eval`'s data: wording "B", Moby-Dick) and the same long texts:
 
     full            the unmodified model, transformers' DynamicCache in the model's dtype
-    quanto-int4     transformers' QuantizedCache, optimum-quanto backend, 4 bits on every head
-    hqq-int4/int8   the same with the HQQ backend (4 and 8 bits)
+    quanto-int2/4   transformers' QuantizedCache, optimum-quanto backend, 2 or 4 bits on every head
+                    (int2 is the peer at ~12.5% of a float32 cache, int4 at ~19%)
+    hqq-int2/4/8    the same with the HQQ backend (2, 4 and 8 bits)
                     (peers: group 32, residual 32 tokens, as headpolicy's defaults)
     native          a headpolicy policy compiled with --kv-budget F, every head in the model's dtype
     auto            a headpolicy policy compiled with --kv-budget F --precision auto (KV bits per head)
@@ -52,7 +53,7 @@ from headpolicy.runtime.cache import SplitKVCache, cache_argument  # noqa: E402
 from headpolicy.runtime.generate import applied_copy, cache_bytes, context_limit, generate, new_cache  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-PEERS = (("quanto", 4), ("hqq", 4), ("hqq", 8))
+PEERS = (("quanto", 2), ("quanto", 4), ("hqq", 2), ("hqq", 4), ("hqq", 8))
 PEER_NAMES = {f"{backend}-int{bits}": (backend, bits) for backend, bits in PEERS}
 PEER_GROUP, PEER_RESIDUAL = 32, 32
 CHUNK = 128  # text tokens per forward over a cache (module docstring)
