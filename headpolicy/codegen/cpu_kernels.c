@@ -51,23 +51,29 @@ static inline float half_to_float(uint16_t bits) {
     return (float)h;
 }
 
+/* the scales and zeros of token t's channel groups (per-token layout) */
+static inline void token_scales(const uint16_t *scale, const uint16_t *zero, int64_t t, float sj[CHANNEL_GROUPS],
+                                float zj[CHANNEL_GROUPS]) {
+    for (int j = 0; j < CHANNEL_GROUPS; j++) {
+        sj[j] = half_to_float(scale[t * CHANNEL_GROUPS + j]);
+        zj[j] = half_to_float(zero[t * CHANNEL_GROUPS + j]);
+    }
+}
+
 /* exp(x) for x <= 0, vectorisable (no libm call): 2^(x log2 e) as 2^n * p(f) with n = t rounded
  * (t = x log2 e <= 0, so n = trunc(t - 1/2)) and f = t - n in [-1/2, 1/2], where the degree-6
  * polynomial p (Cephes' exp2f coefficients) is fitted. Relative error below 6e-7 for x >= -10,
  * 4e-6 down to -87 (t rounded to float32); x below -87 gives exp(-87), so n >= -126 and 2^n
  * stays a normal float. */
+#define EXP2_FRACTION(f) /* 2^f for f in [-1/2, 1/2] (Horner; a float or a vector of floats) */               \
+    ((((((1.535336188319500e-4f * (f) + 1.339887440266574e-3f) * (f) + 9.618437357674640e-3f) * (f) +           \
+        5.550332471162809e-2f) * (f) + 2.402264791363012e-1f) * (f) + 6.931472028550421e-1f) * (f) + 1.f)
 static inline float exp_nonpositive(float x) {
     x = x < -87.f ? -87.f : x;
     const float t = x * 1.44269504088896341f;
     const float n = (float)(int32_t)(t - 0.5f);
     const float f = t - n;
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.f;
+    const float p = EXP2_FRACTION(f);
     const int32_t bits = ((int32_t)n + 127) << 23;
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
@@ -121,14 +127,7 @@ static inline vf vexp_nonpositive(vf x) {
     const vf t = x * 1.44269504088896341f;
     const vi n = __builtin_convertvector(t - 0.5f, vi);
     const vf f = t - __builtin_convertvector(n, vf);
-    vf p = (vf){} + 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.f;
-    return p * (vf)((n + 127) << 23);
+    return EXP2_FRACTION(f) * (vf)((n + 127) << 23);
 }
 
 /* lane i of the result: the sum of x[i]'s lanes. Each level adds, pairwise, the even- and the
@@ -305,10 +304,7 @@ static void head_values(const uint8_t *codes, const uint16_t *scale, const uint1
     for (int64_t t = 0; t < N; t++) {
         float sj[CHANNEL_GROUPS], zj[CHANNEL_GROUPS];
         unpack_chunks(codes + t * CODE_BYTES, x);
-        for (int j = 0; j < CHANNEL_GROUPS; j++) {
-            sj[j] = half_to_float(scale[t * CHANNEL_GROUPS + j]);
-            zj[j] = half_to_float(zero[t * CHANNEL_GROUPS + j]);
-        }
+        token_scales(scale, zero, t, sj, zj);
         for (int g = 0; g < G; g++) {
             const float p = s[g * T + t];
             for (int j = 0; j < CHANNEL_GROUPS; j++) zero_acc[g][j] += p * zj[j];
@@ -412,10 +408,7 @@ static void head_values(const uint8_t *codes, const uint16_t *scale, const uint1
     for (int64_t t = 0; t < N; t++) {
         float sj[CHANNEL_GROUPS], zj[CHANNEL_GROUPS];
         unpack_row(codes + t * CODE_BYTES, x);
-        for (int j = 0; j < CHANNEL_GROUPS; j++) {
-            sj[j] = half_to_float(scale[t * CHANNEL_GROUPS + j]);
-            zj[j] = half_to_float(zero[t * CHANNEL_GROUPS + j]);
-        }
+        token_scales(scale, zero, t, sj, zj);
         for (int g = 0; g < G; g++) {
             const float p = s[g * T + t];
             for (int j = 0; j < CHANNEL_GROUPS; j++) {
