@@ -60,7 +60,7 @@ class QuantTokenBuffer:
         self._v = empty_quantized(lead, dim, bits, group, per_channel=False, device=device)
         self.size = 0
         self.limit = limit
-        self._prepared: tuple[int, Prepared | None] | None = None  # (queries per KV head, the C kernels' view)
+        self._prepared: dict[int, Prepared | None] = {}  # queries per KV head -> the C kernels' view
 
     @property
     def capacity(self) -> int:
@@ -73,9 +73,9 @@ class QuantTokenBuffer:
     def kernel(self, per_kv: int = 1) -> Prepared | None:
         """The whole allocation prepared for codegen/cpu.py (None where its kernels do not apply),
         checked once per allocation rather than once per call."""
-        if self._prepared is None or self._prepared[0] != per_kv:
-            self._prepared = (per_kv, prepare(self._k, self._v, per_kv))
-        return self._prepared[1]
+        if per_kv not in self._prepared:
+            self._prepared[per_kv] = prepare(self._k, self._v, per_kv)
+        return self._prepared[per_kv]
 
     @property
     def k(self) -> Quantized:
@@ -106,7 +106,7 @@ class QuantTokenBuffer:
             for t, o in zip(new.tensors(), old.tensors(), strict=True):
                 t[..., : o.shape[-2], :] = o
         self._k, self._v = k, v
-        self._prepared = None
+        self._prepared = {}
 
     def use(self, n: int) -> None:
         if n > self.size:
@@ -149,7 +149,7 @@ class QuantTokenBuffer:
 
     def select_batch(self, index: torch.Tensor) -> None:
         self._k, self._v = self._k.index(index), self._v.index(index)
-        self._prepared = None
+        self._prepared = {}
 
     @property
     def allocated(self) -> tuple[torch.Tensor, ...]:
