@@ -198,8 +198,9 @@ def main() -> int:
         t0 = time.perf_counter()
         policies[name] = HeadPolicy.load(path) if path else compile_one(model, tok, budget, precision,
                                                                         args.quick)  # fmt: skip
-        if not path:  # kept, so a later run can take it with --native / --auto
-            policies[name].save(RESULTS / f"precision_{tag}_{name}.yaml")
+        kept = RESULTS / f"precision_{tag}_{name}.yaml"  # beside the results (a later run can take it back)
+        if not path or Path(path).resolve() != kept.resolve():
+            policies[name].save(kept)
         print(f"[{name}: {policies[name].num_retrieval}/{policies[name].num_heads} retrieval, "
               f"{policies[name].num_quantized} quantised, {time.perf_counter() - t0:.0f}s]", flush=True)  # fmt: skip
 
@@ -248,7 +249,8 @@ def main() -> int:
                       "lengths": list(lengths), "items_per_length": len(tasks) // len(lengths),
                       "peer_settings": {"q_group_size": PEER_GROUP, "residual_length": PEER_RESIDUAL},
                       "policies": {k: {"retrieval": p.num_retrieval, "quantized": p.num_quantized,
-                                       "heads": p.num_heads} for k, p in policies.items()},
+                                       "heads": p.num_heads, "file": f"bench/results/precision_{tag}_{k}.yaml"}
+                                   for k, p in policies.items()},
                       "quick": args.quick, "threads": torch.get_num_threads(),
                       "machine": platform.machine()}  # fmt: skip
     out = write_json(RESULTS / f"precision_{tag}.json", result)
