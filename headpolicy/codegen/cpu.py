@@ -6,12 +6,16 @@ into a transient float buffer every step and runs SDPA over it, so an int8 head 
 than a float32 one. cpu_kernels.c reads the codes a row at a time instead, with the scales
 folded into the query and the probabilities (its header says how). On SmolLM2 shapes (3 KV
 heads x 3 queries, 4K tokens, 1 thread) it takes ~0.24 ms a layer in int8 and ~0.21 ms in
-int4, where SDPA over the same heads in float32 takes ~0.4 and dequantise + SDPA ~1.1-2. Each decode step also
-quantises its new token into every quantised ring; precision.quantize's ~20 small tensor ops
-took ~0.5 ms a layer for that, the C function a few microseconds, with the same bits.
+int4, where SDPA over the same heads in float32 takes ~0.4 and dequantise + SDPA ~1.1-2.
+Each decode step also quantises its new token into every quantised ring; precision.quantize's
+~20 small tensor ops took ~0.5 ms a layer for that, the C function a few microseconds, with
+the same bits. The runtime prepares each preallocated buffer once per allocation (`prepare`:
+layout checked, pointers taken) and then calls with the slots in use only.
 
-    out = decode_quantized(q, k, v, k_tail, v_tail, scale)   # None: not built here, use PyTorch
-    done = quantize_token(x, slot_view)                       # False: not built here, use PyTorch
+    out = decode_quantized(q, k, v, k_tail, v_tail, scale)     # None: not built here, use PyTorch
+    prepared = prepare(k_buffer, v_buffer, queries_per_kv)      # once per allocation, then:
+    out = decode_prepared(q, prepared, n, k_tail, v_tail, scale)
+    done = put_token(prepared, slot, k_token, v_token)          # False: not built here, use PyTorch
 
 Build: the system C compiler ($CC, else cc) with -O3 -march=native and OpenMP, into the kernel
 cache (emitter.cache_dir()), one library per (head_dim, bits, group, queries per KV head),
@@ -289,24 +293,4 @@ def put_token(p: Prepared, slot: int, k: Tensor, v: Tensor) -> bool:
                           whole.scale_head)  # fmt: skip
         rows = x.contiguous()  # held while C reads it
         p.lib.headpolicy_quantize_tokens(p.batch, p.heads, rows.data_ptr(), dest)
-    return True
-
-
-def quantize_token(x: Tensor, dest: Quantized) -> bool:
-    """Quantise one token per row and head per token, x [B, H, D], into a cache slot `dest`
-    (codes [B, H, code_dim], scales and zeros [B, H, channel groups]: views of one slot of a
-    per-token Quantized buffer), with exactly the bits precision.quantize(x, ...) gives.
-    False (nothing written) where the kernel does not apply or cannot be built here."""
-    B, H, D = x.shape
-    if (
-        not codegen_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or dest.per_channel
-        or dest.codes.dim() != 3 or dest.codes.shape[:2] != (B, H) or dest.head_dim != D
-        or not all(t.stride(-1) == 1 for t in dest.tensors())
-    ):  # fmt: skip
-        return False
-    lib = library(D, dest.bits, dest.group, 1)
-    if lib is None:
-        return False
-    rows = x.contiguous()
-    lib.headpolicy_quantize_tokens(B, H, rows.data_ptr(), _Quantized.of(dest))
     return True

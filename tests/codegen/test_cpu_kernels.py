@@ -28,6 +28,12 @@ def dense(q, k, v, k_tail, v_tail, scale):
     return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True)
 
 
+def ring_slots(B, H, D, bits, group, n) -> Quantized:
+    """n empty per-token slots [B, H, n, *] (a ring's buffer)."""
+    slots = empty_quantized((B, H), D, bits, group, per_channel=False)
+    return Quantized(*(t.new_zeros(B, H, n, t.shape[-1]) for t in slots.tensors()), bits, group, False)
+
+
 def case(B, H, per_kv, N, Nt, D, bits, group, per_channel, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H * per_kv, 1, D, generator=g)
@@ -233,7 +239,7 @@ def test_loading_the_library_keeps_denormals(fresh_libraries):
 @needs_cc
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("D,group", [(64, 32), (16, 4), (20, 8)])
-def test_quantize_token_matches_python_bit_for_bit(fresh_libraries, bits, D, group):
+def test_put_token_matches_python_bit_for_bit(fresh_libraries, bits, D, group):
     """Codes, scales and zeros equal precision.quantize's exactly, edge cases included: constant
     groups (scale 0), values past float16's range, ties at half a step, tiny and mixed magnitudes."""
     g = torch.Generator().manual_seed(bits * 100 + D)
@@ -244,28 +250,27 @@ def test_quantize_token_matches_python_bit_for_bit(fresh_libraries, bits, D, gro
     x[1, 0] = torch.arange(D) * 0.5 - 3  # ties between codes
     x[1, 1] = torch.randn(D, generator=g) * 1e-6
     want = quantize(x[:, :, None], bits, group, per_channel=False)
-    slots = empty_quantized((B, H), D, bits, group, per_channel=False)
-    buffer = Quantized(*(t.new_zeros(B, H, 5, t.shape[-1]) for t in slots.tensors()), bits, group, False)
-    dest = Quantized(*(t.select(2, 3) for t in buffer.tensors()), bits, group, False)  # slot 3 of 5
-    assert cpu.quantize_token(x, dest)
-    for got, expected in zip(buffer.tensors(), want.tensors(), strict=True):
-        assert torch.equal(got[:, :, 3], expected[:, :, 0])
-        assert not got[:, :, [0, 1, 2, 4]].any()  # the other slots untouched
+    keys, values = (ring_slots(B, H, D, bits, group, 5) for _ in range(2))
+    assert cpu.put_token(cpu.prepare(keys, values, 1), 3, x, -x)  # slot 3 of 5
+    for stored, expected in ((keys, want), (values, quantize(-x[:, :, None], bits, group, per_channel=False))):
+        for got, w in zip(stored.tensors(), expected.tensors(), strict=True):
+            assert torch.equal(got[:, :, 3], w[:, :, 0])
+            assert not got[:, :, [0, 1, 2, 4]].any()  # the other slots untouched
 
 
 @needs_cc
-def test_quantize_token_nan_as_python(fresh_libraries):
+def test_put_token_nan_as_python(fresh_libraries):
     """A NaN channel: torch's min/max carry it, so the group's scale and zero are NaN and its
     codes 0; the other groups are untouched by it. The same bits here."""
     x = torch.randn(2, 1, 16)
     x[0, 0, 5] = float("nan")
     want = quantize(x[:, :, None], 8, 4, per_channel=False)
-    dest = Quantized(*(t[:, :, 0].clone().zero_() for t in want.tensors()), 8, 4, False)
-    assert cpu.quantize_token(x, dest)
-    for got, expected in zip(dest.tensors(), want.tensors(), strict=True):
+    keys, values = (ring_slots(2, 1, 16, 8, 4, 1) for _ in range(2))
+    assert cpu.put_token(cpu.prepare(keys, values, 1), 0, x, x)
+    for got, expected in zip(keys.tensors(), want.tensors(), strict=True):
         bits = (lambda t: t.view(torch.int16)) if got.dtype == torch.float16 else (lambda t: t)
-        assert torch.equal(bits(got), bits(expected[:, :, 0]))
-    assert dest.scale[0, 0, 1].isnan() and not dest.scale[1].isnan().any()
+        assert torch.equal(bits(got), bits(expected))
+    assert keys.scale[0, 0, 0, 1].isnan() and not keys.scale[1].isnan().any()
 
 
 def test_decode_declines_mismatched_parts(fresh_libraries):
@@ -280,7 +285,15 @@ def test_decode_declines_mismatched_parts(fresh_libraries):
     assert cpu.decode_quantized(q, k, v, k_tail, wide, 0.25) is None  # tails laid out apart
 
 
-def test_quantize_token_declines_per_channel_slots(fresh_libraries):
+@needs_cc
+def test_put_token_declines_what_it_does_not_implement(fresh_libraries):
+    """Per-channel keys (a retrieval part: written a group at a time, never a token), another
+    shape, a slot past the capacity, another dtype: nothing written."""
     x = torch.randn(1, 1, 16)
-    per_channel = quantize(torch.randn(1, 1, 4, 16), 8, 4, per_channel=True)
-    assert not cpu.quantize_token(x, Quantized(*(t[:, :, 0] for t in per_channel.tensors()), 8, 4, True))
+    keys, values = quantize(torch.randn(1, 1, 4, 16), 8, 4, per_channel=True), ring_slots(1, 1, 16, 8, 4, 4)
+    assert not cpu.put_token(cpu.prepare(keys, values, 1), 0, x, x)
+    ring = cpu.prepare(ring_slots(1, 1, 16, 8, 4, 4), values, 1)
+    assert not cpu.put_token(ring, 0, x.expand(1, 2, 16), x.expand(1, 2, 16))
+    assert not cpu.put_token(ring, 4, x, x)
+    assert not cpu.put_token(ring, 0, x.double(), x.double())
+    assert cpu.put_token(ring, 3, x, x)
