@@ -130,7 +130,7 @@ class QuantTokenBuffer:
 
     def put(self, slots: torch.Tensor | int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [B, H, n, D] into slots [n] (or one int slot) of every row; per-token layout only."""
-        if isinstance(slots, int) and k.shape[2] == 1 and k.dtype == torch.float32 and use_cpu_kernel(k):  # in C
+        if isinstance(slots, int) and k.shape[2] == 1 and use_cpu_kernel(k):  # a decode step's token, in C
             prepared = self.kernel()
             if prepared is not None and put_token(prepared, slots, k[:, :, 0], v[:, :, 0]):
                 return
