@@ -36,6 +36,10 @@ class PromptError(HeadPolicyError, ValueError):
     """A prompt the model cannot answer as given: empty, or longer than the model's context."""
 
 
+class ResultsMismatchError(HeadPolicyError, ValueError):
+    """Saved results cannot stand in for this run: unreadable, or made with other settings, items or weights."""
+
+
 class AlreadyAppliedError(HeadPolicyError, RuntimeError):
     """`apply` was called on a model that already carries a policy."""
 

@@ -106,6 +106,49 @@ def test_eval_of_a_policy_for_other_weights_needs_the_flag(checkpoint, tmp_path,
     assert json.loads((tmp_path / "e.json").read_text())["configs"]["policy"]
 
 
+def test_eval_takes_the_full_run_from_an_earlier_result_only_where_it_stands_for_this_one(checkpoint, tmp_path,
+                                                                                           capsys):  # fmt: skip
+    """--full-from: the full model's answers and perplexity come from an earlier eval of the same
+    weights, settings and items (the result says so); any difference is a named one-line error."""
+    from tests.conftest import policy_for
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    model = tiny_llama(vocab=VOCAB, layers=2)
+    policy_for(model, [[True, False], [False, True]]).save(first)
+    policy_for(model, [[False, False], [True, True]]).save(second)
+    base = ["eval", str(checkpoint), "--lengths", "600", "--depths", "0.5", "--kinds", "passkey", "--seeds", "2",
+            "--text-lengths", "1200", "--quiet"]  # fmt: skip
+    ran, reused = tmp_path / "ran.json", tmp_path / "reused.json"
+    assert main([*base, "--policy", str(first), "-o", str(ran)]) == 0
+    assert main([*base, "--policy", str(second), "-o", str(tmp_path / "b_ran.json")]) == 0
+    assert main([*base, "--policy", str(second), "--full-from", str(ran), "-o", str(reused)]) == 0
+    a, b = json.loads((tmp_path / "b_ran.json").read_text()), json.loads(reused.read_text())
+    assert b["configs"]["full"]["reused"] and "reused" not in a["configs"]["full"]
+    for name in ("full", "policy"):  # the same table as running the full model again
+        for key in ("by_length", "ppl_ratio", "cells", "text_nll"):
+            assert a["configs"][name][key] == b["configs"][name][key], (name, key)
+    assert b["model"]["fingerprint"] == a["model"]["fingerprint"]
+    capsys.readouterr()
+
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    other_weights = tmp_path / "other.json"
+    other_weights.write_text(json.dumps({**a, "model": {**a["model"], "fingerprint": "0" * 16}}))
+    cases = [
+        (["--seeds", "1"], ran, "made with seeds=2, this run has 1"),
+        (["--seed", "5"], ran, "made with seed=1, this run has 5"),
+        ([], bad_json, "cannot read an eval result"),
+        ([], tmp_path / "missing.json", "cannot read an eval result"),
+        ([], other_weights, "from other weights"),
+    ]
+    for extra, source, message in cases:
+        args = [*base, *extra, "--policy", str(second), "--full-from", str(source), "-o", str(tmp_path / "x.json")]
+        assert main(args) == 2, extra
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("headpolicy eval: ResultsMismatchError") and message in last, last
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_bad_model_path_fails_cleanly(tmp_path, capsys):
     out = tmp_path / "p.yaml"
     rc = main(["compile", str(tmp_path / "no-such-model"), "-o", str(out), "--budget", "0.5", "--quiet"])

@@ -42,6 +42,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help=f"the per-head window ladder (default {','.join(map(str, d.windows))})")
     p.add_argument("--lengths", type=int_list, default=d.lengths, help="calibration task lengths, e.g. 2048,4096")
     p.add_argument("--depths", type=float_list, default=d.depths, help="needle depths of the calibration tasks")
+    p.add_argument("--depth-grid", action="store_true",
+                   help="a calibration task for every (kind, length, depth), not one per (kind, length) with the "
+                        "depths taking turns: len(depths) times the profiling time, for tight budgets")  # fmt: skip
     p.add_argument("--kinds", default=",".join(d.kinds), help="needle kinds: passkey,word,code,multikey")
     p.add_argument("--text-length", type=int, default=d.text_length, help="natural text tokens per calibration text")
     p.add_argument("--text-from", type=int, default=d.text_from, help="text NLL counts from this position on")
@@ -75,7 +78,7 @@ def run_compile(args: argparse.Namespace) -> int:
     from headpolicy.profiler.compile import CompileSettings, compile_policy
 
     from_args = ("method", "budget", "kv_budget", "target_drop", "max_kv_budget", "sink", "window", "windows",
-                 "lengths", "depths", "text_length", "text_from", "min_per_layer", "reference_context",
+                 "lengths", "depths", "depth_grid", "text_length", "text_from", "min_per_layer", "reference_context",
                  "seed", "repair_seconds", "time_budget", "estimate", "precision", "passes")  # fmt: skip
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     settings = CompileSettings(**{name: getattr(args, name) for name in from_args}, kinds=kinds,

@@ -24,6 +24,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="long-text perplexity at these lengths (default 4096,8192)")  # fmt: skip
     p.add_argument("--baselines", default="", help="also run: streaming,random (same items)")
     p.add_argument("--seed", type=int, default=d.seed, help="task and text seed")
+    p.add_argument("--full-from", metavar="JSON",
+                   help="take the full model's answers and perplexity from this earlier eval result instead of "
+                        "running it again (checked: same weights, settings, items and texts)")  # fmt: skip
     p.add_argument("-o", "--output", help="JSON results file (default: eval_<policy name>.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_no_fingerprint_check(p, "evaluate")
@@ -55,10 +58,11 @@ def run_eval(args: argparse.Namespace) -> int:
     settings = SuiteSettings(lengths=args.lengths, depths=args.depths, kinds=kinds, seeds=args.seeds,
                              text_lengths=args.text_lengths, baselines=_names(args.baselines, BASELINES, "--baselines"),
                              seed=args.seed)  # fmt: skip
+    full_from = _read_result(args.full_from) if args.full_from else None
     t0 = time.perf_counter()
     model, tok = load_source(args.model)
     result = run_suite(model, tok, policy, settings, progress=not args.quiet,
-                       check_fingerprint=not args.no_fingerprint_check)  # fmt: skip
+                       check_fingerprint=not args.no_fingerprint_check, full_from=full_from)  # fmt: skip
     result["policy"]["file"] = str(args.policy)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.output or f"eval_{Path(args.policy).stem}.json")
@@ -66,3 +70,17 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(result))
     print(f"written {out}")
     return 0
+
+
+def _read_result(path: str) -> dict:
+    import json
+
+    from headpolicy.errors import ResultsMismatchError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResultsMismatchError(f"--full-from {path}: cannot read an eval result ({e})") from None
+    if not isinstance(data, dict):
+        raise ResultsMismatchError(f"--full-from {path}: not an eval result (a JSON object)")
+    return data

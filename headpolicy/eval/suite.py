@@ -21,6 +21,7 @@ NLL from `text_from` on), which generation-based accuracy cannot see.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -80,10 +81,19 @@ def suite_texts(codec, s: SuiteSettings, limit: int | None) -> list[tuple[int, .
 
 
 def run_suite(
-    model, tokenizer, policy, settings: SuiteSettings | None = None, *, progress: bool = False, check_fingerprint=True
+    model,
+    tokenizer,
+    policy,
+    settings: SuiteSettings | None = None,
+    *,
+    progress: bool = False,
+    check_fingerprint=True,
+    full_from: dict | None = None,
 ) -> dict:
     """Run every configuration on the same items; returns plain data (JSON-ready).
-    check_fingerprint=False accepts a policy for the same shape but other weights."""
+    check_fingerprint=False accepts a policy for the same shape but other weights. full_from: an
+    earlier result (of this function) whose full-model run is taken instead of running it again,
+    when it was made on the same weights, settings and items (`reused_full`)."""
     from tqdm.auto import tqdm
 
     from headpolicy.runtime.generate import context_limit
@@ -94,13 +104,15 @@ def run_suite(
     policy.check_model(info, check_fingerprint=check_fingerprint)
     tasks = suite_tasks(codec, s)
     texts = suite_texts(codec, s, context_limit(model))
-    configs: list[tuple[str, object]] = [("full", None), ("policy", policy)]
+    runs: dict[str, dict] = {}
+    if full_from is not None:
+        runs["full"] = reused_full(full_from, s, info.name, info.fingerprint, tasks, texts)
+    configs: list[tuple[str, object]] = [("full", None), ("policy", policy)][len(runs) :]
     if "streaming" in s.baselines:
         configs.append(("streaming", streaming_policy(info, sink=policy.sink, window=policy.window)))
     if "random" in s.baselines:
         configs.append(("random", random_policy(info, policy.num_retrieval, seed=1000, sink=policy.sink,
                                                 window=policy.window)))  # fmt: skip
-    runs: dict[str, dict] = {}
     bar = tqdm(total=len(configs) * (len(tasks) + len(texts)), desc="eval", disable=not progress, dynamic_ncols=True)
     for name, pol in configs:
         t0 = time.perf_counter()
@@ -122,7 +134,47 @@ def run_suite(
         runs[name] = {"cells": cells, "seconds": round(time.perf_counter() - t0, 1), "retrieval_heads": heads,
                       "text_nll": [float(x.mean()) for x in nll], "text_lengths": [len(t) for t in texts]}  # fmt: skip
     bar.close()
-    return summarise(runs, s, policy)
+    result = summarise(runs, s, policy)
+    result["model"] = {"name": info.name, "fingerprint": info.fingerprint}
+    if full_from is not None:
+        result["configs"]["full"]["reused"] = True
+    return result
+
+
+def reused_full(previous: dict, s: SuiteSettings, name: str, fingerprint: str, tasks, texts) -> dict:
+    """The full-model run of an earlier result, checked to stand for this one: the same weights,
+    the same settings (baselines aside), the same items and answers, the same texts.
+    Raises ResultsMismatchError naming the first difference."""
+    from headpolicy.errors import ResultsMismatchError
+
+    try:
+        full = previous["configs"]["full"]
+        before = previous["settings"]
+        cells, nll = full["cells"], full["text_nll"]
+    except (KeyError, TypeError) as e:
+        raise ResultsMismatchError(f"not an eval result with a full-model run (missing {e})") from None
+    theirs = previous.get("model", {}).get("fingerprint")
+    if theirs is None and previous.get("policy", {}).get("model") == name:  # results from before fingerprints
+        warnings.warn("the saved full-model results record no weights fingerprint (an older file): "
+                      "their model name, settings, items and answers are checked", stacklevel=2)  # fmt: skip
+    elif theirs != fingerprint:
+        raise ResultsMismatchError(f"full-model results from other weights (fingerprint {theirs!r}, "
+                                   f"this model {fingerprint!r})")  # fmt: skip
+    now = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}
+    for key in sorted(set(now) | set(before)):
+        if key != "baselines" and now.get(key) != before.get(key):
+            raise ResultsMismatchError(f"full-model results made with {key}={before.get(key)!r}, "
+                                       f"this run has {now.get(key)!r}")  # fmt: skip
+    items = [(t.kind, t.length, t.depth, t.seed, t.answer) for t in tasks]
+    saved = [(c["kind"], c["length"], c["depth"], c["seed"], c["answer"]) for c in cells]
+    if saved != items:
+        raise ResultsMismatchError(f"full-model results for other items ({len(saved)} saved, {len(items)} now, "
+                                   "or other answers: another tokenizer?)")  # fmt: skip
+    lengths = [len(t) for t in texts]
+    if full.get("text_lengths", lengths) != lengths or len(nll) != len(lengths):
+        raise ResultsMismatchError(f"full-model perplexity on other texts ({len(nll)} saved, {len(lengths)} now)")
+    return {"cells": cells, "seconds": full.get("seconds", 0.0), "retrieval_heads": full["retrieval_heads"],
+            "text_nll": nll, "text_lengths": lengths}  # fmt: skip
 
 
 # ---- paired statistics --------------------------------------------------------------------------------
@@ -161,7 +213,8 @@ def summarise(runs: dict[str, dict], s: SuiteSettings, policy) -> dict:
             base = [x for x, m in zip(full["text_nll"], full["text_lengths"], strict=True) if m == n]
             ppl[str(n)] = round(float(np.exp(np.mean(mine) - np.mean(base))), 5)
         table[name] = {"by_length": per_len, "ppl_ratio": ppl, "retrieval_heads": run["retrieval_heads"],
-                       "seconds": run["seconds"], "cells": run["cells"], "text_nll": run["text_nll"]}  # fmt: skip
+                       "seconds": run["seconds"], "cells": run["cells"], "text_nll": run["text_nll"],
+                       "text_lengths": run["text_lengths"]}  # fmt: skip
     for row in table.values():
         for length, cell in row["by_length"].items():
             base = table["full"]["by_length"][length]["kv_bytes"]

@@ -81,6 +81,7 @@ class CompileSettings:
     lengths: tuple[int, ...] = (2048, 4096)  # calibration task lengths: where the policy is used
     kinds: tuple[str, ...] = T.NEEDLE_KINDS
     depths: tuple[float, ...] = (0.2, 0.5, 0.8)  # taken in turn by the (kind, length) pairs
+    depth_grid: bool = False  # one task per (kind, length, depth) instead: len(depths) times the tasks
     text_length: int = 4096
     texts: int = 1
     text_from: int = 1024  # text NLL counts from here (streaming heads have lost the start by then)
@@ -216,10 +217,16 @@ def make_calibration(codec, s: CompileSettings) -> CalibrationData:
     def build(wording: str, prose: str, seed: int, depths: Sequence[float]) -> O.Calibration:
         pool = T.prose_pool(codec, prose)
         # one task per (kind, length), the needle depths taking turns: every kind at every length
-        # and every depth somewhere, at one forward per task
-        pairs = [(kind, length) for kind in s.kinds for length in s.lengths]
-        tasks = [T.make_task(kind, codec, length, depths[i % len(depths)], seed * 1000 + i, pool=pool,
-                             wording=wording) for i, (kind, length) in enumerate(pairs)]  # fmt: skip
+        # and every depth somewhere, at one forward per task; --depth-grid: every kind at every
+        # length and depth (a kind whose turn at the longest length is a shallow needle otherwise
+        # never asks for a head that reaches back past the longest window)
+        cells = [(kind, length) for kind in s.kinds for length in s.lengths]
+        if s.depth_grid:
+            cells = [(kind, length, depth) for kind, length in cells for depth in depths]
+        else:
+            cells = [(kind, length, depths[i % len(depths)]) for i, (kind, length) in enumerate(cells)]
+        tasks = [T.make_task(kind, codec, length, depth, seed * 1000 + i, pool=pool, wording=wording)
+                 for i, (kind, length, depth) in enumerate(cells)]  # fmt: skip
         rng = np.random.default_rng(seed)
         texts = []
         for _ in range(s.texts):

@@ -139,3 +139,19 @@ def test_the_heldout_check_runs_only_within_the_time_budget():
     assert "--time-budget 0 s" in note and "\n" not in note and "heldout" not in late.seconds
     ran = C.compile_policy(model, CODEC, C.CompileSettings(**settings, time_budget=3600.0))
     assert set(ran.policy.results["heldout"]["loss"]) >= {"ppl_ratio", "ans_kept"} and "heldout" in ran.seconds
+
+
+def test_the_depth_grid_puts_every_depth_at_every_kind_and_length():
+    """By default the depths take turns over the (kind, length) pairs, one task each; --depth-grid
+    gives each pair every depth (so every kind reaches past the longest window at the longest
+    length), with seeds of their own."""
+    s = dict(lengths=(300, 400), depths=(0.2, 0.5, 0.8), kinds=("passkey", "code"), text_length=500,
+             text_from=100, heldout=False)  # fmt: skip
+    turns = C.make_calibration(CODEC, C.CompileSettings(**s)).calib.tasks
+    assert [(t.kind, t.length, t.depth) for t in turns] == [
+        ("passkey", 300, 0.2), ("passkey", 400, 0.5), ("code", 300, 0.8), ("code", 400, 0.2)]  # fmt: skip
+    grid = C.make_calibration(CODEC, C.CompileSettings(**s, depth_grid=True)).calib.tasks
+    cells = [(t.kind, t.length, t.depth) for t in grid]
+    assert cells == [(k, n, d) for k in s["kinds"] for n in s["lengths"] for d in s["depths"]]
+    assert len({t.seed for t in grid}) == len(grid) and len({t.answer for t in grid}) == len(grid)
+    assert [t.answer for t in grid[:1]] == [t.answer for t in turns[:1]]  # the first task is the same one
