@@ -152,6 +152,10 @@ def _compile(spec: tuple[int, int, int, int]) -> ctypes.CDLL:
         library.headpolicy_decode_quantized.restype = ctypes.c_int
         library.headpolicy_quantize_tokens.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, _Quantized]
         library.headpolicy_quantize_tokens.restype = None
+        library.headpolicy_put_token.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+                                                 ctypes.c_void_p, ctypes.POINTER(_Quantized),
+                                                 ctypes.POINTER(_Quantized)]  # fmt: skip
+        library.headpolicy_put_token.restype = None
         return library
     raise OSError(f"{compiler[0]} could not build {SOURCE.name}: {errors}")
 
@@ -205,8 +209,12 @@ class Prepared:
     group: int
     capacity: int
     per_kv: int
-    slot_strides: tuple[tuple[int, int, int], tuple[int, int, int]]  # bytes per token slot: K, V (codes, scale, zero)
     buffers: tuple[Quantized, Quantized]  # what the pointers point into, kept alive with them
+
+    @property
+    def token_shape(self) -> tuple[int, int, int]:
+        """One token per row and head: [B, H, D] (what put_token takes)."""
+        return self.batch, self.heads, self.head_dim
 
 
 def prepare(k: Quantized, v: Quantized, per_kv: int) -> Prepared | None:
@@ -224,8 +232,7 @@ def prepare(k: Quantized, v: Quantized, per_kv: int) -> Prepared | None:
     lib = library(D, k.bits, k.group, per_kv)
     if lib is None:
         return None
-    slot = tuple(tuple(t.stride(2) * t.element_size() for t in x.tensors()) for x in (k, v))
-    return Prepared(lib, _Quantized.of(k), _Quantized.of(v), k.per_channel, B, H, D, k.group, N, per_kv, slot, (k, v))
+    return Prepared(lib, _Quantized.of(k), _Quantized.of(v), k.per_channel, B, H, D, k.group, N, per_kv, (k, v))
 
 
 def decode_prepared(
@@ -235,11 +242,12 @@ def decode_prepared(
 
     q: [B, H * per_kv, 1, D] float32 on the CPU; k_tail, v_tail: [B, H, Nt, D] float32 tokens
     after them, or None. Every token is visible to every row. Returns [B, Hq, 1, D], or None
-    when the kernel does not apply (dtype, shape, layout)."""
+    when the kernel does not apply (dtype, shape, layout). A decode step calls it for each
+    quantised part of each layer, so it checks only what can change after `prepare`."""
     B, Hq, S, D = q.shape
     tail = k_tail is not None and k_tail.shape[2] > 0
     if (
-        not codegen_enabled() or q.device.type != "cpu" or q.dtype != torch.float32 or S != 1
+        not q.is_cpu or q.dtype != torch.float32 or S != 1
         or (B, Hq, D) != (p.batch, p.heads * p.per_kv, p.head_dim) or not 0 <= n <= p.capacity
         or (p.keys_per_channel and n % p.group) or n + (k_tail.shape[2] if tail else 0) == 0
     ):  # fmt: skip
@@ -281,16 +289,12 @@ def put_token(p: Prepared, slot: int, k: Tensor, v: Tensor) -> bool:
     """Quantise one token per row and head, k, v [B, H, D] float32, per token into slot `slot` of
     p's buffers (per-token keys only: a ring), with exactly the bits precision.quantize gives.
     False (nothing written) where the kernel does not apply."""
-    shape = (p.batch, p.heads, p.head_dim)
+    shape = p.token_shape
     if (
-        p.keys_per_channel or not 0 <= slot < p.capacity or not codegen_enabled()
-        or any(x.dtype != torch.float32 or x.device.type != "cpu" or tuple(x.shape) != shape for x in (k, v))
+        p.keys_per_channel or not 0 <= slot < p.capacity or k.dtype != torch.float32 or v.dtype != torch.float32
+        or not (k.is_cpu and v.is_cpu) or k.shape != shape or v.shape != shape
     ):  # fmt: skip
         return False
-    for x, whole, strides in ((k, p.k, p.slot_strides[0]), (v, p.v, p.slot_strides[1])):
-        dest = _Quantized(whole.codes + slot * strides[0], whole.scale + slot * strides[1],
-                          whole.zero + slot * strides[2], whole.codes_batch, whole.codes_head, whole.scale_batch,
-                          whole.scale_head)  # fmt: skip
-        rows = x.contiguous()  # held while C reads it
-        p.lib.headpolicy_quantize_tokens(p.batch, p.heads, rows.data_ptr(), dest)
+    k, v = k.contiguous(), v.contiguous()  # held while C reads them
+    p.lib.headpolicy_put_token(p.batch, p.heads, slot, k.data_ptr(), v.data_ptr(), p.k, p.v)
     return True

@@ -6,6 +6,8 @@
  *                                 every stored token is visible to every row (no padding).
  *   headpolicy_quantize_tokens    one new token per row and head quantised per token into a
  *                                 cache slot (a streaming group's ring), bit for bit as in Python.
+ *   headpolicy_put_token          its key and its value into slot `slot` of a K/V buffer pair
+ *                                 (one call a decode step and streaming group).
  *
  * Built by codegen/cpu.py, once per specialisation (the macros below), with the system C
  * compiler; called through ctypes with raw pointers.
@@ -523,4 +525,20 @@ void headpolicy_quantize_tokens(int B, int H, const float *x, quantized out) {
             for (int i = 0; i < D / 2; i++) codes[i] = (uint8_t)(q[2 * i] | (q[2 * i + 1] << 4));
 #endif
         }
+}
+
+/* A decode step's key and value, k and v [B, H, D] float32 contiguous, quantised per token into
+ * slot `slot` of the per-token buffers K and V [B, H, capacity, *] (rows of a head contiguous,
+ * so a slot is CODE_BYTES codes and CHANNEL_GROUPS scales and zeros further on). */
+void headpolicy_put_token(int B, int H, int64_t slot, const float *k, const float *v, const quantized *K,
+                          const quantized *V) {
+    const float *x[2] = {k, v};
+    const quantized *buffers[2] = {K, V};
+    for (int i = 0; i < 2; i++) {
+        quantized dest = *buffers[i];
+        dest.codes += slot * CODE_BYTES;
+        dest.scale += slot * CHANNEL_GROUPS;
+        dest.zero += slot * CHANNEL_GROUPS;
+        headpolicy_quantize_tokens(B, H, x[i], dest);
+    }
 }

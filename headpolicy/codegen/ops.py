@@ -21,6 +21,7 @@ import os
 import torch
 from torch import Tensor
 
+from headpolicy.codegen.emitter import codegen_enabled
 from headpolicy.codegen.reference import (
     QUANT_TENSORS,
     decode_quantized_reference,
@@ -65,8 +66,9 @@ def use_kernels(t: Tensor) -> bool:
 
 
 def use_cpu_kernel(t: Tensor) -> bool:
-    """Whether a quantised part's decode on `t` may run the C kernel (codegen/cpu.py): backend "auto" on the CPU."""
-    return get_backend() == "auto" and t.device.type == "cpu"
+    """Whether quantised parts' work on `t` may run the C kernels (codegen/cpu.py): backend "auto",
+    code generation on, on the CPU. Asked once per layer and step (decode, and each ring write)."""
+    return t.is_cpu and get_backend() == "auto" and codegen_enabled()
 
 
 @torch.library.custom_op("headpolicy::prefill_attention", mutates_args=())

@@ -91,12 +91,12 @@ class LayerPlan:
     kv_group: int = DEFAULT_GROUP
     kv_residual: int = DEFAULT_RESIDUAL
 
-    @property
+    @cached_property
     def num_native_retrieval(self) -> int:
         """Retrieval heads kept in the model's dtype: positions [0, num_native_retrieval)."""
         return self.num_retrieval - sum(g.num_heads for g in self.retrieval_groups)
 
-    @property
+    @cached_property
     def quantized(self) -> bool:
         """Whether any head of the layer keeps a quantised cache."""
         return bool(self.retrieval_groups) or any(g.quantized for g in self.groups)

@@ -554,14 +554,15 @@ def decode(
         if mask is None and k_rank is not None:
             mask = visible(q_rank[:, None, :, None], k_rank[:, None, None, :])
         outs.append(decode_heads(q[:, : R * G], layer.keys, layer.values, mask, scale))
+    in_c = k_rank is None and plan.quantized and use_cpu_kernel(q)  # the C kernels (no mask), asked once
     for part in layer.qparts:
         qg = q[:, part.group.start * G : part.group.stop * G]
-        out = None if k_rank is not None else _cpu_decode(qg, part.codes, part.k_tail, part.v_tail, scale)
+        out = _cpu_decode(qg, part.codes, part.k_tail, part.v_tail, scale) if in_c else None
         outs.append(quantized_retrieval_heads(qg, part, k_rank, q_rank, scale) if out is None else out)
     for s in layer.streams:
         g = s.group
         qg = q[:, g.start * G : g.stop * G]
-        if k_rank is None and isinstance(s, QuantStreamBuffer):
+        if in_c and isinstance(s, QuantStreamBuffer):
             out = _cpu_decode(qg, s.kv, None, None, scale)
             if out is not None:
                 outs.append(out)
@@ -577,9 +578,9 @@ def decode(
 
 def _cpu_decode(q, codes: QuantTokenBuffer, k_tail, v_tail, scale: float) -> torch.Tensor | None:
     """A quantised part's decode by the C kernel (codegen/cpu.py) over the tokens in use of its
-    codes, then the tail; None where it does not run (another backend or device, no compiler,
-    another layout): then the caller dequantises."""
-    if not use_cpu_kernel(q) or q.shape[1] % codes.heads:
+    codes, then the tail, where the caller has found use_cpu_kernel(q); None where it does not
+    run (no compiler, another layout): then the caller dequantises."""
+    if q.shape[1] % codes.heads:
         return None
     prepared = codes.kernel(q.shape[1] // codes.heads)
     return None if prepared is None else decode_prepared(q, prepared, codes.size, k_tail, v_tail, scale)
