@@ -145,6 +145,38 @@ def test_split_cache_decode_with_and_without_the_kernel(fresh_libraries, threads
         torch.set_num_threads(previous)
 
 
+@needs_cc
+def test_switching_code_generation_off_keeps_prepared_buffers_out_of_c(fresh_libraries, monkeypatch):
+    """Buffers are prepared once, but whether C runs is asked at every step: with code generation
+    switched off after the buffers were prepared, decode and the ring write stay in PyTorch."""
+    from headpolicy.codegen import set_enabled
+    from headpolicy.runtime import attention
+    from headpolicy.runtime.cache import SplitKVLayer
+
+    plan = make_plan(2, [(1, 2, 5, 8)], 3, retrieval_bits=((1, 8),), kv_group=4, kv_residual=3)
+    B, D = 1, 16
+    g = torch.Generator().manual_seed(6)
+    layer = SplitKVLayer(plan)
+    k, v = (torch.randn(B, plan.num_kv_heads, 33, D, generator=g) for _ in range(2))
+    layer.commit(layer.update(k[:, :, :32], v[:, :, :32])[0], None)
+    q = torch.randn(B, plan.num_kv_heads * 3, 1, D, generator=g)
+    expected = attention.decode(plan, q, layer, None, None, 0.3)  # prepares the buffers (C runs)
+    assert layer.qparts[0].codes._prepared and layer.streams[0].kv._prepared
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a C kernel ran with code generation off")
+
+    monkeypatch.setattr(attention, "decode_prepared", boom)
+    monkeypatch.setattr("headpolicy.runtime.quant_cache.put_token", boom)
+    set_enabled(False)
+    try:
+        torch.testing.assert_close(attention.decode(plan, q, layer, None, None, 0.3), expected, rtol=1e-5, atol=2e-5)
+        layer.commit(layer.update(k[:, :, 32:], v[:, :, 32:])[0], None)  # the ring's write in PyTorch
+        attention.decode(plan, q, layer, None, None, 0.3)
+    finally:
+        set_enabled(None)
+
+
 
 @needs_cc
 @pytest.mark.parametrize("bits", [8, 4])
