@@ -62,6 +62,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passes", type=int, choices=(1, 2), default=d.passes,
                    help="causal: 2 = estimate again at the policy the first pass chooses (the other heads "
                         f"streaming), each option's loss the larger of the two (default {d.passes})")  # fmt: skip
+    p.add_argument("--quant-weights", type=float_list, default=d.quant_weights, metavar="W,...",
+                   help="--precision auto: weigh the quantisation estimates by each W against the windows', "
+                        "measure each knapsack and keep the best (default 1; e.g. 1,0.25,0.0625 for tight "
+                        "budgets: one measurement each)")  # fmt: skip
     p.add_argument("--no-heldout", action="store_true", help="skip measuring the result on held-out data")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--scores-json", help="also write the raw head scores here")
@@ -79,7 +83,8 @@ def run_compile(args: argparse.Namespace) -> int:
 
     from_args = ("method", "budget", "kv_budget", "target_drop", "max_kv_budget", "sink", "window", "windows",
                  "lengths", "depths", "depth_grid", "text_length", "text_from", "min_per_layer", "reference_context",
-                 "seed", "repair_seconds", "time_budget", "estimate", "precision", "passes")  # fmt: skip
+                 "seed", "repair_seconds", "time_budget", "estimate", "precision", "passes",
+                 "quant_weights")  # fmt: skip
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     settings = CompileSettings(**{name: getattr(args, name) for name in from_args}, kinds=kinds,
                                heldout=not args.no_heldout)  # fmt: skip

@@ -127,3 +127,48 @@ def test_compile_with_auto_precision_and_compensation_measures_a_valid_policy():
     back = HeadPolicy.from_yaml(policy.to_yaml())  # scores are rounded in the file
     assert back.bits_table() == policy.bits_table() and back.retrieval_table() == policy.retrieval_table()
     assert [back.head_compensates(li, hi) for li, hi in heads] == [policy.head_compensates(li, hi) for li, hi in heads]
+
+
+def test_quant_weights_measure_each_knapsack_and_keep_the_best():
+    """--quant-weights: the quantisation estimates weighed against the windows' by each weight,
+    each knapsack measured (one measurement per distinct candidate), the least measured
+    objective kept and reported; a weight that makes quantising cheap buys more bits-for-heads
+    than one that makes it dear."""
+    model = tiny_llama(layers=2, vocab=97)
+    s = C.CompileSettings(kv_budget=0.3, precision="auto", quant_weights=(1.0, 1e-3, 1e3), repair_seconds=0, **FAST)
+    policy = C.compile_policy(model, CODEC, s).policy
+    tried = policy.results["quant_weights"]
+    assert [t["quant_weight"] for t in tried] == [1.0, 1e-3, 1e3]
+    assert policy.results["calibration"]["loss"]["value"] == min(t["value"] for t in tried)
+    assert all(t["kv_fraction"] <= 0.3 + 1e-9 for t in tried) and policy.kv_fraction(400) <= 0.3 + 1e-9
+    cheap, dear = tried[1], tried[2]
+    assert cheap["retrieval_heads"] >= dear["retrieval_heads"]
+    one = C.compile_policy(model, CODEC, C.CompileSettings(kv_budget=0.3, precision="auto", repair_seconds=0,
+                                                           **FAST)).policy  # fmt: skip
+    assert "quant_weights" not in one.results  # the default: one weight, nothing extra measured
+    for bad in [(), (0.0,), (-1.0,), (float("nan"),)]:
+        with pytest.raises(BudgetError, match="--quant-weights"):
+            C.CompileSettings(kv_budget=0.3, quant_weights=bad).check()
+
+
+def test_quant_weights_keep_the_measured_best_and_repair_from_its_estimates(monkeypatch):
+    """With a scripted objective that rewards quantised heads, the candidate of the smallest
+    weight wins, and the repair swaps against the estimates it was chosen with."""
+    model = tiny_llama(layers=2, vocab=97)
+    info = describe_model(model)
+    s = C.CompileSettings(kv_budget=0.3, precision="auto", quant_weights=(1e3, 1e-3), repair_seconds=0, **FAST)
+
+    class Scripted:
+        seconds, runs = 0.0, 0
+
+        def __call__(self, cand):
+            self.runs += 1
+            quantised = sum(b != 16 for row in cand.bits for b in row)
+            return O.Loss(0.0, 0.0, 0.0, 1.0, 1.0 - 0.1 * quantised, 1)
+
+    scored = C.Scored(((4, 8), (4, 32)), np.ones((2, 2, 2)), {}, per_head=True, quant=np.ones((2, 2, 2, 2)))
+    measure = Scripted()
+    best, table = C.weighed(scored, info, s, 0.3, measure, dtype_bytes=4)
+    assert [t["quant_weight"] for t in best.tried] == [1e3, 1e-3] and measure.runs == 2
+    assert best.loss.value == min(t["value"] for t in best.tried) < best.tried[0]["value"]
+    np.testing.assert_allclose(table.quant, scored.quant * 1e-3)  # what repair swaps against
