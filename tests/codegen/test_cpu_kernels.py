@@ -177,7 +177,6 @@ def test_switching_code_generation_off_keeps_prepared_buffers_out_of_c(fresh_lib
         set_enabled(None)
 
 
-
 @needs_cc
 @pytest.mark.parametrize("bits", [8, 4])
 def test_prepared_buffers_read_only_the_slots_in_use(fresh_libraries, bits):
@@ -230,6 +229,7 @@ def test_put_token_into_a_ring_slot_from_strided_rows(fresh_libraries, bits):
     for a, b in zip(before, after, strict=True):
         assert torch.equal(a[:, :, :3], b[:, :, :3]) and torch.equal(a[:, :, 4:], b[:, :, 4:])
     assert not cpu.put_token(buf.kernel(), 6, k, v)  # past the capacity
+
 
 def test_no_compiler_falls_back_with_one_warning(fresh_libraries, monkeypatch, caplog):
     monkeypatch.setenv("CC", "/nonexistent/cc")

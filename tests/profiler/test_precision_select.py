@@ -94,7 +94,6 @@ def test_auto_precision_needs_causal_estimates_and_a_byte_budget(bad):
         s.check()
 
 
-
 @pytest.mark.parametrize("fraction", [0.15, 0.3, 0.6])
 def test_auto_precision_with_compensation_keeps_compensated_heads_native_and_counts_their_slot(fraction):
     """compensate + --precision auto: streaming options only at 16 bits (a quantised head may not
