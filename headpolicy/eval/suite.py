@@ -56,6 +56,11 @@ class SuiteSettings:
         return len(self.kinds) * len(self.depths) * self.seeds
 
 
+def settings_data(s: SuiteSettings) -> dict:
+    """The settings as a result file records them (tuples as lists), and as --full-from compares them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}
+
+
 def suite_tasks(codec, s: SuiteSettings) -> list[T.Task]:
     pool = T.prose_pool(codec, s.prose)
     out = []
@@ -160,7 +165,7 @@ def reused_full(previous: dict, s: SuiteSettings, name: str, fingerprint: str, t
     elif theirs != fingerprint:
         raise ResultsMismatchError(f"full-model results from other weights (fingerprint {theirs!r}, "
                                    f"this model {fingerprint!r})")  # fmt: skip
-    now = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}
+    now = settings_data(s)
     for key in sorted(set(now) | set(before)):
         if key != "baselines" and now.get(key) != before.get(key):
             raise ResultsMismatchError(f"full-model results made with {key}={before.get(key)!r}, "
@@ -220,7 +225,7 @@ def summarise(runs: dict[str, dict], s: SuiteSettings, policy) -> dict:
             base = table["full"]["by_length"][length]["kv_bytes"]
             cell["kv_fraction"] = round(cell["kv_bytes"] / base, 6) if base else None
     return {
-        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()},
+        "settings": settings_data(s),
         "policy": {
             "model": policy.model.name,
             "retrieval_heads": policy.num_retrieval,
