@@ -180,6 +180,11 @@ def compile_one(model, tok, budget: float, precision: str, quick: bool) -> HeadP
     return C.compile_policy(model, tok, settings, progress=True).policy
 
 
+def policy_file(tag: str, name: str) -> Path:
+    """Where a run keeps the policy it measured as `name` (native / auto)."""
+    return RESULTS / f"precision_{tag}_{name}.yaml"
+
+
 def main() -> int:
     args = parse()
     torch.manual_seed(0)
@@ -198,7 +203,7 @@ def main() -> int:
         t0 = time.perf_counter()
         policies[name] = HeadPolicy.load(path) if path else compile_one(model, tok, budget, precision,
                                                                         args.quick)  # fmt: skip
-        kept = RESULTS / f"precision_{tag}_{name}.yaml"  # beside the results (a later run can take it back)
+        kept = policy_file(tag, name)  # beside the results (a later run can take it back)
         if not path or Path(path).resolve() != kept.resolve():
             policies[name].save(kept)
         print(f"[{name}: {policies[name].num_retrieval}/{policies[name].num_heads} retrieval, "
@@ -249,7 +254,7 @@ def main() -> int:
                       "lengths": list(lengths), "items_per_length": len(tasks) // len(lengths),
                       "peer_settings": {"q_group_size": PEER_GROUP, "residual_length": PEER_RESIDUAL},
                       "policies": {k: {"retrieval": p.num_retrieval, "quantized": p.num_quantized,
-                                       "heads": p.num_heads, "file": f"bench/results/precision_{tag}_{k}.yaml"}
+                                       "heads": p.num_heads, "file": f"bench/results/{policy_file(tag, k).name}"}
                                    for k, p in policies.items()},
                       "quick": args.quick, "threads": torch.get_num_threads(),
                       "machine": platform.machine()}  # fmt: skip
