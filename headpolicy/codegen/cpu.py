@@ -16,6 +16,8 @@ layout checked, pointers taken) and then calls with the slots in use only.
     prepared = prepare(k_buffer, v_buffer, queries_per_kv)      # once per allocation, then:
     out = decode_prepared(q, prepared, n, k_tail, v_tail, scale)
     done = put_token(prepared, slot, k_token, v_token)          # False: not built here, use PyTorch
+    step = LayerStep.build(parts, batch, kv_heads, per_kv)      # a layer's parts of one library, then
+    step.set(i, n, slot, n_tail); step(q, k_new, v_new, out, scale)  # ring writes + attention, one call a step
 
 Build: the system C compiler ($CC, else cc) with -O3 -march=native and OpenMP, into the kernel
 cache (emitter.cache_dir()), one library per (head_dim, bits, group, queries per KV head),
@@ -79,6 +81,25 @@ class _Quantized(ctypes.Structure):
     def of(cls, x: Quantized) -> _Quantized:
         return cls(x.codes.data_ptr(), x.scale.data_ptr(), x.zero.data_ptr(),
                    x.codes.stride(0), x.codes.stride(1), x.scale.stride(0), x.scale.stride(1))  # fmt: skip
+
+
+class _StepPart(ctypes.Structure):
+    """cpu_kernels.c's `step_part`: one quantised part of a layer's decode step."""
+
+    _fields_ = [
+        ("k", _Quantized),
+        ("v", _Quantized),
+        ("heads", ctypes.c_int64),
+        ("kv_first", ctypes.c_int64),
+        ("keys_per_channel", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("slot", ctypes.c_int64),
+        ("n_tail", ctypes.c_int64),
+        ("k_tail", ctypes.c_void_p),
+        ("v_tail", ctypes.c_void_p),
+        ("tail_batch", ctypes.c_int64),
+        ("tail_head", ctypes.c_int64),
+    ]
 
 
 _ARGTYPES = [
@@ -156,6 +177,10 @@ def _compile(spec: tuple[int, int, int, int]) -> ctypes.CDLL:
                                                  ctypes.c_void_p, ctypes.POINTER(_Quantized),
                                                  ctypes.POINTER(_Quantized)]  # fmt: skip
         library.headpolicy_put_token.restype = None
+        library.headpolicy_decode_step.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_StepPart),
+                                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+                                                   ctypes.c_void_p, ctypes.c_int]  # fmt: skip
+        library.headpolicy_decode_step.restype = ctypes.c_int
         return library
     raise OSError(f"{compiler[0]} could not build {SOURCE.name}: {errors}")
 
@@ -298,3 +323,87 @@ def put_token(p: Prepared, slot: int, k: Tensor, v: Tensor) -> bool:
     k, v = k.contiguous(), v.contiguous()  # held while C reads them
     p.lib.headpolicy_put_token(p.batch, p.heads, slot, k.data_ptr(), v.data_ptr(), p.k, p.v)
     return True
+
+
+@dataclass(frozen=True)
+class StepPart:
+    """One quantised part of a layer for LayerStep: its prepared buffers, its first KV head in
+    the layer, and its full-precision tail buffers [B, H, capacity, D] (a retrieval part's
+    residual, whole allocations: the step says how many of their slots are in use) or None."""
+
+    prepared: Prepared
+    kv_first: int
+    k_tail: Tensor | None = None
+    v_tail: Tensor | None = None
+
+
+class LayerStep:
+    """A layer's quantised parts of one specialisation (bits), decoded in one C call a step.
+
+    headpolicy_decode_step first quantises the step's token into each ring part's slot, then
+    lets each part's query heads attend its coded tokens and its tail: what put_token and one
+    decode_prepared per part do, without a Python round trip per part (a decode step of a
+    12.5% SmolLM2 policy has ~50 parts). Built once per allocation, from raw pointers; the
+    caller says per step how many tokens each part holds (`set`) and calls it."""
+
+    def __init__(self, lib: ctypes.CDLL, batch: int, kv_heads: int, per_kv: int, head_dim: int, parts: ctypes.Array,
+                 keep: tuple):  # fmt: skip
+        self.lib, self.parts, self.keep = lib, parts, keep  # keep: what the pointers point into
+        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self.q_shape = (batch, kv_heads * per_kv, 1, head_dim)
+        self.token_shape = (batch, kv_heads, 1, head_dim)
+        self.limits = tuple((p.capacity, p.keys_per_channel, k_tail) for p, k_tail, _ in keep)
+
+    @classmethod
+    def build(cls, parts: list[StepPart], batch: int, kv_heads: int, per_kv: int) -> LayerStep | None:
+        """None where the parts do not share one library, batch and head dim, or a tail is not
+        float32 rows [B, H, capacity, D] with the same strides for keys and values."""
+        if not parts:
+            return None
+        first = parts[0].prepared
+        D = first.head_dim
+        array = (_StepPart * len(parts))()
+        for entry, part in zip(array, parts, strict=True):
+            p = part.prepared
+            if (p.lib is not first.lib or p.batch != batch or p.head_dim != D or p.per_kv != per_kv
+                    or not 0 <= part.kv_first <= kv_heads - p.heads):  # fmt: skip
+                return None
+            entry.k, entry.v = p.k, p.v
+            entry.heads, entry.kv_first, entry.keys_per_channel = p.heads, part.kv_first, int(p.keys_per_channel)
+            entry.slot = -1
+            if part.k_tail is not None:
+                k, v = part.k_tail, part.v_tail
+                if not (
+                    k.dim() == 4 and tuple(k.shape[:2]) == (batch, p.heads) and k.shape[3] == D
+                    and v.shape == k.shape and v.stride() == k.stride() and k.dtype == v.dtype == torch.float32
+                    and k.is_cpu and v.is_cpu and _rows_contiguous(k)
+                ):  # fmt: skip
+                    return None
+                entry.k_tail, entry.v_tail = k.data_ptr(), v.data_ptr()
+                entry.tail_batch, entry.tail_head = k.stride(0), k.stride(1)
+        keep = tuple((part.prepared, part.k_tail, part.v_tail) for part in parts)
+        return cls(first.lib, batch, kv_heads, per_kv, D, array, keep)
+
+    def set(self, i: int, n: int, slot: int = -1, n_tail: int = 0) -> None:
+        """Part i attends its first n coded tokens and n_tail tail tokens this step, after the
+        step's token is quantised into its slot `slot` (-1: none; a ring part's)."""
+        capacity, per_channel, tail = self.limits[i]
+        if not (0 <= n <= capacity and -1 <= slot < capacity and not (per_channel and slot >= 0)
+                and 0 <= n_tail <= (0 if tail is None else tail.shape[2])):  # fmt: skip
+            raise ValueError(f"LayerStep part {i}: n={n}, slot={slot}, n_tail={n_tail} out of its buffers")
+        entry = self.parts[i]
+        entry.n, entry.slot, entry.n_tail = n, slot, n_tail
+
+    def __call__(self, q: Tensor, k_new: Tensor, v_new: Tensor, out: Tensor, scale: float) -> bool:
+        """q, out [B, Hq, 1, D] and the step's k_new, v_new [B, Hkv, 1, D], float32 CPU, contiguous:
+        writes the parts' query heads of `out`; False (nothing written) where they do not fit."""
+        for t, shape in ((q, self.q_shape), (out, self.q_shape), (k_new, self.token_shape), (v_new, self.token_shape)):
+            if t.shape != shape or t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
+                return False
+        status = self.lib.headpolicy_decode_step(
+            self.batch, self.kv_heads, len(self.parts), self.parts, q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(),
+            scale, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise MemoryError("headpolicy CPU decode kernel: could not allocate its score rows")
+        return True

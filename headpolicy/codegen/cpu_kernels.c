@@ -1,4 +1,4 @@
-/* CPU kernels for quantised KV parts (policies/precision.py: Quantized), two entry points:
+/* CPU kernels for quantised KV parts (policies/precision.py: Quantized), entry points:
  *   headpolicy_decode_quantized   one decode step of a quantised KV-head group: each query
  *                                 attends every stored token of its KV head, read from the codes
  *                                 plus an optional full-precision tail, without dequantising the
@@ -8,6 +8,8 @@
  *                                 cache slot (a streaming group's ring), bit for bit as in Python.
  *   headpolicy_put_token          its key and its value into slot `slot` of a K/V buffer pair
  *                                 (one call a decode step and streaming group).
+ *   headpolicy_decode_step        a layer's parts of this specialisation in one call: each ring
+ *                                 part's new token into its slot, then every part's decode.
  *
  * Built by codegen/cpu.py, once per specialisation (the macros below), with the system C
  * compiler; called through ctypes with raw pointers.
@@ -430,12 +432,13 @@ static void head_values(const uint8_t *codes, const uint16_t *scale, const uint1
 }
 #endif
 
-/* q [B, H, G, D] float32 (contiguous); k, v: N coded tokens per head; tail_k, tail_v: NT more at
- * full precision, strides tail_batch, tail_head (rows of D contiguous), may be NULL when NT == 0;
- * out [B, H, G, D] float32. Returns 0, or -1 if scratch memory could not be allocated. */
-int headpolicy_decode_quantized(int B, int H, int64_t N, int64_t NT, const float *q, quantized k,
-                                int keys_per_channel, quantized v, const float *tail_k, const float *tail_v,
-                                int64_t tail_batch, int64_t tail_head, float scale, float *out, int threads) {
+/* One decode step of H KV heads: query head (b, h, g) at q + b * q_batch + (h * G + g) * D, its
+ * output at the same offset of out (q_batch floats a row apart); k, v: N coded tokens per head;
+ * tail_k, tail_v: NT more at full precision, strides tail_batch, tail_head (rows of D
+ * contiguous), may be NULL when NT == 0. Returns 0, or -1 if scratch memory could not be allocated. */
+static int decode_heads(int B, int H, int64_t N, int64_t NT, const float *q, int64_t q_batch, quantized k,
+                        int keys_per_channel, quantized v, const float *tail_k, const float *tail_v,
+                        int64_t tail_batch, int64_t tail_head, float scale, float *out, int threads) {
     const int64_t T = N + NT;
     int failed = 0;
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) reduction(| : failed)
@@ -447,8 +450,8 @@ int headpolicy_decode_quantized(int B, int H, int64_t N, int64_t NT, const float
                 continue;
             }
             float qs[G * D], inv_sum[G];
-            const float *qh = q + ((int64_t)b * H + h) * G * D;
-            for (int i = 0; i < G * D; i++) qs[i] = qh[i] * scale;
+            const int64_t at = b * q_batch + (int64_t)h * G * D;
+            for (int i = 0; i < G * D; i++) qs[i] = q[at + i] * scale;
             const float *tk = NT ? tail_k + b * tail_batch + h * tail_head : NULL;
             const float *tv = NT ? tail_v + b * tail_batch + h * tail_head : NULL;
             const int64_t ko = b * k.scale_batch + h * k.scale_head, vo = b * v.scale_batch + h * v.scale_head;
@@ -456,10 +459,20 @@ int headpolicy_decode_quantized(int B, int H, int64_t N, int64_t NT, const float
                         tk, NT, qs, s, T);
             softmax_rows(s, T, inv_sum);
             head_values(v.codes + b * v.codes_batch + h * v.codes_head, v.scale + vo, v.zero + vo, N, tv, NT, s, T,
-                        inv_sum, out + ((int64_t)b * H + h) * G * D);
+                        inv_sum, out + at);
             free(s);
         }
     return failed ? -1 : 0;
+}
+
+/* q [B, H, G, D] float32 (contiguous); k, v: N coded tokens per head; tail_k, tail_v: NT more at
+ * full precision, strides tail_batch, tail_head (rows of D contiguous), may be NULL when NT == 0;
+ * out [B, H, G, D] float32. Returns 0, or -1 if scratch memory could not be allocated. */
+int headpolicy_decode_quantized(int B, int H, int64_t N, int64_t NT, const float *q, quantized k,
+                                int keys_per_channel, quantized v, const float *tail_k, const float *tail_v,
+                                int64_t tail_batch, int64_t tail_head, float scale, float *out, int threads) {
+    return decode_heads(B, H, N, NT, q, (int64_t)H * G * D, k, keys_per_channel, v, tail_k, tail_v, tail_batch,
+                        tail_head, scale, out, threads);
 }
 
 /* float16 bits of the next representable value above a non-negative finite h */
@@ -541,4 +554,55 @@ void headpolicy_put_token(int B, int H, int64_t slot, const float *k, const floa
         dest.zero += slot * CHANNEL_GROUPS;
         headpolicy_quantize_tokens(B, H, x[i], dest);
     }
+}
+
+/* One part of a layer's decode step (headpolicy_decode_step): a quantised KV-head group's whole
+ * buffers and what this step reads and writes of them. */
+typedef struct {
+    quantized k, v;           /* the whole K/V buffers [B, heads, capacity, *] */
+    int64_t heads;            /* KV heads of the part */
+    int64_t kv_first;         /* its first KV head among the step's new tokens */
+    int64_t keys_per_channel; /* 1: keys per channel in whole token groups (a retrieval part) */
+    int64_t n;                /* coded tokens attended */
+    int64_t slot;             /* the slot this step's key and value are quantised into first, or -1 */
+    int64_t n_tail;           /* full-precision tokens attended after the coded ones */
+    const float *k_tail, *v_tail;
+    int64_t tail_batch, tail_head;
+} step_part;
+
+/* A layer's decode step over its quantised parts of this specialisation, in one call: each
+ * part's new token goes into its slot (a streaming ring's), then each part's query heads
+ * attend its n coded tokens and n_tail tail tokens. q, out [B, Hkv * G, D] float32 and
+ * k_new, v_new [B, Hkv, D] float32, all contiguous, every KV head of the layer (a part's
+ * query heads are those of its KV heads). Returns 0, or -1 if scratch memory could not be
+ * allocated. */
+int headpolicy_decode_step(int B, int Hkv, int P, const step_part *parts, const float *q, const float *k_new,
+                           const float *v_new, float scale, float *out, int threads) {
+    const int64_t q_batch = (int64_t)Hkv * G * D;
+    for (int i = 0; i < P; i++) {
+        const step_part *p = parts + i;
+        if (p->slot < 0) continue;
+        quantized dest[2] = {p->k, p->v};
+        const float *x[2] = {k_new, v_new};
+        for (int j = 0; j < 2; j++) {
+            dest[j].codes += p->slot * CODE_BYTES;
+            dest[j].scale += p->slot * CHANNEL_GROUPS;
+            dest[j].zero += p->slot * CHANNEL_GROUPS;
+            for (int b = 0; b < B; b++) { /* the part's heads are contiguous in [B, Hkv, D] */
+                quantized row = dest[j];
+                row.codes += b * row.codes_batch;
+                row.scale += b * row.scale_batch;
+                row.zero += b * row.scale_batch;
+                headpolicy_quantize_tokens(1, (int)p->heads, x[j] + ((int64_t)b * Hkv + p->kv_first) * D, row);
+            }
+        }
+    }
+    int failed = 0;
+    for (int i = 0; i < P; i++) {
+        const step_part *p = parts + i;
+        const int64_t at = p->kv_first * G * D;
+        failed |= decode_heads(B, (int)p->heads, p->n, p->n_tail, q + at, q_batch, p->k, (int)p->keys_per_channel,
+                               p->v, p->k_tail, p->v_tail, p->tail_batch, p->tail_head, scale, out + at, threads);
+    }
+    return failed;
 }

@@ -101,6 +101,11 @@ class LayerPlan:
         """Whether any head of the layer keeps a quantised cache."""
         return bool(self.retrieval_groups) or any(g.quantized for g in self.groups)
 
+    @cached_property
+    def fully_quantized(self) -> bool:
+        """Whether every head of the layer keeps a quantised cache (none in the model's dtype)."""
+        return self.num_native_retrieval == 0 and all(g.quantized for g in self.groups)
+
     @property
     def num_kv_heads(self) -> int:
         return len(self.perm)

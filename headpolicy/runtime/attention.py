@@ -42,7 +42,9 @@ as stored: each call dequantises a quantised part once into one transient buffer
 over it (section "quantised heads" at the end). A decode step stores its token first, so it
 attends that token as stored too; on the CPU, with no padding, it reads the codes directly
 through the C kernel of codegen/cpu.py instead (no buffer; falls back here without a
-compiler). A layer may mix quantised and compensated heads, but a group is never both
+compiler). A layer whose every head is quantised does all of a decode step's C work in one
+call per bit width (`CStep`: ring writes and every part's attention) rather than a few calls
+per part. A layer may mix quantised and compensated heads, but a group is never both
 (plan.StreamGroup refuses it), so the compensated paths only ever read full-precision buffers.
 """
 
@@ -56,7 +58,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 import headpolicy.codegen.ops  # noqa: F401  (registers torch.ops.headpolicy.prefill/decode_attention)
-from headpolicy.codegen.cpu import decode_prepared
+from headpolicy.codegen.cpu import LayerStep, StepPart, decode_prepared
 from headpolicy.codegen.ops import use_cpu_kernel, use_kernels
 from headpolicy.errors import UnsupportedPolicyError
 from headpolicy.policies.plan import LayerPlan, StreamGroup
@@ -736,6 +738,8 @@ def _attend_step(plan: LayerPlan, q: torch.Tensor, step: SplitKVStep, attention_
     if attention_mask is not None:  # ranks and the decode mask: worked out once per forward, not per layer
         k_rank, q_rank, seen = layer.memo.get(attention_mask, lambda m: _ranks(m, B, T, S))
     if S == 1:  # decode: the token is committed first (a ring slot it overwrites is out of its window)
+        if k_rank is None and plan.fully_quantized and q.dtype == torch.float32 and use_cpu_kernel(q):
+            return _decode_in_c(plan, q, step, layer, scale)
         layer.commit(step, q_rank)
         return decode(plan, q, layer, q_rank, k_rank, scale, retrieval_mask=seen)
     past = None if T == S else [stream_segment(s, q.dtype) for s in layer.streams]
@@ -743,6 +747,76 @@ def _attend_step(plan: LayerPlan, q: torch.Tensor, step: SplitKVStep, attention_
                   new_v=step.new_v, new_rank=q_rank, q_rank=q_rank, past=past,
                   qparts=None if T == S else layer.qparts, streams=layer.streams)  # fmt: skip
     layer.commit(step, q_rank)
+    return out
+
+
+class CStep:
+    """A fully quantised layer's decode step in the C kernels (codegen/cpu.LayerStep): one call per
+    bit width writes the ring tokens and attends every part. Built from pointers into the layer's
+    buffers, so it is rebuilt when one of them is reallocated (`sources` no longer match).
+
+    calls: (LayerStep, its parts in order: ("retrieval", QuantRetrievalPart) or ("ring", stream index))."""
+
+    def __init__(self, sources: tuple, calls: tuple):
+        self.sources, self.calls = sources, calls
+
+    @staticmethod
+    def sources_of(layer: SplitKVLayer) -> tuple:
+        """The allocations the pointers point into (reallocating any gives a new tensor)."""
+        return (*(x for p in layer.qparts for x in (p.codes.allocation, p.tail.allocation)),
+                *(s.kv.allocation for s in layer.streams))  # fmt: skip
+
+    @classmethod
+    def build(cls, layer: SplitKVLayer, batch: int, per_kv: int) -> CStep | None:
+        """None where a part's buffers do not suit the kernels (codegen/cpu.prepare declines)."""
+        by_library: dict[int, list] = {}
+        for part in layer.qparts:
+            prepared = part.codes.kernel(per_kv)
+            if prepared is None:
+                return None
+            k_tail, v_tail = part.tail.allocated
+            by_library.setdefault(id(prepared.lib), []).append(
+                (StepPart(prepared, part.group.start, k_tail, v_tail), ("retrieval", part))
+            )
+        for i, s in enumerate(layer.streams):
+            prepared = s.kv.kernel(per_kv) if isinstance(s, QuantStreamBuffer) else None
+            if prepared is None:
+                return None
+            by_library.setdefault(id(prepared.lib), []).append((StepPart(prepared, s.group.start), ("ring", i)))
+        calls = []
+        for entries in by_library.values():
+            step = LayerStep.build([e[0] for e in entries], batch, layer.plan.num_kv_heads, per_kv)
+            if step is None:
+                return None
+            calls.append((step, tuple(e[1] for e in entries)))
+        return cls(cls.sources_of(layer), tuple(calls))
+
+
+def _decode_in_c(plan: LayerPlan, q: torch.Tensor, step: SplitKVStep, layer: SplitKVLayer, scale: float):
+    """A decode step of a fully quantised layer without padding (q float32 on the CPU, C kernels
+    on): commit, then attend, as layer.commit + decode do, with the ring writes and every part's
+    attention in CStep's calls. Falls back to those where the kernels decline the buffers."""
+    rank = layer.seen - 1
+    for part in layer.qparts:
+        part.commit(None)  # quantises the groups that aged out of the residual (once in kv_group steps)
+    slots = [s.claim(rank) for s in layer.streams]
+    program = layer.kernel_step
+    if program is None or any(a is not b for a, b in zip(program.sources, CStep.sources_of(layer), strict=True)):
+        program = layer.kernel_step = CStep.build(layer, q.shape[0], plan.group_size)
+    if program is None:
+        for s, slot in zip(layer.streams, slots, strict=True):
+            s.kv.put(slot, *step.group_kv(s.group))
+        return decode(plan, q, layer, None, None, scale)
+    q, k_new, v_new = q.contiguous(), step.new_k.contiguous(), step.new_v.contiguous()
+    out = torch.empty_like(q)
+    for call, parts in program.calls:
+        for i, (kind, part) in enumerate(parts):
+            if kind == "retrieval":
+                call.set(i, part.quantized_tokens, -1, part.tail.size)
+            else:
+                call.set(i, layer.streams[part].size, slots[part])
+        if not call(q, k_new, v_new, out, scale):
+            raise RuntimeError(f"layer {plan.layer}: the C decode step declined a float32 CPU step it was built for")
     return out
 
 

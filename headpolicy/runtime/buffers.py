@@ -126,6 +126,11 @@ class TokenBuffer:
         return self._k, self._v
 
     @property
+    def allocation(self) -> torch.Tensor:
+        """The key buffer: a new object whenever the buffers are reallocated (compare by identity)."""
+        return self._k
+
+    @property
     def nbytes(self) -> int:
         """Bytes allocated (the whole capacity)."""
         return self._k.nbytes + self._v.nbytes
@@ -234,14 +239,20 @@ class StreamBuffer:
         self._rank[:, dst] = ranks
 
     def _commit_one(self, k: torch.Tensor, v: torch.Tensor, rank: int) -> None:
+        self.kv.put(self.claim(rank), k, v)
+
+    def claim(self, rank: int) -> int:
+        """The slot of the token of `rank` in every row (no padding), made ready for it: in use,
+        its rank recorded, what it evicts summed (compensated groups). The caller writes the
+        token there (a decode step's ring write, in PyTorch or C)."""
         slot = ring_slot(rank, self.group.sink, self.group.window)
         if self.comp_k is not None and rank - self.group.window >= self.group.sink:
             # the ring slot holds rank - window, which leaves the window now
             self.comp_k += self.kv.k.select(2, slot).to(self.comp_k.dtype)
             self.comp_v += self.kv.v.select(2, slot).to(self.comp_v.dtype)
         self._fill_to(slot + 1)
-        self.kv.put(slot, k, v)
         self._rank.select(1, slot).fill_(rank)
+        return slot
 
     def select_batch(self, index: torch.Tensor) -> None:
         self.kv.select_batch(index)

@@ -51,6 +51,7 @@ from headpolicy.runtime.state import applied
 __all__ = ["GROW_MIN", "GROW_SHARE", "MaskMemo", "SplitKVCache", "SplitKVLayer", "SplitKVStep", "StreamBuffer",
            "TokenBuffer", "cache_argument", "grown_capacity"]  # fmt: skip
 
+
 @dataclass(frozen=True)
 class SplitKVStep:
     """What `SplitKVLayer.update` hands the attention function, as keys and as values.
@@ -109,6 +110,7 @@ class SplitKVLayer(CacheLayerMixin):
         self.qparts: list[QuantRetrievalPart] = []
         self.reserved = 0  # tokens to allocate for at the first step (SplitKVCache.reserve)
         self.memo = memo if memo is not None else MaskMemo()  # shared by the layers of a SplitKVCache
+        self.kernel_step = None  # runtime/attention.py's C decode step over these buffers (CStep), or None
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -178,6 +180,7 @@ class SplitKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.retrieval = None
         self.streams, self.qparts, self.seen = [], [], 0
+        self.kernel_step = None
         self.is_initialized = False
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:

@@ -157,6 +157,11 @@ class QuantTokenBuffer:
         return (*self._k.tensors(), *self._v.tensors())
 
     @property
+    def allocation(self) -> Quantized:
+        """The keys' codes and scales: a new object whenever the buffers are reallocated (compare by identity)."""
+        return self._k
+
+    @property
     def nbytes(self) -> int:
         return self._k.nbytes + self._v.nbytes
 

@@ -329,3 +329,96 @@ def test_put_token_declines_what_it_does_not_implement(fresh_libraries):
     assert not cpu.put_token(ring, 4, x, x)
     assert not cpu.put_token(ring, 0, x.double(), x.double())
     assert cpu.put_token(ring, 3, x, x)
+
+
+def _layer_pair(plan, B, D, T0, g):
+    """Two SplitKVLayers of `plan` holding the same first T0 tokens, and the tokens to come."""
+    from headpolicy.runtime.cache import SplitKVLayer
+
+    k, v = (torch.randn(B, plan.num_kv_heads, T0 + 80, D, generator=g) for _ in range(2))
+    layers = [SplitKVLayer(plan), SplitKVLayer(plan)]
+    for layer in layers:
+        layer.commit(layer.update(k[:, :, :T0], v[:, :, :T0])[0], None)
+    return layers, k, v
+
+
+@needs_cc
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fully_quantised_layer_decodes_in_one_call_per_bit_width(fresh_libraries, monkeypatch, threads):
+    """A layer whose every head is quantised (int8 and int4 retrieval groups, int4 and int8 rings
+    of different windows) decodes through CStep: the same outputs as the per-part PyTorch path
+    (backend 'reference') step after step, the same codes in every buffer, one C call per bit
+    width and step, and a rebuild when a buffer is reallocated (no reserve here: they grow)."""
+    from headpolicy.runtime import attention
+    from tests.conftest import attend
+
+    plan = make_plan(2, [(1, 2, 5, 4), (2, 1, 7, 8)], 3, retrieval_bits=((1, 8), (1, 4)), kv_group=4, kv_residual=3)
+    assert plan.fully_quantized
+    B, D, T0 = 2, 16, 240  # the codes' first block holds 256 tokens: the steps outgrow it
+    g = torch.Generator().manual_seed(8)
+    (fast_layer, slow_layer), k, v = _layer_pair(plan, B, D, T0, g)
+    builds, calls = [], []
+    build, step_call = attention.CStep.build, cpu.LayerStep.__call__
+    monkeypatch.setattr(attention.CStep, "build", lambda *a: builds.append(1) or build(*a))
+    monkeypatch.setattr(cpu.LayerStep, "__call__", lambda *a: calls.append(1) or step_call(*a))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for t in range(T0, T0 + 80):
+            q = torch.randn(B, plan.num_kv_heads * 3, 1, D, generator=g)
+            outs = []
+            for layer, backend in ((fast_layer, "auto"), (slow_layer, "reference")):
+                step = layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])[0]
+                with ops.backend(backend):
+                    outs.append(attend(plan, q, step, step, None, 0.3))
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=2e-5)
+    finally:
+        torch.set_num_threads(previous)
+    assert len(calls) == 2 * 80  # int8 and int4: two calls a step
+    assert 1 < len(builds) < 80  # built once, rebuilt when a growing buffer moved, not every step
+    for fast, slow in zip((*fast_layer.qparts, *(s.kv for s in fast_layer.streams)),
+                          (*slow_layer.qparts, *(s.kv for s in slow_layer.streams)), strict=True):  # fmt: skip
+        for a, b in zip(fast.allocated, slow.allocated, strict=True):
+            assert torch.equal(a, b)
+    for fast, slow in zip(fast_layer.streams, slow_layer.streams, strict=True):
+        assert torch.equal(fast.rank, slow.rank)
+
+
+@needs_cc
+def test_c_step_declines_layers_with_native_heads_and_padded_steps(fresh_libraries, monkeypatch):
+    """CStep runs only where every head is quantised and no row is padded; elsewhere the per-part path."""
+    from headpolicy.runtime import attention
+    from tests.conftest import attend
+
+    monkeypatch.setattr(attention, "_decode_in_c", lambda *a: (_ for _ in ()).throw(AssertionError("C step ran")))
+    g = torch.Generator().manual_seed(9)
+    mixed = make_plan(2, [(1, 2, 5, 4)], 3, retrieval_bits=((1, 8),), kv_group=4, kv_residual=3)
+    assert not mixed.fully_quantized
+    (layer, _), k, v = _layer_pair(mixed, 1, 16, 9, g)
+    step = layer.update(k[:, :, 9:10], v[:, :, 9:10])[0]
+    attend(mixed, torch.randn(1, 9, 1, 16, generator=g), step, step, None, 0.3)
+    full = make_plan(1, [(1, 2, 5, 4)], 3, retrieval_bits=((1, 8),), kv_group=4, kv_residual=3)
+    assert full.fully_quantized
+    (layer, _), k, v = _layer_pair(full, 2, 16, 9, g)
+    step = layer.update(k[:, :, 9:10], v[:, :, 9:10])[0]
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, :2] = False  # row 1 left-padded
+    attend(full, torch.randn(2, 6, 1, 16, generator=g), step, step, mask, 0.3)
+
+
+@needs_cc
+def test_layer_step_refuses_slots_outside_its_buffers(fresh_libraries):
+    """LayerStep.set checks what the C code will index with: a slot in a per-channel part, or past capacity."""
+    k = empty_quantized((1, 1), 16, 8, 4, per_channel=False, device="cpu")
+    ring = cpu.prepare(_blank_like(k, 8), _blank_like(k, 8), 3)
+    step = cpu.LayerStep.build([cpu.StepPart(ring, 0)], 1, 1, 3)
+    step.set(0, 8, 7)
+    for n, slot in ((9, 0), (8, 8), (-1, 0)):
+        with pytest.raises(ValueError, match="out of its buffers"):
+            step.set(0, n, slot)
+
+
+def _blank_like(like: Quantized, tokens: int) -> Quantized:
+    from headpolicy.runtime.quant_cache import _blank
+
+    return _blank(like, tokens)
