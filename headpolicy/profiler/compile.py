@@ -434,7 +434,7 @@ def repair(
         log.info("repair: layer %d head %d %s -> %s (%d heads change): %.4f %s", layer, head, option(at[u]),
                  option(choice[u]), (choice != at).sum(), trial.loss.value, "kept" if kept else "undone")  # fmt: skip
         best, misses = (trial, 0) if kept else (best, misses + 1)
-    return best, trace
+    return (best if best is cand else replace(best, tried=cand.tried)), trace  # a kept swap keeps the weights' record
 
 
 def _describe(column: Column) -> str:

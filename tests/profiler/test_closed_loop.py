@@ -2,6 +2,7 @@
 is within tolerance, every budget tried reported, and a plain error when none is."""
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -87,8 +88,10 @@ def test_repair_swaps_until_the_measured_objective_stops_falling():
     measure.seconds = 0.0  # how long a measurement takes (the Measurer's own attribute)
     start = C._measured(C.at_kv_budget(scored, info, s, 0.5), measure)
     assert start.rules[0][1] == (4, 32) and start.loss.value > 1  # one retrieval head fits: not (0, 1)
+    start = replace(start, tried=({"quant_weight": 1.0, "value": start.loss.value},))  # what `weighed` records
     best, swaps = C.repair(start, scored, info, s, measure, deadline=float("inf"))
     assert best.rules[0][1] is None and best.loss.value == pytest.approx(0.03)
+    assert best.tried == start.tried  # the swapped candidate still carries the weights' record
     assert best.kv_fraction <= 0.5 + 1e-9
     assert [w["kept"] for w in swaps] == [False, False, True]  # then no head can get more bytes: stop
     assert swaps[2] == {"layer": 0, "kv_head": 1, "from": "window 32", "to": "full", "changed_heads": 2,
