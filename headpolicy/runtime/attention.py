@@ -755,9 +755,10 @@ class CStep:
     bit width writes the ring tokens and attends every part. Built from pointers into the layer's
     buffers, so it is rebuilt when one of them is reallocated (`sources` no longer match).
 
-    calls: (LayerStep, its parts in order: ("retrieval", QuantRetrievalPart) or ("ring", stream index))."""
+    calls: (LayerStep, its parts in order: ("retrieval", QuantRetrievalPart) or ("ring", stream index)),
+    or None where the kernels declined these buffers (remembered, so that is not asked every step)."""
 
-    def __init__(self, sources: tuple, calls: tuple):
+    def __init__(self, sources: tuple, calls: tuple | None):
         self.sources, self.calls = sources, calls
 
     @staticmethod
@@ -767,13 +768,14 @@ class CStep:
                 *(s.kv.allocation for s in layer.streams))  # fmt: skip
 
     @classmethod
-    def build(cls, layer: SplitKVLayer, batch: int, per_kv: int) -> CStep | None:
-        """None where a part's buffers do not suit the kernels (codegen/cpu.prepare declines)."""
+    def build(cls, layer: SplitKVLayer, batch: int, per_kv: int) -> CStep:
+        """calls None where a part's buffers do not suit the kernels (codegen/cpu.prepare declines)."""
+        declined = cls(cls.sources_of(layer), None)
         by_library: dict[int, list] = {}
         for part in layer.qparts:
             prepared = part.codes.kernel(per_kv)
             if prepared is None:
-                return None
+                return declined
             k_tail, v_tail = part.tail.allocated
             by_library.setdefault(id(prepared.lib), []).append(
                 (StepPart(prepared, part.group.start, k_tail, v_tail), ("retrieval", part))
@@ -781,13 +783,13 @@ class CStep:
         for i, s in enumerate(layer.streams):
             prepared = s.kv.kernel(per_kv) if isinstance(s, QuantStreamBuffer) else None
             if prepared is None:
-                return None
+                return declined
             by_library.setdefault(id(prepared.lib), []).append((StepPart(prepared, s.group.start), ("ring", i)))
         calls = []
         for entries in by_library.values():
             step = LayerStep.build([e[0] for e in entries], batch, layer.plan.num_kv_heads, per_kv)
             if step is None:
-                return None
+                return declined
             calls.append((step, tuple(e[1] for e in entries)))
         return cls(cls.sources_of(layer), tuple(calls))
 
@@ -803,7 +805,7 @@ def _decode_in_c(plan: LayerPlan, q: torch.Tensor, step: SplitKVStep, layer: Spl
     program = layer.kernel_step
     if program is None or any(a is not b for a, b in zip(program.sources, CStep.sources_of(layer), strict=True)):
         program = layer.kernel_step = CStep.build(layer, q.shape[0], plan.group_size)
-    if program is None:
+    if program.calls is None:
         for s, slot in zip(layer.streams, slots, strict=True):
             s.kv.put(slot, *step.group_kv(s.group))
         return decode(plan, q, layer, None, None, scale)

@@ -422,3 +422,26 @@ def _blank_like(like: Quantized, tokens: int) -> Quantized:
     from headpolicy.runtime.quant_cache import _blank
 
     return _blank(like, tokens)
+
+
+@needs_cc
+def test_a_declined_c_step_falls_back_once_per_allocation(fresh_libraries, monkeypatch):
+    """Where LayerStep declines the buffers, each step takes the per-part path (the ring's token
+    written in PyTorch or by put_token), with the same outputs, and the decline is remembered
+    rather than asked again every step."""
+    from tests.conftest import attend
+
+    plan = make_plan(1, [(1, 2, 5, 4)], 3, retrieval_bits=((1, 8),), kv_group=4, kv_residual=3)
+    g = torch.Generator().manual_seed(10)
+    (fast_layer, slow_layer), k, v = _layer_pair(plan, 1, 16, 20, g)
+    builds = []
+    monkeypatch.setattr(cpu.LayerStep, "build", classmethod(lambda cls, *a: builds.append(1)))
+    for t in range(20, 30):
+        q = torch.randn(1, 6, 1, 16, generator=g)
+        outs = []
+        for layer, backend in ((fast_layer, "auto"), (slow_layer, "reference")):
+            step = layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])[0]
+            with ops.backend(backend):
+                outs.append(attend(plan, q, step, step, None, 0.3))
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=2e-5)
+    assert fast_layer.kernel_step.calls is None and len(builds) == 1
