@@ -101,6 +101,7 @@ def kv_head_bytes(
     window: int | None = None,
     group: int = DEFAULT_GROUP,
     residual: int = DEFAULT_RESIDUAL,
+    allocated: bool = False,
 ) -> int:
     """Exact bytes of one KV head's cache (keys and values, one sequence) after `tokens` tokens.
 
@@ -108,7 +109,11 @@ def kv_head_bytes(
     min(tokens, sink + window). dtype_bytes: the model's element size (what bits=16 keeps and
     what a retrieval head's residual keeps). Counts codes, scales and zero points; not the
     per-row token ranks a streaming buffer also keeps (one int64 per slot and row, shared by
-    its heads), as the native cache does not either.
+    its heads), as the native cache does not either. allocated: a quantised retrieval head's
+    residual at its buffer's capacity, min(tokens, residual + group) tokens, which is what a
+    cache reserved for `tokens` allocates (runtime/quant_cache.py: the residual holds between
+    `residual` and `residual + group` tokens as it ages, so it cannot be sized exactly ahead);
+    otherwise the tokens it holds after exactly `tokens`.
     """
     if (sink is None) != (window is None):
         raise ValueError("give both sink and window (a streaming head) or neither (a retrieval head)")
@@ -122,7 +127,8 @@ def kv_head_bytes(
     q = quantized_tokens(tokens, group, residual)
     codes = quantized_bytes(q, head_dim, bits, group, per_channel=True)  # keys
     codes += quantized_bytes(q, head_dim, bits, group, per_channel=False)  # values
-    return codes + 2 * (tokens - q) * head_dim * dtype_bytes
+    tail = min(tokens, residual + group) if allocated else tokens - q
+    return codes + 2 * tail * head_dim * dtype_bytes
 
 
 # ---- quantise / dequantise ------------------------------------------------------------------------

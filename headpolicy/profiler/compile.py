@@ -321,9 +321,12 @@ def _knapsack(
     native: [retrieval, *streaming options], costs in cached tokens at the reference context
     (+ 1 for a compensation token's slot, as HeadPolicy.kv_tokens counts it).
     auto: each of those at 16, 8 and 4 bits (compensated streaming heads at 16 only), costs in
-    exact bytes in the model's dtype (precision.kv_head_bytes, + schema.compensation_bytes for a
-    compensation token), losses the streaming estimate plus the quantisation estimate of the
-    head's layout (retrieval or streaming): additive, each measured with the other part exact.
+    exact bytes in the model's dtype as a cache reserved for the reference context allocates
+    them (precision.kv_head_bytes(allocated=True): a quantised retrieval head's residual at its
+    buffer's capacity, so the budget bounds what the runtime holds, not only what the policy's
+    formula counts; + schema.compensation_bytes for a compensation token), losses the streaming
+    estimate plus the quantisation estimate of the head's layout (retrieval or streaming):
+    additive, each measured with the other part exact.
     """
     chosen, H, ctx = info.policy_layers, info.num_kv_heads, s.reference_context
     losses = scored.losses[chosen].reshape(len(chosen) * H, -1)
@@ -346,7 +349,7 @@ def _knapsack(
             0.0 if b == NATIVE_BITS else quant[:, QUANT_BITS.index(b), layout])
         sink, window = (None, None) if rule is None else rule
         cost[c] = kv_head_bytes(ctx, head_dim=info.head_dim, dtype_bytes=dtype_bytes, bits=b, sink=sink,
-                                window=window, group=s.kv_group, residual=s.kv_residual)  # fmt: skip
+                                window=window, group=s.kv_group, residual=s.kv_residual, allocated=True)  # fmt: skip
         if rule is not None and s.compensate:
             cost[c] += compensation_bytes(info.head_dim, dtype_bytes)
     return columns, table, np.tile(cost, (table.shape[0], 1))

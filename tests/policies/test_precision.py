@@ -71,6 +71,9 @@ def test_kv_head_bytes_by_hand():
     keys = 64 * D + 2 * 2 * (64 // 32) * D  # codes + float16 scale and zero per channel and group
     values = 64 * D + 2 * 2 * 64 * 1  # codes + one scale/zero per token (16 channels, groups of 32)
     assert kv_head_bytes(100, head_dim=D, dtype_bytes=e, bits=8) == keys + values + 2 * 36 * D * e
+    # allocated: the residual's buffer at its capacity (residual + group = 64 tokens), as a reserved cache holds it
+    assert kv_head_bytes(100, head_dim=D, dtype_bytes=e, bits=8, allocated=True) == keys + values + 2 * 64 * D * e
+    assert kv_head_bytes(20, head_dim=D, dtype_bytes=e, bits=8, allocated=True) == 2 * 20 * D * e  # all residual
     # streaming, int4, per-token keys and values, no residual
     kept = 12
     assert kv_head_bytes(100, head_dim=D, dtype_bytes=e, bits=4, sink=4, window=8, group=8) == 2 * (

@@ -82,7 +82,7 @@ def test_option_table_costs_are_exact_bytes():
     for c, (rule, bits) in enumerate(columns):
         sink, window = rule if rule is not None else (None, None)
         assert (costs[:, c] == kv_head_bytes(400, head_dim=info.head_dim, dtype_bytes=2, bits=bits, sink=sink,
-                                             window=window, group=8, residual=8)).all()  # fmt: skip
+                                             window=window, group=8, residual=8, allocated=True)).all()  # fmt: skip
         assert (losses[:, c] == (bits != 16)).all()  # the streaming estimate (0 here) + quantisation's (1)
 
 

@@ -126,6 +126,14 @@ def test_quantised_cache_bytes_used_equal_formula_and_allocated_equal_storage(dt
         spare = sum((p.tail.capacity - p.tail.size) * p.group.num_heads for lay in cache.layers for p in lay.qparts)
         assert 0 < spare and all(p.tail.capacity - p.tail.size < group for lay in cache.layers for p in lay.qparts)
         assert cache.kv_bytes() - cache.kv_bytes_used() == 2 * spare * D * esize
+        from headpolicy.policies.precision import kv_head_bytes
+
+        def head(p, allocated):
+            return kv_head_bytes(T, head_dim=D, dtype_bytes=esize, bits=p.group.bits, group=group, residual=residual,
+                                 allocated=allocated)  # fmt: skip
+
+        extra = sum((head(p, True) - head(p, False)) * p.group.num_heads for lay in cache.layers for p in lay.qparts)
+        assert cache.kv_bytes() - cache.kv_bytes_used() == extra  # what compile's knapsack charges (allocated=True)
 
 
 def test_quant_token_buffer_keeps_its_codes_across_growth():
