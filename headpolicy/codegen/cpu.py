@@ -352,7 +352,7 @@ class LayerStep:
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.q_shape = (batch, kv_heads * per_kv, 1, head_dim)
         self.token_shape = (batch, kv_heads, 1, head_dim)
-        self.limits = tuple((p.capacity, p.keys_per_channel, k_tail) for p, k_tail, _ in keep)
+        self.limits = tuple((p.capacity, p.group if p.keys_per_channel else 0, k_tail) for p, k_tail, _ in keep)
 
     @classmethod
     def build(cls, parts: list[StepPart], batch: int, kv_heads: int, per_kv: int) -> LayerStep | None:
@@ -385,10 +385,11 @@ class LayerStep:
         return cls(first.lib, batch, kv_heads, per_kv, D, array, keep)
 
     def set(self, i: int, n: int, slot: int = -1, n_tail: int = 0) -> None:
-        """Part i attends its first n coded tokens and n_tail tail tokens this step, after the
-        step's token is quantised into its slot `slot` (-1: none; a ring part's)."""
-        capacity, per_channel, tail = self.limits[i]
-        if not (0 <= n <= capacity and -1 <= slot < capacity and not (per_channel and slot >= 0)
+        """Part i attends its first n coded tokens (whole groups where keys are per channel) and
+        n_tail tail tokens this step, after the step's token is quantised into its slot `slot`
+        (-1: none; a ring part's). Checked: the C code indexes with them."""
+        capacity, key_group, tail = self.limits[i]  # key_group: 0 for per-token keys (a ring)
+        if not (0 <= n <= capacity and -1 <= slot < capacity and not (key_group and (slot >= 0 or n % key_group))
                 and 0 <= n_tail <= (0 if tail is None else tail.shape[2])):  # fmt: skip
             raise ValueError(f"LayerStep part {i}: n={n}, slot={slot}, n_tail={n_tail} out of its buffers")
         entry = self.parts[i]

@@ -416,6 +416,13 @@ def test_layer_step_refuses_slots_outside_its_buffers(fresh_libraries):
     for n, slot in ((9, 0), (8, 8), (-1, 0)):
         with pytest.raises(ValueError, match="out of its buffers"):
             step.set(0, n, slot)
+    kc = empty_quantized((1, 1), 16, 8, 4, per_channel=True, device="cpu")
+    coded = cpu.prepare(_blank_like(kc, 8), _blank_like(k, 8), 3)  # a retrieval part: keys per channel
+    step = cpu.LayerStep.build([cpu.StepPart(coded, 0)], 1, 1, 3)
+    step.set(0, 4)
+    for n, slot in ((3, -1), (4, 0)):  # not whole key groups; a slot where keys are per channel
+        with pytest.raises(ValueError, match="out of its buffers"):
+            step.set(0, n, slot)
 
 
 def _blank_like(like: Quantized, tokens: int) -> Quantized:
