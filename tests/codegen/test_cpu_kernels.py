@@ -342,6 +342,23 @@ def _layer_pair(plan, B, D, T0, g):
     return layers, k, v
 
 
+def _steps_agree(plan, fast_layer, slow_layer, k, v, steps, g):
+    """Token t of k, v for each t in `steps` into both layers, each step attended through the
+    registered attention function: backend "auto" (C where it applies) on fast_layer, "reference"
+    (per-part PyTorch) on slow_layer; their outputs agree."""
+    from tests.conftest import attend
+
+    B, _, _, D = k.shape
+    for t in steps:
+        q = torch.randn(B, plan.num_kv_heads * plan.group_size, 1, D, generator=g)
+        outs = []
+        for layer, backend in ((fast_layer, "auto"), (slow_layer, "reference")):
+            step = layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])[0]
+            with ops.backend(backend):
+                outs.append(attend(plan, q, step, step, None, 0.3))
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=2e-5)
+
+
 @needs_cc
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fully_quantised_layer_decodes_in_one_call_per_bit_width(fresh_libraries, monkeypatch, threads):
@@ -350,7 +367,6 @@ def test_fully_quantised_layer_decodes_in_one_call_per_bit_width(fresh_libraries
     (backend 'reference') step after step, the same codes in every buffer, one C call per bit
     width and step, and a rebuild when a buffer is reallocated (no reserve here: they grow)."""
     from headpolicy.runtime import attention
-    from tests.conftest import attend
 
     plan = make_plan(2, [(1, 2, 5, 4), (2, 1, 7, 8)], 3, retrieval_bits=((1, 8), (1, 4)), kv_group=4, kv_residual=3)
     assert plan.fully_quantized
@@ -364,14 +380,7 @@ def test_fully_quantised_layer_decodes_in_one_call_per_bit_width(fresh_libraries
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for t in range(T0, T0 + 80):
-            q = torch.randn(B, plan.num_kv_heads * 3, 1, D, generator=g)
-            outs = []
-            for layer, backend in ((fast_layer, "auto"), (slow_layer, "reference")):
-                step = layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])[0]
-                with ops.backend(backend):
-                    outs.append(attend(plan, q, step, step, None, 0.3))
-            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=2e-5)
+        _steps_agree(plan, fast_layer, slow_layer, k, v, range(T0, T0 + 80), g)
     finally:
         torch.set_num_threads(previous)
     assert len(calls) == 2 * 80  # int8 and int4: two calls a step
@@ -436,19 +445,11 @@ def test_a_declined_c_step_falls_back_once_per_allocation(fresh_libraries, monke
     """Where LayerStep declines the buffers, each step takes the per-part path (the ring's token
     written in PyTorch or by put_token), with the same outputs, and the decline is remembered
     rather than asked again every step."""
-    from tests.conftest import attend
 
     plan = make_plan(1, [(1, 2, 5, 4)], 3, retrieval_bits=((1, 8),), kv_group=4, kv_residual=3)
     g = torch.Generator().manual_seed(10)
     (fast_layer, slow_layer), k, v = _layer_pair(plan, 1, 16, 20, g)
     builds = []
     monkeypatch.setattr(cpu.LayerStep, "build", classmethod(lambda cls, *a: builds.append(1)))
-    for t in range(20, 30):
-        q = torch.randn(1, 6, 1, 16, generator=g)
-        outs = []
-        for layer, backend in ((fast_layer, "auto"), (slow_layer, "reference")):
-            step = layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])[0]
-            with ops.backend(backend):
-                outs.append(attend(plan, q, step, step, None, 0.3))
-        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=2e-5)
+    _steps_agree(plan, fast_layer, slow_layer, k, v, range(20, 30), g)
     assert fast_layer.kernel_step.calls is None and len(builds) == 1
