@@ -798,10 +798,7 @@ def _decode_in_c(plan: LayerPlan, q: torch.Tensor, step: SplitKVStep, layer: Spl
     """A decode step of a fully quantised layer without padding (q float32 on the CPU, C kernels
     on): commit, then attend, as layer.commit + decode do, with the ring writes and every part's
     attention in CStep's calls. Falls back to those where the kernels decline the buffers."""
-    rank = layer.seen - 1
-    for part in layer.qparts:
-        part.commit(None)  # quantises the groups that aged out of the residual (once in kv_group steps)
-    slots = [s.claim(rank) for s in layer.streams]
+    slots = layer.claim_token_slots()
     program = layer.kernel_step
     if program is None or any(a is not b for a, b in zip(program.sources, CStep.sources_of(layer), strict=True)):
         program = layer.kernel_step = CStep.build(layer, q.shape[0], plan.group_size)

@@ -168,6 +168,15 @@ class SplitKVLayer(CacheLayerMixin):
             else:
                 stream.commit(k, v, q_rank)
 
+    def claim_token_slots(self) -> list[int]:
+        """A decode step's commit without padding, but for the streaming token itself: quantised
+        parts age their residual, each stream readies the slot of rank seen - 1 (StreamBuffer.claim).
+        Returns the streams' slots; the caller writes the step's token there (runtime/attention.py's
+        C step, or StreamBuffer.kv.put)."""
+        for part in self.qparts:
+            part.commit(None)
+        return [stream.claim(self.seen - 1) for stream in self.streams]
+
     def get_seq_length(self) -> int:
         return self.seen
 
