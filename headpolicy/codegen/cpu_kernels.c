@@ -540,20 +540,22 @@ void headpolicy_quantize_tokens(int B, int H, const float *x, quantized out) {
         }
 }
 
+/* A slot's view of per-token buffers [B, H, capacity, *] (rows of a head contiguous, so a slot is
+ * CODE_BYTES codes and CHANNEL_GROUPS scales and zeros further on); the strides stay. */
+static inline quantized at_slot(quantized x, int64_t slot) {
+    x.codes += slot * CODE_BYTES;
+    x.scale += slot * CHANNEL_GROUPS;
+    x.zero += slot * CHANNEL_GROUPS;
+    return x;
+}
+
 /* A decode step's key and value, k and v [B, H, D] float32 contiguous, quantised per token into
- * slot `slot` of the per-token buffers K and V [B, H, capacity, *] (rows of a head contiguous,
- * so a slot is CODE_BYTES codes and CHANNEL_GROUPS scales and zeros further on). */
+ * slot `slot` of the per-token buffers K and V [B, H, capacity, *] (at_slot). */
 void headpolicy_put_token(int B, int H, int64_t slot, const float *k, const float *v, const quantized *K,
                           const quantized *V) {
     const float *x[2] = {k, v};
     const quantized *buffers[2] = {K, V};
-    for (int i = 0; i < 2; i++) {
-        quantized dest = *buffers[i];
-        dest.codes += slot * CODE_BYTES;
-        dest.scale += slot * CHANNEL_GROUPS;
-        dest.zero += slot * CHANNEL_GROUPS;
-        headpolicy_quantize_tokens(B, H, x[i], dest);
-    }
+    for (int i = 0; i < 2; i++) headpolicy_quantize_tokens(B, H, x[i], at_slot(*buffers[i], slot));
 }
 
 /* One part of a layer's decode step (headpolicy_decode_step): a quantised KV-head group's whole
@@ -582,12 +584,9 @@ int headpolicy_decode_step(int B, int Hkv, int P, const step_part *parts, const 
     for (int i = 0; i < P; i++) {
         const step_part *p = parts + i;
         if (p->slot < 0) continue;
-        quantized dest[2] = {p->k, p->v};
+        const quantized dest[2] = {at_slot(p->k, p->slot), at_slot(p->v, p->slot)};
         const float *x[2] = {k_new, v_new};
         for (int j = 0; j < 2; j++) {
-            dest[j].codes += p->slot * CODE_BYTES;
-            dest[j].scale += p->slot * CHANNEL_GROUPS;
-            dest[j].zero += p->slot * CHANNEL_GROUPS;
             for (int b = 0; b < B; b++) { /* the part's heads are contiguous in [B, Hkv, D] */
                 quantized row = dest[j];
                 row.codes += b * row.codes_batch;
