@@ -197,15 +197,17 @@ def main() -> int:
     codec = T.as_codec(tok)
     dtype_bytes = next(model.parameters()).element_size()
     tag = args.tag or ("quick" if args.quick else info.name)
-    policies = {}
+    policies, copies = {}, []
     budget = max(args.kv_budget, 0.3) if args.quick else args.kv_budget  # 512-token quick runs: sink + window is 25%
     for name, path, precision in (("native", args.native, "native"), ("auto", args.auto, "auto")):
         t0 = time.perf_counter()
         policies[name] = HeadPolicy.load(path) if path else compile_one(model, tok, budget, precision,
                                                                         args.quick)  # fmt: skip
         kept = policy_file(tag, name)  # beside the results (a later run can take it back)
-        if not path or Path(path).resolve() != kept.resolve():
-            policies[name].save(kept)
+        if not path:
+            policies[name].save(kept)  # compiled here: kept at once, so a stopped run loses no compile
+        elif Path(path).resolve() != kept.resolve():
+            copies.append(name)  # a given file: copied beside the results once they are written
         print(f"[{name}: {policies[name].num_retrieval}/{policies[name].num_heads} retrieval, "
               f"{policies[name].num_quantized} quantised, {time.perf_counter() - t0:.0f}s]", flush=True)  # fmt: skip
 
@@ -259,6 +261,8 @@ def main() -> int:
                       "quick": args.quick, "threads": torch.get_num_threads(),
                       "machine": platform.machine()}  # fmt: skip
     out = write_json(RESULTS / f"precision_{tag}.json", result)
+    for name in copies:
+        policies[name].save(policy_file(tag, name))
     print(format_table(result))
     print(out)
     return 0
