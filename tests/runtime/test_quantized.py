@@ -11,7 +11,7 @@ import torch
 
 from headpolicy import SplitKVCache, apply
 from headpolicy.models import describe_model
-from headpolicy.policies.precision import quantized_tokens
+from headpolicy.policies.precision import kv_head_bytes, quantized_tokens
 from headpolicy.policies.rule import reference_attention
 from headpolicy.runtime.cache import SplitKVLayer
 from tests.conftest import attend, make_plan, policy_for, stored_kv, tiny_llama
@@ -126,7 +126,6 @@ def test_quantised_cache_bytes_used_equal_formula_and_allocated_equal_storage(dt
         spare = sum((p.tail.capacity - p.tail.size) * p.group.num_heads for lay in cache.layers for p in lay.qparts)
         assert 0 < spare and all(p.tail.capacity - p.tail.size < group for lay in cache.layers for p in lay.qparts)
         assert cache.kv_bytes() - cache.kv_bytes_used() == 2 * spare * D * esize
-        from headpolicy.policies.precision import kv_head_bytes
 
         def head(p, allocated):
             return kv_head_bytes(T, head_dim=D, dtype_bytes=esize, bits=p.group.bits, group=group, residual=residual,
