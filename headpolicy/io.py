@@ -20,6 +20,7 @@ What "atomic" means here:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -88,6 +89,12 @@ def atomic_write(
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """`data` as indented JSON, written atomically."""
     return atomic_write(path, json.dumps(data, indent=1) + "\n")
+
+
+def settings_data(settings: Any) -> dict:
+    """A settings dataclass as result files record it (tuples as lists): what `--full-from`
+    compares and what a policy's provenance keeps."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
 
 
 @contextlib.contextmanager

@@ -7,12 +7,13 @@ import stat
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from headpolicy.errors import HeadPolicyError, OutputError
-from headpolicy.io import atomic_directory, atomic_write, write_json
+from headpolicy.io import atomic_directory, atomic_write, settings_data, write_json
 from tests.policies.test_inspect import _png_size
 from tests.policies.test_inspect import policy as small_policy
 
@@ -199,3 +200,18 @@ def test_a_folder_that_cannot_take_the_new_one_keeps_the_old(tmp_path, monkeypat
             (tmp / "model.onnx").write_bytes(b"new")
     monkeypatch.undo()
     assert len(calls) == 3 and names(tmp_path) == ["onnx"] and names(out) == ["old.onnx"]
+
+
+def test_settings_data_is_what_a_json_round_trip_gives_back(tmp_path):
+    """Tuples become lists, so the recorded settings compare equal to the ones read back."""
+
+    @dataclass(frozen=True)
+    class Settings:
+        lengths: tuple[int, ...] = (2048, 4096)
+        depths: tuple[float, ...] = (0.1, 0.5)
+        seed: int = 3
+        name: str | None = None
+
+    data = settings_data(Settings())
+    assert data == {"lengths": [2048, 4096], "depths": [0.1, 0.5], "seed": 3, "name": None}
+    assert json.loads(write_json(tmp_path / "s.json", data).read_text()) == data

@@ -23,12 +23,13 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from headpolicy.eval.baselines import random_policy, streaming_policy
+from headpolicy.io import settings_data
 from headpolicy.models import describe_model
 from headpolicy.profiler import objective as O
 from headpolicy.profiler import tasks as T
@@ -54,11 +55,6 @@ class SuiteSettings:
     @property
     def items_per_length(self) -> int:
         return len(self.kinds) * len(self.depths) * self.seeds
-
-
-def settings_data(s: SuiteSettings) -> dict:
-    """The settings as a result file records them (tuples as lists), and as --full-from compares them."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}
 
 
 def suite_tasks(codec, s: SuiteSettings) -> list[T.Task]:

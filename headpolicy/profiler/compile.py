@@ -36,11 +36,12 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from headpolicy.errors import BudgetError
+from headpolicy.io import settings_data
 from headpolicy.models import describe_model
 from headpolicy.policies.precision import DEFAULT_GROUP, DEFAULT_RESIDUAL, NATIVE_BITS, kv_head_bytes
 from headpolicy.policies.schema import MAX_TOKENS, HeadPolicy, ModelInfo, Provenance, compensation_bytes
@@ -614,7 +615,7 @@ def record(
     provenance = Provenance(
         version=__version__,
         method=s.method + ("+windows" if scored.per_head else ""),
-        settings={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()},
+        settings=settings_data(s),
         seed=s.seed,
         created=datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
     )
