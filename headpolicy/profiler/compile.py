@@ -396,14 +396,13 @@ def repair(
     deadline: float,
     dtype_bytes: int = 4,
 ) -> tuple[Candidate, list[dict]]:
-    """Swaps under the same byte budget, each measured, kept when the measured loss improves
-    (`Loss.better`: more answers kept, or as many at a smaller objective).
+    """Swaps under the same byte budget, each measured, kept when the measured objective falls.
 
     The estimates add up per-head effects; the model does not quite. So, riskiest first (largest
     estimated loss at its current option), one streaming head at a time is given more bytes
     (a larger window or the full cache) and the knapsack is solved again around it: the bytes come
-    from the heads the estimates find cheapest to shrink. A swap is measured and kept if it
-    is better. Stops after `repair_patience` swaps in a row that do not help, when no
+    from the heads the estimates find cheapest to shrink. A swap is measured and kept if the
+    objective falls. Stops after `repair_patience` swaps in a row that do not help, when no
     move is left, or when another measurement would end past `deadline` (time.perf_counter())."""
     columns, table, costs = _knapsack(scored, info, s, dtype_bytes)
     budget = _byte_budget(costs, cand.budget)
@@ -430,7 +429,7 @@ def repair(
         u, choice = move
         seen.add(tuple(choice))
         trial = _measured(_candidate(scored, info, s, choice, cand.budget, dtype_bytes), measure)
-        kept = trial.loss.better(best.loss)
+        kept = trial.loss.value < best.loss.value
         layer, head = info.policy_layers[u // info.num_kv_heads], u % info.num_kv_heads
         option = lambda c: _describe(columns[c])  # noqa: E731
         trace.append({"layer": layer, "kv_head": head, "from": option(at[u]), "to": option(choice[u]),
@@ -542,7 +541,7 @@ def weighed(scored: Scored, info: ModelInfo, s: CompileSettings, fraction: float
             dtype_bytes: int = 4) -> tuple[Candidate, Scored]:  # fmt: skip
     """The knapsack at `fraction`, measured, for each of --quant-weights: the quantisation
     estimates times the weight against the windows' (--precision auto; native: the one
-    candidate). Returns the best measured candidate (`Loss.better`) and the estimates it
+    candidate). Returns the candidate with the least measured objective and the estimates it
     was chosen with (what its repair swaps against); each candidate tried is on its `tried`.
 
     Why: both estimates are first-order sums of |gradient x output change|, but quantisation
@@ -560,7 +559,7 @@ def weighed(scored: Scored, info: ModelInfo, s: CompileSettings, fraction: float
         seen[key] = cand
         tried.append({"quant_weight": w, "retrieval_heads": sum(r is None for row in cand.rules for r in row),
                       "kv_fraction": round(cand.kv_fraction, 6), **cand.loss.as_dict()})  # fmt: skip
-        if best is None or cand.loss.better(best.loss):
+        if best is None or cand.loss.value < best.loss.value:
             best, best_table = cand, table
     return replace(best, tried=tuple(tried) if len(weights) > 1 else ()), best_table
 

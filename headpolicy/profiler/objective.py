@@ -13,8 +13,7 @@ long natural text. The full model runs it once (`reference`); a candidate policy
     natural text, positions from `text_from` on (once streaming heads have lost the start):
       text_dnll      NLL(policy) - NLL(full), nats per token; exp(text_dnll) is the perplexity ratio
 
-`Loss.value = ans_drop + text_dnll` (both nats per token) is the objective; selection compares
-candidates by `Loss.rank`: more answers kept first, then the smaller value (`Loss.better`).
+`Loss.value = ans_drop + text_dnll` (both nats per token) is what selection minimises;
 `Loss.within(tolerance)` is the pass/fail rule of `--target-drop`: perplexity within
 tolerance %, answer likelihood within tolerance %, every answer kept. Only tasks the full
 model answers count for the answer terms: a policy cannot keep an answer the model never had.
@@ -76,18 +75,6 @@ class Loss:
     @property
     def value(self) -> float:
         return self.ans_drop + self.text_dnll
-
-    @property
-    def rank(self) -> tuple[float, float]:
-        """Sort key of candidates, smaller is better: the share of answers kept (more first), then
-        the objective value. The promise is the full model's answers; the value (mean likelihood
-        and perplexity) orders candidates that keep as many. On SmolLM2 at 12.5% the least value
-        kept 21 of 23 calibration answers where another candidate at the same bytes kept 22."""
-        return (-self.ans_kept, self.value)
-
-    def better(self, other: Loss) -> bool:
-        """Strictly better than `other` by `rank` (measured on the same calibration set)."""
-        return self.rank < other.rank
 
     @property
     def ppl_ratio(self) -> float:

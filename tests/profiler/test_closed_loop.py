@@ -104,25 +104,6 @@ def test_repair_swaps_until_the_measured_objective_stops_falling():
     assert late is start and none == []  # a measurement would end past the deadline: none starts
 
 
-def test_repair_keeps_a_swap_that_keeps_an_answer_more_at_a_larger_value():
-    """A swap that keeps one answer more is kept though its objective value rises (`Loss.rank`);
-    the record says so."""
-    info = describe_model(tiny_llama(layers=2, vocab=97))
-    s = C.CompileSettings(kv_budget=0.5, repair_patience=3, **FAST)
-    scored = C.Scored(s.options(per_head=True), np.tile([0.2, 0.1], (2, 2, 1)), {}, per_head=True)
-
-    def measure(cand):  # head (0, 1) whole: every answer kept, at a larger value
-        whole = cand.rules[0][1] is None
-        return O.Loss(0.0, 0.0, 0.0, 1.0 if whole else 0.5, 0.2 if whole else 0.1, 2)
-
-    measure.seconds = 0.0
-    start = C._measured(C.at_kv_budget(scored, info, s, 0.5), measure)
-    assert start.rules[0][1] is not None and start.loss.ans_kept == 0.5
-    best, swaps = C.repair(start, scored, info, s, measure, deadline=float("inf"))
-    assert best.rules[0][1] is None and best.loss.ans_kept == 1.0 and best.loss.value > start.loss.value
-    assert [w["kept"] for w in swaps].count(True) >= 1
-
-
 def test_a_second_pass_rescores_at_the_first_choice_and_keeps_the_larger_loss(monkeypatch):
     """--passes 2: the estimates are run again, linearised at the policy the first ones choose at
     the budget; every option's loss is the larger of the two, and the budget still holds."""

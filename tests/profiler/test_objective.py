@@ -57,19 +57,6 @@ def test_streaming_every_head_is_measured_as_a_loss():
     assert not O.Loss(0.0, 0.0, 0.0, 1.0, 0.03, 2).within(2) and O.Loss(0.0, 0.0, 0.0, 1.0, 0.019, 2).within(2)
 
 
-def test_candidates_rank_by_answers_kept_then_by_value():
-    """An answer kept outranks any gain in likelihood or perplexity; among candidates that keep
-    as many, the smaller objective wins, and equal losses are not better than each other."""
-    keeps_more = O.Loss(0.06, 0.3, 0.02, 22 / 23, 0.009, 23)
-    smaller_value = O.Loss(0.03, 0.2, 0.01, 21 / 23, 0.010, 23)
-    assert keeps_more.value > smaller_value.value
-    assert keeps_more.better(smaller_value) and not smaller_value.better(keeps_more)
-    same_kept = O.Loss(0.02, 0.2, 0.01, 21 / 23, 0.010, 23)
-    assert same_kept.better(smaller_value) and not smaller_value.better(same_kept)
-    assert not same_kept.better(same_kept)
-    assert min([smaller_value, same_kept, keeps_more], key=lambda loss: loss.rank) is keeps_more
-
-
 def test_text_must_be_longer_than_text_from():
     with pytest.raises(ValueError, match="longer than text_from"):
         O.Calibration((), ((1, 2, 3),), 5)
