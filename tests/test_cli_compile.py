@@ -159,8 +159,10 @@ def test_bad_model_path_fails_cleanly(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "extra, match",
-    [(["--budget", "1.5"], "budget must be"), (["--budget", "0.25", "--min-per-layer", "2"], "cannot give each")],
-)
+    [(["--budget", "1.5"], "budget must be"), (["--budget", "0.25", "--min-per-layer", "2"], "cannot give each"),
+     (["--kv-budget", "0.3", "--kv-residual", "-1"], "--kv-residual"), (["--kv-budget", "0.3", "--kv-group", "0"],
+                                                                          "--kv-group")],
+)  # fmt: skip
 def test_impossible_budget_fails_cleanly(checkpoint, tmp_path, capsys, extra, match):
     out = tmp_path / "p.yaml"
     rc = main(["compile", str(checkpoint), "-o", str(out), *extra, "--no-heldout", *FAST])
@@ -168,6 +170,23 @@ def test_impossible_budget_fails_cleanly(checkpoint, tmp_path, capsys, extra, ma
     assert rc == 2 and not out.exists()
     last = err.splitlines()[-1]  # earlier lines are transformers' loading bars
     assert last.startswith("headpolicy compile: BudgetError") and match in last
+
+
+def test_compile_quantisation_settings_reach_the_policy_and_its_byte_count(checkpoint, tmp_path):
+    """--kv-group / --kv-residual: the policy carries them, and the budget holds as allocated
+    (a smaller residual leaves its bytes to the knapsack)."""
+    kv = {}
+    for residual in (0, 32):
+        out = tmp_path / f"r{residual}.yaml"
+        args = ["-o", str(out), "--kv-budget", "0.3", "--precision", "auto", "--kv-group", "16", "--kv-residual",
+                str(residual), "--repair-seconds", "0", "--no-heldout", *FAST]  # fmt: skip
+        assert main(["compile", str(checkpoint), *args]) == 0
+        policy = HeadPolicy.load(out)
+        assert (policy.kv_group, policy.kv_residual) == (16, residual)
+        assert policy.provenance.settings["kv_residual"] == residual
+        assert policy.results["kv_fraction_chosen_heads"] <= 0.3 + 1e-9
+        kv[residual] = policy.kv_bytes(600)
+    assert kv[0] != kv[32]
 
 
 def test_compile_chooses_only_full_attention_layers_of_a_hybrid_model(tmp_path):

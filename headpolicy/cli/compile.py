@@ -66,6 +66,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="--precision auto: weigh the quantisation estimates by each W against the windows', "
                         "measure each knapsack and keep the best (default 1; e.g. 1,0.25,0.0625 for tight "
                         "budgets: one measurement each)")  # fmt: skip
+    p.add_argument("--kv-group", type=int, default=d.kv_group, metavar="N",
+                   help=f"--precision auto: values per float16 scale and zero point (default {d.kv_group})")
+    p.add_argument("--kv-residual", type=int, default=d.kv_residual, metavar="N",
+                   help="--precision auto: a quantised retrieval head's newest tokens kept at full precision "
+                        f"(at least N, fewer than N + --kv-group; default {d.kv_residual}; 0 = only the group "
+                        "not yet full)")  # fmt: skip
     p.add_argument("--no-heldout", action="store_true", help="skip measuring the result on held-out data")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--scores-json", help="also write the raw head scores here")
@@ -84,7 +90,7 @@ def run_compile(args: argparse.Namespace) -> int:
     from_args = ("method", "budget", "kv_budget", "target_drop", "max_kv_budget", "sink", "window", "windows",
                  "lengths", "depths", "depth_grid", "text_length", "text_from", "min_per_layer", "reference_context",
                  "seed", "repair_seconds", "time_budget", "estimate", "precision", "passes",
-                 "quant_weights")  # fmt: skip
+                 "quant_weights", "kv_group", "kv_residual")  # fmt: skip
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     settings = CompileSettings(**{name: getattr(args, name) for name in from_args}, kinds=kinds,
                                heldout=not args.no_heldout)  # fmt: skip

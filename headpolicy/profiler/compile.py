@@ -139,6 +139,9 @@ class CompileSettings:
             raise BudgetError(f"--text-from must lie inside the text ({self.text_length} tokens)")
         if not self.quant_weights or not all(math.isfinite(w) and w > 0 for w in self.quant_weights):
             raise BudgetError(f"--quant-weights must be positive numbers, got {self.quant_weights!r}")
+        if not (1 <= self.kv_group <= MAX_TOKENS and 0 <= self.kv_residual <= MAX_TOKENS):
+            raise BudgetError(f"need 1 <= --kv-group <= {MAX_TOKENS} and 0 <= --kv-residual <= {MAX_TOKENS}, "
+                              f"got {self.kv_group} and {self.kv_residual}")  # fmt: skip
         if self.precision is not None and self.precision not in PRECISIONS:
             raise BudgetError(f"unknown --precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
         if self.auto_precision and (self.method != "causal" or self.budget is not None
