@@ -3,6 +3,7 @@
     atomic_write(path, text_or_bytes)          # a policy, a JSON report, a kernel source
     atomic_write(path, writer=fig.savefig)     # anything that writes to a binary file object
     with atomic_directory(out) as tmp: ...     # a folder that appears whole (an ONNX export)
+    settings_data(settings)                    # a settings dataclass as result files record it
 
 What "atomic" means here:
 - the data goes to a *unique* temporary file in the target's own folder (two writers to one

@@ -159,10 +159,13 @@ def test_bad_model_path_fails_cleanly(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "extra, match",
-    [(["--budget", "1.5"], "budget must be"), (["--budget", "0.25", "--min-per-layer", "2"], "cannot give each"),
-     (["--kv-budget", "0.3", "--kv-residual", "-1"], "--kv-residual"), (["--kv-budget", "0.3", "--kv-group", "0"],
-                                                                          "--kv-group")],
-)  # fmt: skip
+    [
+        (["--budget", "1.5"], "budget must be"),
+        (["--budget", "0.25", "--min-per-layer", "2"], "cannot give each"),
+        (["--kv-budget", "0.3", "--kv-residual", "-1"], "--kv-residual"),
+        (["--kv-budget", "0.3", "--kv-group", "0"], "--kv-group"),
+    ],
+)
 def test_impossible_budget_fails_cleanly(checkpoint, tmp_path, capsys, extra, match):
     out = tmp_path / "p.yaml"
     rc = main(["compile", str(checkpoint), "-o", str(out), *extra, "--no-heldout", *FAST])
